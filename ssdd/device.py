@@ -38,6 +38,14 @@ def bf16_native_on_cpu() -> bool:
         return False
 
 
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast (convolutions and matmuls in bf16, weights and losses in float32) on CUDA and on CPUs with
+    native bf16; a no-op elsewhere or when not ``enabled``, so results never depend on slow emulated bf16."""
+    if enabled and (device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block (e.g. model construction) under torch's global RNG seeded with ``seed``, then restore the

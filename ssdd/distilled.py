@@ -1,15 +1,21 @@
 """The DistilledSet artefact: what a distillation method (or a baseline) produces and every protocol consumes.
 
-A set is stored as one safetensors file: tensors plus JSON metadata under the ``ssdd`` header key.  Stored
-tensors (the names a set may hold):
+A set is stored as one safetensors file: tensors plus JSON metadata under the ``ssdd`` header key.  The stored
+tensors (every name a set may hold) are, for M stored images:
 
-* ``images`` -- (M, C, H, W) float, in the set's declared pixel space;
-* ``targets`` -- (M, d) target representations (``target_kind="representation"``), or
-* ``labels`` -- (M,) int64 hard labels (``"hard-label"``) or (M, K) float soft labels (``"soft-label"``).
+* images, either ``images`` (M, C, H, W) in the set's pixel space, or ``image_coefficients`` (M, U) times
+  ``image_bases`` (U, C, h, w); bases at a lower resolution than the set's ``image_shape`` are upsampled
+  (bilinear) after they are combined;
+* targets, by ``target_kind``: ``targets`` (M, d) representations, or ``target_coefficients`` (M, V) times
+  ``target_bases`` (V, d); or ``labels``: (M,) int64 hard labels or (M, K) soft labels / teacher logits;
+* predefined views (metadata ``views``, the first one ``identity``): every other view's targets are either stored
+  as ``view_targets.<view>`` (M, d) or predicted by an approximation network ``approx.<view>.{hidden,out}.
+  {weight,bias}`` (a 2-layer ReLU MLP that maps the identity target to the view's shift from it);
+* ``learned_lr``: a 0-d learning rate learned with the set (used by the ``linear`` protocol's pre-training).
 
-:meth:`DistilledSet.materialize` returns plain ``(images, targets)`` tensors whatever is stored, and
-:attr:`DistilledSet.byte_count` is the exact number of bytes of the stored tensors, the budget every comparison
-is made at.
+:meth:`DistilledSet.materialize` returns plain ``(images, targets)`` tensors whatever is stored (every view of
+every image, view-major), and :attr:`DistilledSet.byte_count` is the exact number of bytes of the stored tensors,
+the budget every comparison is made at.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ssdd.data.augment import PREDEFINED_VIEWS, apply_view
 from ssdd.data.transforms import PixelSpace
 from ssdd.errors import ArtefactError, ShapeError, SsddError
 from ssdd.io import load_artefact, save_tensors
@@ -29,11 +37,32 @@ FORMAT_VERSION = 1
 DISTILLED_FILE = "distilled.safetensors"
 TARGET_KINDS = ("representation", "hard-label", "soft-label")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+APPROX_PARAMS = ("hidden.weight", "hidden.bias", "out.weight", "out.bias")
+PLAIN_TENSORS = ("images", "image_coefficients", "image_bases", "targets", "target_coefficients", "target_bases",
+                 "labels", "learned_lr")
+
+
+def approximate_shift(identity_targets: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The approximation network's prediction of a view's target shift: out(relu(hidden(y)))."""
+    hidden = F.relu(F.linear(identity_targets, weights["hidden.weight"], weights["hidden.bias"]))
+    return F.linear(hidden, weights["out.weight"], weights["out.bias"])
+
+
+def combine_bases(coefficients: torch.Tensor, bases: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``coefficients @ bases`` over the bases' trailing dimensions; image bases are upsampled to ``image_shape``."""
+    combined = (coefficients.float() @ bases.float().flatten(1)).view(coefficients.shape[0], *bases.shape[1:])
+    if image_shape is not None and tuple(combined.shape[-2:]) != tuple(image_shape[-2:]):
+        combined = F.interpolate(combined, size=tuple(image_shape[-2:]), mode="bilinear", align_corners=False)
+    return combined
 
 
 @dataclass
 class DistilledSet:
-    """Synthetic (or selected real) images with their targets, a pixel space, and provenance metadata."""
+    """Synthetic (or selected real) images with their targets, a pixel space, and provenance metadata.
+
+    ``views`` and ``image_shape`` live in ``metadata`` (``image_shape`` is needed only when image bases are stored
+    at a lower resolution than the images they make).
+    """
 
     tensors: dict[str, torch.Tensor]
     pixel_space: PixelSpace
@@ -46,16 +75,33 @@ class DistilledSet:
         self.validate()
 
     @property
-    def images(self) -> torch.Tensor:
-        return self.tensors["images"]
+    def views(self) -> list[str]:
+        return list(self.metadata.get("views") or ["identity"])
+
+    @property
+    def parameterized(self) -> bool:
+        """Whether images are stored as coefficients times bases."""
+        return "images" not in self.tensors
 
     @property
     def num_images(self) -> int:
-        return int(self.images.shape[0])
+        """Stored images M (each materialises into one image per view)."""
+        stored = self.tensors.get("images", self.tensors.get("image_coefficients"))
+        return int(stored.shape[0])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        if "images" in self.tensors:
+            return tuple(self.tensors["images"].shape[1:])  # type: ignore[return-value]
+        shape = self.metadata.get("image_shape") or self.tensors["image_bases"].shape[1:]
+        return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The identity view of every stored image (float32, pixel space)."""
+        if "images" in self.tensors:
+            return self.tensors["images"].float()
+        return combine_bases(self.tensors["image_coefficients"], self.tensors["image_bases"], self.image_shape)
 
     @property
     def byte_count(self) -> int:
@@ -64,46 +110,143 @@ class DistilledSet:
 
     @property
     def learned_lr(self) -> float | None:
-        value = self.metadata.get("learned_lr")
+        value = self.tensors.get("learned_lr")
         return None if value is None else float(value)
+
+    def approximation_weights(self, view: str) -> dict[str, torch.Tensor] | None:
+        prefix = f"approx.{view}."
+        found = {name[len(prefix):]: t for name, t in self.tensors.items() if name.startswith(prefix)}
+        return found or None
 
     def validate(self) -> None:
         """Check that the tensors fit together and with the declared kinds; raise a clear error otherwise."""
         where = f"distilled set {self.path}" if self.path else "distilled set"
+
+        def fail(message: str) -> ArtefactError:
+            return ArtefactError(f"{where}: {message}")
+
         if self.target_kind not in TARGET_KINDS:
-            raise ArtefactError(f"{where}: unknown target kind {self.target_kind!r}; expected one of {', '.join(TARGET_KINDS)}")
-        images = self.tensors.get("images")
-        if images is None:
-            raise ArtefactError(f"{where} holds no 'images' tensor")
-        if images.dim() != 4 or images.dtype not in FLOAT_DTYPES:
-            raise ArtefactError(f"{where}: 'images' must be a float (M, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
-        if images.shape[1] != len(self.pixel_space.mean):
-            raise ArtefactError(f"{where}: images have {images.shape[1]} channels but the pixel space has {len(self.pixel_space.mean)}")
-        m = images.shape[0]
-        key = "targets" if self.target_kind == "representation" else "labels"
-        target = self.tensors.get(key)
-        if target is None:
-            raise ArtefactError(f"{where}: target kind {self.target_kind!r} needs a {key!r} tensor")
-        if target.shape[0] != m:
-            raise ArtefactError(f"{where}: {m} images but {target.shape[0]} {key}")
-        if self.target_kind == "hard-label" and (target.dim() != 1 or target.dtype != torch.int64):
-            raise ArtefactError(f"{where}: hard labels must be an int64 (M,) tensor, got {target.dtype} {tuple(target.shape)}")
-        if self.target_kind != "hard-label" and (target.dim() != 2 or target.dtype not in FLOAT_DTYPES):
-            raise ArtefactError(f"{where}: {key} must be a float (M, d) tensor, got {target.dtype} {tuple(target.shape)}")
-        unknown = sorted(set(self.tensors) - {"images", "targets", "labels"})
+            raise fail(f"unknown target kind {self.target_kind!r}; expected one of {', '.join(TARGET_KINDS)}")
+        t = self.tensors
+        views = self.views
+        if views[0] != "identity" or len(set(views)) != len(views) or not set(views) <= set(PREDEFINED_VIEWS):
+            raise fail(f"views must start with 'identity' and name distinct views of {', '.join(PREDEFINED_VIEWS)}; got {views}")
+        allowed = set(PLAIN_TENSORS) | {f"view_targets.{v}" for v in views[1:]} | {
+            f"approx.{v}.{p}" for v in views[1:] for p in APPROX_PARAMS}
+        unknown = sorted(set(t) - allowed)
         if unknown:
-            raise ArtefactError(f"{where}: unexpected tensors {', '.join(unknown)}")
-        for name, t in self.tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ArtefactError(f"{where}: tensor {name!r} contains NaN or infinite values")
+            raise fail(f"unexpected tensors {', '.join(unknown)}")
+        for name, tensor in t.items():
+            if name != "labels" and tensor.dtype not in FLOAT_DTYPES:
+                raise fail(f"{name!r} must be a float tensor, got {tensor.dtype}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise fail(f"tensor {name!r} contains NaN or infinite values")
+        m = self._check_images(fail)
+        self._check_targets(fail, m)
+        if "learned_lr" in t and (t["learned_lr"].dim() != 0 or float(t["learned_lr"]) <= 0):
+            raise fail(f"'learned_lr' must be a positive scalar, got shape {tuple(t['learned_lr'].shape)}")
+
+    def _check_images(self, fail) -> int:  # noqa: ANN001 - the error factory of validate()
+        t = self.tensors
+        channels = len(self.pixel_space.mean)
+        if "images" in t:
+            if "image_coefficients" in t or "image_bases" in t:
+                raise fail("holds both 'images' and image coefficients/bases; store one or the other")
+            images = t["images"]
+            if images.dim() != 4:
+                raise fail(f"'images' must be a float (M, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+            shape = tuple(images.shape[1:])
+        else:
+            if "image_coefficients" not in t or "image_bases" not in t:
+                raise fail("holds no 'images' tensor (nor 'image_coefficients' with 'image_bases')")
+            coef, bases = t["image_coefficients"], t["image_bases"]
+            if coef.dim() != 2 or bases.dim() != 4 or coef.shape[1] != bases.shape[0]:
+                raise fail(f"image coefficients (M, U) {tuple(coef.shape)} do not fit image bases (U, C, h, w) {tuple(bases.shape)}")
+            shape = self.image_shape
+            if len(shape) != 3 or shape[0] != bases.shape[1] or shape[1] < bases.shape[2] or shape[2] < bases.shape[3]:
+                raise fail(f"image_shape {list(shape)} does not fit image bases {tuple(bases.shape)}")
+        if shape[0] != channels:
+            raise fail(f"images have {shape[0]} channels but the pixel space has {channels}")
+        return self.num_images
+
+    def _check_targets(self, fail, m: int) -> None:  # noqa: ANN001 - the error factory of validate()
+        t = self.tensors
+        if self.target_kind != "representation":
+            labels = t.get("labels")
+            if labels is None:
+                raise fail(f"target kind {self.target_kind!r} needs a 'labels' tensor")
+            if labels.shape[0] != m:
+                raise fail(f"{m} images but {labels.shape[0]} labels")
+            if self.target_kind == "hard-label" and (labels.dim() != 1 or labels.dtype != torch.int64):
+                raise fail(f"hard labels must be an int64 (M,) tensor, got {labels.dtype} {tuple(labels.shape)}")
+            if self.target_kind == "soft-label" and (labels.dim() != 2 or labels.dtype not in FLOAT_DTYPES):
+                raise fail(f"labels must be a float (M, d) tensor, got {labels.dtype} {tuple(labels.shape)}")
+            if len(self.views) > 1:
+                raise fail("predefined views are defined for representation targets only")
+            return
+        if "labels" in t:
+            raise fail("a representation set stores 'targets', not 'labels'")
+        if "targets" in t:
+            if "target_coefficients" in t or "target_bases" in t:
+                raise fail("holds both 'targets' and target coefficients/bases; store one or the other")
+            targets = t["targets"]
+            if targets.dim() != 2:
+                raise fail(f"targets must be a float (M, d) tensor, got {tuple(targets.shape)}")
+            if targets.shape[0] != m:
+                raise fail(f"{m} images but {targets.shape[0]} targets")
+            dim = targets.shape[1]
+        else:
+            if "target_coefficients" not in t or "target_bases" not in t:
+                raise fail("target kind 'representation' needs a 'targets' tensor (or 'target_coefficients' with 'target_bases')")
+            coef, bases = t["target_coefficients"], t["target_bases"]
+            if coef.dim() != 2 or bases.dim() != 2 or coef.shape != (m, bases.shape[0]):
+                raise fail(f"target coefficients {tuple(coef.shape)} do not fit {m} images and target bases {tuple(bases.shape)}")
+            dim = bases.shape[1]
+        for view in self.views[1:]:
+            stored = t.get(f"view_targets.{view}")
+            approx = self.approximation_weights(view)
+            if (stored is None) == (approx is None):
+                raise fail(f"view {view!r} needs either 'view_targets.{view}' or approximation weights 'approx.{view}.*', not {'both' if stored is not None else 'neither'}")
+            if stored is not None and tuple(stored.shape) != (m, dim):
+                raise fail(f"'view_targets.{view}' must have shape ({m}, {dim}), got {tuple(stored.shape)}")
+            if approx is not None:
+                if set(approx) != set(APPROX_PARAMS):
+                    raise fail(f"approximation network of view {view!r} needs {', '.join(APPROX_PARAMS)}")
+                hidden = approx["hidden.weight"].shape
+                expected = {"hidden.weight": (hidden[0], dim), "hidden.bias": (hidden[0],),
+                            "out.weight": (dim, hidden[0]), "out.bias": (dim,)}
+                for name, shape in expected.items():
+                    if tuple(approx[name].shape) != shape:
+                        raise fail(f"'approx.{view}.{name}' must have shape {shape}, got {tuple(approx[name].shape)}")
+
+    def identity_targets(self) -> torch.Tensor:
+        """Targets (or labels) of the identity view of every stored image."""
+        t = self.tensors
+        if self.target_kind == "hard-label":
+            return t["labels"]
+        if self.target_kind == "soft-label":
+            return t["labels"].float()
+        if "targets" in t:
+            return t["targets"].float()
+        return combine_bases(t["target_coefficients"], t["target_bases"])
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain ``(images, targets)``: float32 images in the set's pixel space and its targets or labels."""
-        images = self.images.float()
-        if self.target_kind == "representation":
-            return images, self.tensors["targets"].float()
-        labels = self.tensors["labels"]
-        return images, labels if self.target_kind == "hard-label" else labels.float()
+        """Plain ``(images, targets)``: float32 images in the set's pixel space and their targets or labels, one
+        block of M per view (view-major), whatever parameterisation is stored."""
+        images = self.images
+        targets = self.identity_targets()
+        if len(self.views) == 1:
+            return images, targets
+        image_blocks, target_blocks = [images], [targets]
+        for view in self.views[1:]:
+            image_blocks.append(apply_view(images, view))
+            stored = self.tensors.get(f"view_targets.{view}")
+            if stored is not None:
+                target_blocks.append(stored.float())
+            else:
+                weights = {k: v.float() for k, v in self.approximation_weights(view).items()}  # type: ignore[union-attr]
+                target_blocks.append(targets + approximate_shift(targets, weights))
+        return torch.cat(image_blocks), torch.cat(target_blocks)
 
     def save(self, path: str | Path) -> Path:
         """Write the set to ``path`` (a ``.safetensors`` file, or a folder to hold ``distilled.safetensors``)."""
@@ -120,13 +263,14 @@ class DistilledSet:
             "target_kind": self.target_kind,
             "pixel_space": self.pixel_space.to_dict(),
             "image_shape": list(self.image_shape),
+            "views": self.views,
             "num_images": self.num_images,
             "byte_count": self.byte_count,
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()},
             "ssdd_version": __version__,
             "created": self.metadata.get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        save_tensors(path, self.tensors, meta)
+        save_tensors(path, {k: v.contiguous() for k, v in self.tensors.items()}, meta)
         self.metadata = meta
         self.path = path
         return path
@@ -140,10 +284,15 @@ def load_distilled(path: str | Path) -> DistilledSet:
         pixel_space = PixelSpace.from_dict(meta["pixel_space"])
     except ShapeError as exc:
         raise ArtefactError(f"{path}: {exc}") from None
+    for key, kind in (("image_shape", list), ("views", list)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise ArtefactError(f"{path}: metadata {key!r} must be a list, got {type(meta[key]).__name__}")
     try:
         distilled = DistilledSet(tensors, pixel_space, meta["target_kind"], str(meta["method"]), meta, path=path)
     except SsddError as exc:
         raise ArtefactError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ArtefactError(f"{path}: malformed metadata ({exc})") from None
     if distilled.byte_count != meta["byte_count"]:
         raise ArtefactError(f"{path}: stored tensors hold {distilled.byte_count} bytes but the metadata says {meta['byte_count']}")
     return distilled

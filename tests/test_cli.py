@@ -219,10 +219,10 @@ def saved_set(folder: Path) -> tuple[Path, int]:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, 8, 8, generator=gen)
     targets = torch.randn(6, 5, generator=gen)
-    distilled = DistilledSet({"images": images, "targets": targets}, PixelSpace((0.5,) * 3, (0.25,) * 3),
-                             "representation", "cli-set", {"learned_lr": 0.02})
-    # 6 * 3 * 8 * 8 + 6 * 5 = 1182 float32 values = 4728 bytes
-    return distilled.save(folder), 4728
+    distilled = DistilledSet({"images": images, "targets": targets, "learned_lr": torch.tensor(0.02)},
+                             PixelSpace((0.5,) * 3, (0.25,) * 3), "representation", "cli-set")
+    # 6 * 3 * 8 * 8 + 6 * 5 + 1 (the learned lr) = 1183 float32 values = 4732 bytes
+    return distilled.save(folder), 4732
 
 
 def test_show_prints_byte_count_and_writes_grid(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -110,11 +110,13 @@ def test_saved_metadata_describes_the_set(tmp_path: Path) -> None:
     assert meta["note"] == "hello"  # user metadata is kept
 
 
-def test_learned_lr_comes_from_metadata(tmp_path: Path) -> None:
+def test_learned_lr_is_a_stored_scalar_counted_in_the_bytes(tmp_path: Path) -> None:
     assert make_set().learned_lr is None
-    path = make_set(learned_lr=0.0375).save(tmp_path / "lr.safetensors")
-    loaded = load_distilled(path)
-    assert loaded.learned_lr == 0.0375
+    tensors = {**make_tensors("representation"), "learned_lr": torch.tensor(0.0375)}
+    distilled = DistilledSet(tensors, SPACE, "representation", "test-method")
+    assert distilled.byte_count == BYTES[("representation", torch.float32)] + 4
+    loaded = load_distilled(distilled.save(tmp_path / "lr.safetensors"))
+    assert loaded.learned_lr == pytest.approx(0.0375)
     assert isinstance(loaded.learned_lr, float)
     assert load_distilled(make_set().save(tmp_path / "plain.safetensors")).learned_lr is None
 

@@ -477,10 +477,10 @@ def capture_pretraining(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TrainSett
 def test_a_set_with_a_learned_lr_is_pretrained_at_that_lr(monkeypatch: pytest.MonkeyPatch,
                                                           real20: DistilledSet) -> None:
     seen = capture_pretraining(monkeypatch)
-    learned = DistilledSet(dict(real20.tensors), real20.pixel_space, "representation", "learned",
-                           {"learned_lr": 0.0123})
+    learned = DistilledSet({**real20.tensors, "learned_lr": torch.tensor(0.015625)}, real20.pixel_space,
+                           "representation", "learned")
     evaluate([learned, real20], tiny(protocol="knn", seeds=[0]), progress=False)
-    assert [(s.lr, loss) for s, loss in seen] == [(0.0123, "mse"), (0.05, "mse")]  # 0.05: the tiny preset's lr
+    assert [(s.lr, loss) for s, loss in seen] == [(0.015625, "mse"), (0.05, "mse")]  # 0.05: the tiny preset's lr
     assert all(s.epochs == 2 and s.batch_size == 64 for s, _ in seen)  # nothing else changes
     seen.clear()
     evaluate([learned], tiny(protocol="knn", seeds=[0], use_learned_lr=False), progress=False)

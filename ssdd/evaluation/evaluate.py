@@ -32,6 +32,8 @@ class EvaluationConfig:
     arch_args: dict[str, dict] = field(default_factory=dict)  # per architecture, e.g. {convnet3: {width: 64}}
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     pretrain: TrainSettings = field(default_factory=TrainSettings)  # MSE pre-training (linear/knn/finetune)
+    full_epochs: int | None = None  # epochs of the `full` upper bound (None: pretrain.epochs), since a set of
+    # 50,000 images needs far fewer epochs than one of 500 for the same number of steps
     use_learned_lr: bool = True  # pre-train at the set's learned lr when it has one
     supervised: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=300, lr=0.01, weight_decay=5e-4,
                                                                             batch_size=256, augment="dsa"))
@@ -142,6 +144,8 @@ class Evaluator:
             return train_network(model, images, targets, cfg.supervised, loss, seed, self.device,
                                  temperature=cfg.temperature, desc=f"{entry.name} {arch} seed {seed}", progress=self.progress)
         settings = cfg.pretrain
+        if entry.baseline == "full" and cfg.full_epochs is not None:
+            settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs})
         if cfg.use_learned_lr and distilled.learned_lr is not None:
             settings = TrainSettings(**{**settings.__dict__, "lr": distilled.learned_lr})
         model = build_student(arch, arch_args, targets.shape[1], image_shape, seed)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
-from ssdd.device import make_generator, seeded
+from ssdd.device import autocast, make_generator, seeded
 from ssdd.errors import ConfigError
 from ssdd.models import Backbone, create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
@@ -28,6 +28,7 @@ class TrainSettings:
     augment: str = "none"  # none | crop-flip (4 px random crop + horizontal flip) | dsa (per-image DSA)
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of images and labels when > 0
     cosine: bool = True
+    amp: bool = True  # bf16 autocast where native (see ssdd.device.autocast); the loss stays float32
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -87,6 +88,7 @@ def train_network(
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
     if settings.mixup > 0 and loss == "mse":
         raise ConfigError("mixup applies to label losses (ce, kl), not to representation regression")
+    device = torch.device(device)
     model.to(device).train()
     optimizer = make_optimizer("sgd", model, settings.lr, settings.weight_decay, settings.momentum)
     n = images.shape[0]
@@ -108,19 +110,23 @@ def train_network(
             x = augment_batch(x, settings.augment, gen)
             if settings.cosine:
                 set_lr(optimizer, settings.lr * warmup_cosine(step, total, 0))
+            mixing = None
             if settings.mixup > 0:
                 lam = float(mix_rng.beta(settings.mixup, settings.mixup))
                 perm = torch.randperm(x.shape[0], generator=gen).to(device)
                 x = lam * x + (1 - lam) * x[perm]
-                if loss == "ce":
-                    out = model(x)
-                    value = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
-                else:  # soft labels: mix the probabilities, then match them
-                    probs = lam * F.softmax(y / temperature, 1) + (1 - lam) * F.softmax(y[perm] / temperature, 1)
-                    value = F.kl_div(F.log_softmax(model(x) / temperature, 1), probs,
-                                     reduction="batchmean") * temperature**2
-            else:
-                value = batch_loss(model(x), y, loss, temperature)
+                mixing = (lam, perm)
+            with autocast(device, settings.amp):
+                out = model(x).float()
+            if mixing is None:
+                value = batch_loss(out, y, loss, temperature)
+            elif loss == "ce":
+                lam, perm = mixing
+                value = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+            else:  # soft labels: mix the probabilities, then match them
+                lam, perm = mixing
+                probs = lam * F.softmax(y / temperature, 1) + (1 - lam) * F.softmax(y[perm] / temperature, 1)
+                value = F.kl_div(F.log_softmax(out / temperature, 1), probs, reduction="batchmean") * temperature**2
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

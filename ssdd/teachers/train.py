@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 from ssdd.config import to_dict
 from ssdd.data import PixelSpace, load_dataset
 from ssdd.data.augment import SSLViews
-from ssdd.device import bf16_native_on_cpu, make_generator, resolve_device, seeded
+from ssdd.device import autocast, make_generator, resolve_device, seeded
 from ssdd.environment import environment
 from ssdd.errors import ConfigError
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
@@ -142,7 +141,7 @@ class _TeacherTraining:
         views = self.pixel_space.normalize(torch.cat([v1, v2]))
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
+        with autocast(self.device, self.config.amp):
             z = self.projector(self.backbone.features(views))
         z1, z2 = z.float().chunk(2)
         loss = self.loss_fn(z1, z2)
@@ -151,12 +150,6 @@ class _TeacherTraining:
         self.optimizer.step()
         self.step += 1
         return loss.item()
-
-    def autocast(self) -> torch.autocast | nullcontext:
-        """bf16 autocast where it is both supported natively and enabled (convolutions and matmuls in bf16)."""
-        if self.config.amp and (self.cuda or (self.device.type == "cpu" and bf16_native_on_cpu())):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         self.backbone.eval()
