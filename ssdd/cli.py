@@ -81,6 +81,53 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``--set a.b=value`` pairs as a nested dict (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. settings.steps=100), got {assignment!r}")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:  # a later --set wins over an earlier one, at any depth
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {assignment!r}: cannot read {value!r}") from None
+    return out
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ssdd.config import deep_update, list_presets, resolve_config
+    from ssdd.methods import DistillConfig, Distillation
+
+    preset = args.preset
+    if preset and "/" not in preset and args.method and preset not in list_presets("distill"):
+        preset = f"{args.method}/{preset}"
+    overrides: dict[str, Any] = {
+        "method": args.method, "teacher": args.teacher, "dataset": args.dataset, "images": args.images,
+        "bytes": args.bytes, "storage_dtype": args.storage_dtype, "seed": args.seed, "device": args.device,
+        "data_root": args.data_root,
+    }
+    deep_update(overrides, _setting_overrides(args.set or []))
+    if args.reproduce_released_pool:
+        deep_update(overrides, {"settings": {"pool": {"reproduce_released_pool": True}}})
+    config = resolve_config(DistillConfig, "distill", preset, args.config, overrides)
+    if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
+        config.images, config.bytes = args.images, args.bytes
+    distilled = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress).run()
+    print(f"distilled set written to {distilled.path}")
+    print(f"  {distilled.method}: {distilled.num_images} images, {distilled.byte_count:,} bytes, "
+          f"{distilled.metadata['distill_seconds']} s, monitor kNN {distilled.metadata.get('monitor_knn')}")
+    return 0
+
+
 def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
     if text is None:
         return None
@@ -154,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("lars", "sgd", "adamw"))
     p.add_argument("--train-images", type=int, help="train on this many images (a seeded subset)")
     p.set_defaults(func=_cmd_teacher)
+
+    p = sub.add_parser("distill", help="distil a source dataset with a method into a DistilledSet")
+    _add_run_options(p, "distill")
+    p.add_argument("--method", help="distillation method (see ssdd.methods.list_methods())")
+    p.add_argument("--teacher", help="teacher artefact (file or run folder)")
+    p.add_argument("--dataset", help="source dataset (default: the teacher's)")
+    p.add_argument("--images", type=int, help="budget: this many images (with their targets)")
+    p.add_argument("--bytes", type=int, help="budget: this many bytes of stored tensors")
+    p.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of stored values")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set settings.steps=200 (repeatable)")
+    p.add_argument("--reproduce-released-pool", action="store_true",
+                   help="KRR-ST/PAA: never reset pool counters, as the released KRR-ST code does")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("evaluate", help="evaluate distilled sets and baselines under a named protocol")
     p.add_argument("sets", nargs="*", help="distilled sets (files or run folders)")

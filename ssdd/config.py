@@ -116,22 +116,25 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
 def merge(config: C, overrides: dict[str, Any]) -> C:
     """Return a copy of ``config`` with ``overrides`` applied (nested dataclasses merge key by key)."""
     current = to_dict(config)
-    _deep_update(current, overrides)
+    deep_update(current, overrides)
     return from_dict(type(config), current)
 
 
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+def deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """Merge ``update`` into ``base`` recursively; a mapping that switches ``arch`` drops its old ``arch_args``
+    (options of one architecture mean nothing to another)."""
+    if "arch" in update and update["arch"] != base.get("arch") and "arch_args" not in update:
+        base.pop("arch_args", None)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A plain, JSON/YAML-serialisable dict of a config dataclass."""
-    out = dataclasses.asdict(config)
-    return _plain(out)
+    """A plain, JSON/YAML-serialisable dict of a config dataclass (or of a mapping)."""
+    return _plain(config if isinstance(config, dict) else dataclasses.asdict(config))
 
 
 def _plain(value: Any) -> Any:
@@ -159,11 +162,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def list_presets(group: str) -> list[str]:
-    """Names of the presets shipped for ``group`` (e.g. ``"teacher"``)."""
+    """Names of the presets shipped for ``group`` (e.g. ``"teacher"``); presets in a sub-folder are named
+    ``folder/name`` (e.g. ``"krr-st/cifar10-cpu"`` of group ``"distill"``)."""
     folder = resources.files(PRESET_PACKAGE) / group
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    names = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            names += [f"{entry.name}/{p.name[: -len('.yaml')]}" for p in entry.iterdir() if p.name.endswith(".yaml")]
+        elif entry.name.endswith(".yaml"):
+            names.append(entry.name[: -len(".yaml")])
+    return sorted(names)
 
 
 def preset_dict(group: str, name: str) -> dict[str, Any]:
@@ -186,9 +196,9 @@ def resolve_config(
     """Defaults < preset < YAML file < overrides (``None`` values in overrides are ignored)."""
     merged: dict[str, Any] = {}
     if preset:
-        _deep_update(merged, preset_dict(group, preset))
+        deep_update(merged, preset_dict(group, preset))
     if config_file:
-        _deep_update(merged, read_yaml(config_file))
+        deep_update(merged, read_yaml(config_file))
     if overrides:
-        _deep_update(merged, {k: v for k, v in overrides.items() if v is not None})
+        deep_update(merged, {k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, merged)

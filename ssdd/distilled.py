@@ -142,6 +142,9 @@ class DistilledSet:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise fail(f"tensor {name!r} contains NaN or infinite values")
         m = self._check_images(fail)
+        c, h, w = self.image_shape
+        if h != w and {"rot90", "rot270"} & set(views):
+            raise fail(f"views rot90/rot270 need square images, got {h}x{w}")
         self._check_targets(fail, m)
         if "learned_lr" in t and (t["learned_lr"].dim() != 0 or float(t["learned_lr"]) <= 0):
             raise fail(f"'learned_lr' must be a positive scalar, got shape {tuple(t['learned_lr'].shape)}")

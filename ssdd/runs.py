@@ -40,27 +40,34 @@ class RunDir:
         return self.path / METRICS_FILE
 
     def start(self, config: Any, resume: bool = False, ignore: tuple[str, ...] = ()) -> None:
-        """Create the folder and record ``config``; ``ignore`` lists keys allowed to differ on resume."""
+        """Create the folder and record ``config``; ``ignore`` lists keys allowed to differ on resume (dotted
+        for nested keys, e.g. ``settings.lr_images``; a key also covers everything below it)."""
         self.path.mkdir(parents=True, exist_ok=True)
         resolved = to_dict(config)
         config_path = self.path / CONFIG_FILE
+        allowed_changes: list[str] = []
         if resume and config_path.exists():
-            previous = yaml.safe_load(config_path.read_text()) or {}
+            previous = _flatten(yaml.safe_load(config_path.read_text()) or {})
+            current = _flatten(resolved)
             changed = sorted(
-                k for k in set(previous) | set(resolved)
-                if k not in ignore and previous.get(k) != resolved.get(k)
+                k for k in set(previous) | set(current)
+                if not any(k == i or k.startswith(i + ".") for i in ignore) and previous.get(k) != current.get(k)
             )
             if changed:
                 raise ConfigError(
                     f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)}); "
                     "use the same settings or a new --out"
                 )
+            allowed_changes = [f"resumed with {k} = {current.get(k)!r} (was {previous.get(k)!r})"
+                               for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
         atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
         handler = logging.FileHandler(self.path / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.logger.handlers = [handler]
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
+        for message in allowed_changes:
+            self.log(message)
 
     def log(self, message: str) -> None:
         self.logger.info(message)
@@ -98,3 +105,15 @@ class RunDir:
         state = load_checkpoint(self.checkpoint_path)
         self.truncate_metrics(int(state.get("metrics_lines", 0)))
         return state
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

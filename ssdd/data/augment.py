@@ -47,20 +47,30 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop after zero padding by ``padding`` pixels (i.e. an integer shift), then horizontal flip."""
+def crop_flip_params(n: int, generator: torch.Generator, padding: int = 4, flip: bool = True,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image integer shifts (n, 2) in [-padding, padding] and horizontal-flip flags (n,) for
+    :func:`apply_crop_flip`."""
+    shifts = torch.randint(-padding, padding + 1, (n, 2), generator=generator, device=generator.device).to(device)
+    flips = _bernoulli(n, 0.5, generator, torch.device(device)) if flip else torch.zeros(n, dtype=torch.bool, device=device)
+    return shifts, flips
+
+
+def apply_crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """A crop after zero padding (i.e. an integer shift of each image), then a horizontal flip where flagged."""
     n, _, h, w = x.shape
-    gen_device = generator.device
-    shifts = torch.randint(-padding, padding + 1, (n, 2), generator=generator, device=gen_device).to(x.device)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = 1
     theta[:, 1, 1] = 1
-    theta[:, 0, 2] = 2 * shifts[:, 0].to(x.dtype) / w
-    theta[:, 1, 2] = 2 * shifts[:, 1].to(x.dtype) / h
+    theta[:, 0, 2] = 2 * shifts[:, 0].to(x.device, x.dtype) / w
+    theta[:, 1, 2] = 2 * shifts[:, 1].to(x.device, x.dtype) / h
     out = warp_affine(x, theta)
-    if flip:
-        out = _where(_bernoulli(n, 0.5, generator, x.device), out.flip(-1), out)
-    return out
+    return _where(flips.to(x.device), out.flip(-1), out)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels (i.e. an integer shift), then horizontal flip."""
+    return apply_crop_flip(x, *crop_flip_params(x.shape[0], generator, padding, flip, x.device))
 
 
 @dataclass

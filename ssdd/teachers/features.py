@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ssdd.data.augment import SSLViews, apply_view
+from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
@@ -25,17 +25,25 @@ FEATURES_DIR = "features"
 log = logging.getLogger(__name__)
 
 
-def _views_key(views: Sequence[str] | None, augmented: int, seed: int) -> str:
+def _views_key(views: Sequence[str] | None, augmented: int, seed: int, crop_flip: int = 0) -> str:
     spec = f"views={','.join(views) if views is not None else '-'};augmented={augmented};seed={seed}"
+    if crop_flip:
+        spec += f";crop_flip={crop_flip}"
     return hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
+def crop_flip_copies(num_images: int, copies: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed crop+flip parameters of ``copies`` augmented copies of a dataset (see :func:`teacher_features`)."""
+    gen = make_generator(seed)
+    return [crop_flip_params(num_images, gen) for _ in range(copies)]
+
+
 def feature_cache_path(teacher: Teacher, dataset: ImageDataset, views: Sequence[str] | None,
-                       augmented: int = 0, seed: int = 0) -> Path | None:
+                       augmented: int = 0, seed: int = 0, crop_flip: int = 0) -> Path | None:
     """Where the features of ``dataset`` under ``views`` are cached (None for a teacher not loaded from a file)."""
     if teacher.path is None:
         return None
-    key = _views_key(views, augmented, seed)
+    key = _views_key(views, augmented, seed, crop_flip)
     return teacher.path.parent / FEATURES_DIR / f"{dataset.name.replace(':', '_').replace('/', '_')}-{dataset.split}-{dataset.fingerprint}-{key}.safetensors"
 
 
@@ -45,6 +53,7 @@ def teacher_features(
     views: Sequence[str] | None = None,
     augmented: int = 0,
     seed: int = 0,
+    crop_flip: int = 0,
     batch_size: int = 512,
     device: torch.device | str | None = None,
     use_cache: bool = True,
@@ -55,8 +64,10 @@ def teacher_features(
     * ``views=("identity", "rot90", ...)``: (V, N, d), one block per predefined view.
     * ``augmented=k``: (k, N, d) features of k random SSL views per image, drawn from a generator seeded
       with ``seed`` (combined with ``views`` the result is (V + k, N, d)).
+    * ``crop_flip=k``: (k, N, d) features of k fixed crop+flip copies, whose parameters are
+      ``crop_flip_copies(N, k, seed)`` (so a method can rebuild any copied image); stacked after the others.
     """
-    path = feature_cache_path(teacher, dataset, views, augmented, seed) if use_cache else None
+    path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip) if use_cache else None
     if path is not None and path.exists():
         try:
             tensors, meta = load_tensors(path)
@@ -79,9 +90,17 @@ def teacher_features(
                 x = augment(images[start : start + batch_size].float().div(255.0), gen)
                 out.append(extract_features(teacher, x, teacher.pixel_space, batch_size, device or "cpu"))
             blocks.append(torch.cat(out))
+    for shifts, flips in crop_flip_copies(len(dataset), crop_flip, seed):
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            x = apply_crop_flip(images[part].float().div(255.0), shifts[part], flips[part])
+            out.append(extract_features(teacher, x, teacher.pixel_space, batch_size, device or "cpu"))
+        blocks.append(torch.cat(out))
     features = teacher.encode(images, batch_size=batch_size, device=device) if not blocks else torch.stack(blocks)
     if path is not None:
         save_tensors(path, {"features": features}, {"kind": "teacher-features", "teacher": teacher.fingerprint,
                                                     "dataset": dataset.fingerprint, "views": list(views or []),
-                                                    "augmented": augmented, "seed": seed})
+                                                    "augmented": augmented, "seed": seed,
+                                                    "crop_flip": crop_flip})
     return features

@@ -1,0 +1,9 @@
+"""Distillation methods behind one interface and registry (:class:`Method`, ``METHODS``), and the engine that
+runs any of them (:func:`distill`)."""
+
+from ssdd.methods import krr_st  # noqa: F401  (registers krr-st)
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method, list_methods
+from ssdd.methods.engine import DistillConfig, Distillation, MonitorSettings, NumericalError, distill
+
+__all__ = ["METHODS", "Budget", "DistillConfig", "DistillContext", "Distillation", "Method", "MonitorSettings",
+           "NumericalError", "distill", "list_methods"]

@@ -1,0 +1,116 @@
+"""The interface every distillation method implements, and what the shared machinery hands it.
+
+A method is a class with a settings dataclass (``settings_class``) and a small set of hooks: ``total_steps``,
+``step`` (one outer step, returning its metrics), ``state_dict`` / ``load_state_dict`` (everything a resumed run
+needs: synthetic tensors, optimiser states, model pools, step counters, RNG states) and ``distilled_set`` (the
+current set as an artefact).  The engine (:mod:`ssdd.methods.engine`) owns the loop, progress bar, metrics log,
+checkpoints, monitoring and the final file, so no method repeats them.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ssdd.data.dataset import ImageDataset
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.registry import Registry
+from ssdd.teachers.artefact import Teacher
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much a set may store: ``images`` (N images with their targets, as the method stores them) or ``bytes``
+    (the exact byte count of every stored tensor), at ``dtype`` per stored value."""
+
+    images: int | None = None
+    bytes: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.bytes is None):
+            raise ConfigError("give the budget as a number of images (--images N) or of bytes (--bytes B), not both or neither")
+        if (self.images is not None and self.images < 1) or (self.bytes is not None and self.bytes < 1):
+            raise ConfigError("a budget must be positive")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.dtype]
+
+    @property
+    def bytes_per_value(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
+
+    def count(self, values_per_item: int) -> int:
+        """How many items of ``values_per_item`` stored values fit (``images`` when the budget is in images)."""
+        if self.images is not None:
+            return self.images
+        n = self.bytes // (values_per_item * self.bytes_per_value)  # type: ignore[operator]
+        if n < 1:
+            raise ConfigError(f"a budget of {self.bytes} bytes holds no item of {values_per_item} {self.dtype} values "
+                              f"({values_per_item * self.bytes_per_value} bytes)")
+        return n
+
+    def describe(self) -> dict[str, Any]:
+        return {"images": self.images, "bytes": self.bytes, "dtype": self.dtype}
+
+
+@dataclass
+class DistillContext:
+    """What a method works from: the source data, the teacher, the device, the seed and a logger."""
+
+    source: ImageDataset
+    teacher: Teacher | None
+    device: torch.device
+    seed: int
+    log: logging.Logger
+
+
+class Method(abc.ABC):
+    """One distillation method.  Subclasses set ``settings_class`` and implement the hooks below; the
+    constructor builds the initial state (synthetic tensors, optimisers, pools) from ``context`` and ``budget``."""
+
+    settings_class: ClassVar[type]
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, settings: Any, context: DistillContext, budget: Budget):
+        self.settings = settings
+        self.context = context
+        self.budget = budget
+
+    @abc.abstractmethod
+    def total_steps(self) -> int:
+        """Number of outer steps of the whole run."""
+
+    @abc.abstractmethod
+    def step(self, step: int) -> dict[str, float]:
+        """Run outer step ``step`` (0-based) and return its metrics (at least ``loss``)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors, optimiser and pool states, generator states)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+    @abc.abstractmethod
+    def distilled_set(self) -> DistilledSet:
+        """The current set, cast to the budget's storage dtype."""
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def list_methods() -> list[str]:
+    """Names of the registered distillation methods."""
+    return METHODS.names()

@@ -1,0 +1,251 @@
+"""The machinery every method shares: ``ssdd.distill`` and ``ssdd distill`` both run :class:`Distillation`.
+
+It resolves the source, teacher and budget, builds the method, and owns the loop: progress bar, metrics log
+(``metrics.jsonl``), periodic checkpoints with exact resume (the method's state plus the step), a periodic kNN
+monitor of the current set, a stop with a clear message when the loss stops being finite, and the final
+``distilled.safetensors`` with its provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ssdd.config import from_dict, to_dict
+from ssdd.data import load_dataset
+from ssdd.data.dataset import ImageDataset
+from ssdd.device import resolve_device
+from ssdd.distilled import DISTILLED_FILE, DistilledSet
+from ssdd.environment import environment
+from ssdd.errors import ConfigError, SsddError
+from ssdd.evaluation.training import TrainSettings, build_student, train_network
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method
+from ssdd.probes import extract_features, knn_accuracy
+from ssdd.runs import RunDir
+from ssdd.teachers import Teacher, load_teacher
+
+
+# settings a resumed run may change: where it runs, how it reports, and the learning rates (the way out of a
+# diverged run is to resume from the last good checkpoint at a lower rate)
+RESUMABLE_CHANGES = ("device", "checkpoint_minutes", "log_every", "monitor", "settings.lr_images", "settings.lr_targets")
+
+
+class NumericalError(SsddError):
+    """An optimisation produced a non-finite loss."""
+
+
+@dataclass
+class MonitorSettings:
+    """The cheap periodic check of the current set: a small student pre-trained on it with MSE, then cosine kNN
+    on held-out source images (``memory_images`` as the memory bank, ``query_images`` others as queries)."""
+
+    every: int = 0  # outer steps between checks (0: only at the end; -1: never)
+    arch: str = "convnet3"
+    arch_args: dict[str, Any] = field(default_factory=lambda: {"width": 32})
+    pretrain: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=30, lr=0.1, batch_size=256))
+    memory_images: int = 5000
+    query_images: int = 1000
+    k: int = 20
+
+
+@dataclass
+class DistillConfig:
+    """Run-level settings of ``ssdd distill``; ``settings`` holds the method's own (validated by its class)."""
+
+    method: str = "krr-st"
+    dataset: str | None = None  # default: the teacher's source dataset
+    teacher: str | None = None
+    images: int | None = None
+    bytes: int | None = None
+    storage_dtype: str = "float32"
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def method_settings(method: str, settings: Any) -> Any:
+    """The method's settings object from a dict (unknown keys are errors) or as given."""
+    cls = METHODS.get(method).settings_class
+    if settings is None:
+        return cls()
+    if isinstance(settings, dict):
+        return from_dict(cls, settings, where=f"{method} settings")
+    if not isinstance(settings, cls):
+        raise ConfigError(f"settings for {method} must be a {cls.__name__} or a dict, got {type(settings).__name__}")
+    return settings
+
+
+class Distillation:
+    """One run of one method, checkpointed in ``out`` (or kept in memory when ``out`` is None)."""
+
+    def __init__(self, config: DistillConfig, out: str | Path | None, resume: bool = False, progress: bool = True,
+                 teacher: Teacher | None = None, source: ImageDataset | None = None):
+        self.config = config
+        self.progress = progress
+        self.resume = resume
+        self.device = resolve_device(config.device)
+        method_cls = METHODS.get(config.method)
+        self.settings = method_settings(config.method, config.settings)
+        self.budget = Budget(config.images, config.bytes, config.storage_dtype)
+        if teacher is None and config.teacher:
+            teacher = load_teacher(config.teacher, device=self.device)
+        if teacher is None and method_cls.needs_teacher:
+            raise ConfigError(f"method {config.method} needs a teacher (--teacher PATH)")
+        if source is None:
+            name = config.dataset or (teacher.metadata.get("source", {}).get("dataset") if teacher else None)
+            if not name:
+                raise ConfigError("no source dataset: give --dataset (or a teacher that records its source)")
+            source = load_dataset(name, "train", root=config.data_root)
+        if teacher is not None:
+            recorded = teacher.metadata.get("source", {})
+            if recorded.get("dataset") == source.name and recorded.get("fingerprint") not in (None, source.fingerprint):
+                raise ConfigError(f"the teacher was trained on a different copy of {source.name} (fingerprints differ)")
+        self.teacher = teacher
+        self.source = source
+        self.run_dir = RunDir(out) if out is not None else None
+        if self.run_dir is not None:
+            resolved = {**to_dict(config), "settings": to_dict(self.settings)}
+            self.run_dir.start(resolved, resume=resume, ignore=RESUMABLE_CHANGES)
+        log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
+        context = DistillContext(source, teacher, self.device, config.seed, log)
+        self.method: Method = method_cls(self.settings, context, self.budget)
+
+    def log(self, message: str) -> None:
+        self.method.context.log.info(message)
+
+    def monitor(self, distilled: DistilledSet) -> float | None:
+        """kNN top-1 (%) of a small student pre-trained on ``distilled``; None when the source has no labels."""
+        m = self.config.monitor
+        source = self.source
+        if source.num_classes < 2 or distilled.target_kind != "representation":
+            return None
+        images, targets = distilled.materialize()
+        student = build_student(m.arch, m.arch_args, targets.shape[1], distilled.image_shape, self.config.seed)
+        train_network(student, images, targets, m.pretrain, "mse", self.config.seed, self.device)
+        c, h, _ = distilled.image_shape
+        data = source.converted(channels=c, size=h)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(12345))
+        memory = order[: m.memory_images]
+        queries = order[m.memory_images : m.memory_images + m.query_images]
+        feats = extract_features(student.features, data.images[torch.cat([memory, queries])], distilled.pixel_space,
+                                 device=self.device)
+        return knn_accuracy(feats[: len(memory)], data.labels[memory], feats[len(memory):], data.labels[queries], k=m.k)
+
+    def run(self) -> DistilledSet:
+        cfg = self.config
+        method = self.method
+        total = method.total_steps()
+        start = 0
+        elapsed = 0.0
+        if self.resume and self.run_dir is not None and (state := self.run_dir.load_checkpoint()) is not None:
+            method.load_state_dict(state["method"])
+            start, elapsed = int(state["step"]), float(state.get("seconds", 0.0))
+            self.log(f"resumed at step {start}")
+        bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        started = time.monotonic() - elapsed
+        last_checkpoint = time.monotonic()
+        last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
+        knn = None
+        for step in range(start, total):
+            metrics = method.step(step)
+            if not math.isfinite(metrics["loss"]):
+                raise NumericalError(f"{cfg.method}: the loss became {metrics['loss']} at step {step + 1}; "
+                                     + self._recovery_advice(last_good))
+            done = step + 1
+            if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total:
+                knn = self.monitor(method.distilled_set())
+                metrics["knn"] = knn
+            if self.run_dir is not None and (done % cfg.log_every == 0 or done == total or "knn" in metrics):
+                self.run_dir.metrics(step=done, seconds=round(time.monotonic() - started, 2), **metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", **({"knn": f"{knn:.1f}"} if knn is not None else {}))
+            if self.run_dir is not None and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
+                self.checkpoint(done, time.monotonic() - started)
+                last_checkpoint = time.monotonic()
+                last_good = done
+        bar.close()
+        seconds = time.monotonic() - started
+        if self.run_dir is not None:
+            self.checkpoint(total, seconds)
+        return self.finish(seconds)
+
+    def _recovery_advice(self, last_good: int | None) -> str:
+        lower = "--set settings.lr_images=... --set settings.lr_targets=..."
+        if self.run_dir is None:
+            return "no checkpoint was kept (no --out); start again with lower learning rates"
+        if last_good is None:
+            return f"no checkpoint had been written yet; start again with lower learning rates ({lower})"
+        return (f"the last good checkpoint (step {last_good}) is {self.run_dir.checkpoint_path}; "
+                f"resume from it with lower learning rates (--resume {lower})")
+
+    def checkpoint(self, step: int, seconds: float) -> None:
+        self.run_dir.save_checkpoint({"step": step, "seconds": seconds, "method": self.method.state_dict()})
+
+    def finish(self, seconds: float) -> DistilledSet:
+        cfg = self.config
+        distilled = self.method.distilled_set()
+        knn = self.monitor(distilled) if cfg.monitor.every >= 0 else None
+        teacher = self.teacher
+        distilled.metadata.update({
+            "config": {**to_dict(cfg), "settings": to_dict(self.settings)},
+            "budget": self.budget.describe(),
+            "seed": cfg.seed,
+            "source": {"dataset": self.source.name, "fingerprint": self.source.fingerprint, "images": len(self.source)},
+            "teacher": None if teacher is None else {"fingerprint": teacher.fingerprint, "feature_dim": teacher.feature_dim,
+                                                     "path": str(teacher.path) if teacher.path else None},
+            "steps": self.method.total_steps(),
+            "distill_seconds": round(seconds, 1),
+            "monitor_knn": knn,
+            "environment": environment(self.device),
+        })
+        if self.run_dir is not None:
+            distilled.save(self.run_dir.path / DISTILLED_FILE)
+            self.run_dir.metrics(final=True, knn=knn, byte_count=distilled.byte_count, seconds=round(seconds, 1))
+            self.log(f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
+        return distilled
+
+
+def distill(
+    method: str,
+    source: str | ImageDataset | None = None,
+    teacher: str | Path | Teacher | None = None,
+    budget: int | Budget | None = None,
+    config: Any = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    monitor: MonitorSettings | None = None,
+) -> DistilledSet:
+    """Distil ``source`` with ``method`` at ``budget`` (a number of images or a :class:`Budget`); returns the set.
+
+    ``config`` is the method's settings (its dataclass or a dict).  With ``out`` the run is checkpointed there,
+    resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``.
+    """
+    if budget is None:
+        raise ConfigError("give a budget: a number of images or ssdd.methods.Budget(bytes=...)")
+    budget = budget if isinstance(budget, Budget) else Budget(images=int(budget))
+    loaded_teacher = teacher if isinstance(teacher, Teacher) else None
+    cfg = DistillConfig(
+        method=method,
+        dataset=source if isinstance(source, str) else None,
+        teacher=str(teacher) if isinstance(teacher, (str, Path)) else None,
+        images=budget.images, bytes=budget.bytes, storage_dtype=budget.dtype, seed=seed, device=device,
+        monitor=monitor or MonitorSettings(every=-1),
+        settings=to_dict(method_settings(method, config)),
+    )
+    dataset = source if isinstance(source, ImageDataset) else None
+    return Distillation(cfg, out, resume, progress, teacher=loaded_teacher, source=dataset).run()
