@@ -42,19 +42,20 @@ def naive_step(method, step: int) -> float:  # noqa: ANN001 - a KRRST instance
     real = ctx.teacher.pixel_space.normalize(real)
     with torch.no_grad():
         real_targets = ctx.teacher(real)
-    features = network.features(torch.cat([method.images, real]))
-    fs = with_bias_column(features[: method.images.shape[0]])
-    ft = with_bias_column(features[method.images.shape[0]:])
+    syn_images, syn_targets = method.learned["images"], method.learned["targets"]
+    features = network.features(torch.cat([syn_images, real]))
+    fs = with_bias_column(features[: syn_images.shape[0]])
+    ft = with_bias_column(features[syn_images.shape[0]:])
     k_ss = fs @ fs.T
     k_ts = ft @ fs.T
     lam = s.ridge * torch.trace(k_ss).detach()
     inverse = torch.linalg.inv(k_ss + lam * torch.eye(k_ss.shape[0]))
-    loss = F.mse_loss(k_ts @ inverse @ method.targets, real_targets)
+    loss = F.mse_loss(k_ts @ inverse @ syn_targets, real_targets)
     method.set_learning_rates(step)
     method.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     method.optimizer.step()
-    method.pool.train_online(member, method.images.detach(), method.targets.detach())
+    method.pool.train_online(member, syn_images.detach(), syn_targets.detach())
     return loss.item()
 
 

@@ -167,7 +167,7 @@ def test_run_level_configuration_errors(tiny_teacher: Path) -> None:
     with pytest.raises(ConfigError, match="needs a teacher") as info:
         Distillation(DistillConfig(images=2, dataset="synthetic", device="cpu"), None)
     one_line(info.value)
-    with pytest.raises(ConfigError, match="real_augment must be one of crop-flip, none, got 'blur'") as info:
+    with pytest.raises(ConfigError, match="real_augment must be one of crop-flip, none, views, got 'blur'") as info:
         Distillation(tiny_config(tiny_teacher, settings={"real_augment": "blur"}), None)
     one_line(info.value)
     with pytest.raises(ConfigError, match="krr-st settings: unknown key"):
@@ -346,7 +346,7 @@ def test_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_path: 
 
 def nan_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     """Make KRR-ST's outer loss NaN at its ``call``-th evaluation (1-based, one per step)."""
-    from ssdd.methods import krr_st
+    from ssdd.methods import krr_base
 
     calls = []
 
@@ -355,7 +355,7 @@ def nan_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
         loss = krr_outer_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == call else loss
 
-    monkeypatch.setattr(krr_st, "krr_outer_loss", poisoned)
+    monkeypatch.setattr(krr_base, "krr_outer_loss", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint(

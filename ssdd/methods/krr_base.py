@@ -1,0 +1,200 @@
+"""The machinery of the kernel-ridge-regression family (KRR-ST, PAA): real batches, the pool, the outer step.
+
+Each outer step picks a member of the model pool, regresses the synthetic targets on the member's features of the
+synthetic images by kernel ridge regression (:mod:`ssdd.methods.krr`), scores the prediction on a real batch
+against the teacher's features of that batch, and takes an AdamW step on every learned synthetic tensor; the
+member then trains one SGD step on the synthetic set (:mod:`ssdd.methods.pool`).  A method of the family says how
+its synthetic set is parameterised (:meth:`KernelRidgeMethod.inner_set`) and stored.
+
+Speed: the teacher's features of the real views come from the feature cache (``teacher_copies`` fixed crop+flip
+copies of the source; ``0`` runs the teacher on every batch for exact random augmentation), real features are
+computed without autograd, and the synthetic set goes through the member once forward and once backward for the
+outer loss (plus the member's own online step).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
+from ssdd.device import autocast, make_generator
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.methods.base import Budget, DistillContext, Method
+from ssdd.methods.krr import krr_outer_loss
+from ssdd.methods.pool import ModelPool, PoolSettings
+from ssdd.teachers.features import crop_flip_copies, teacher_features
+
+REAL_AUGMENTATIONS = ("crop-flip", "none", "views")
+
+
+@dataclass
+class KernelRidgeSettings:
+    """Settings shared by the family; the defaults are KRR-ST's CIFAR-100 values (160,000 steps, real batch 1024,
+    pool of 10 BatchNorm ConvNets with widening channels, AdamW lr 1e-4 with linear decay)."""
+
+    steps: int = 160_000
+    real_batch: int = 1024
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    lr_images: float = 1e-4
+    lr_targets: float = 1e-4
+    lr_schedule: str = "linear"  # linear: decays to 0 at the last step | constant
+    ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
+    real_augment: str = "crop-flip"  # crop-flip (4 px) | none | views (a random predefined view per image)
+    teacher_copies: int = 8  # cached crop+flip copies of the source; 0: run the teacher on every real batch
+    amp: bool = True  # bf16 autocast for the pool networks where native; the KRR solve stays float32
+
+    def __post_init__(self) -> None:
+        if self.real_augment not in REAL_AUGMENTATIONS:
+            raise ConfigError(f"real_augment must be one of {', '.join(REAL_AUGMENTATIONS)}, got {self.real_augment!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ConfigError(f"lr_schedule must be linear or constant, got {self.lr_schedule!r}")
+        if self.steps < 1 or self.real_batch < 1 or self.pool.size < 1 or self.teacher_copies < 0:
+            raise ConfigError("steps, real_batch and pool.size must be >= 1 and teacher_copies >= 0")
+
+
+class RealBatches:
+    """Augmented real batches with the teacher's features of exactly those views (cached or computed).
+
+    ``crop-flip`` draws each image from one of ``teacher_copies`` fixed crop+flip copies whose teacher features
+    are cached (or, with 0 copies, augments at random and runs the teacher); ``views`` shows each image under a
+    random one of ``views`` (features cached per view); ``none`` uses the plain images.
+    """
+
+    def __init__(self, settings: KernelRidgeSettings, context: DistillContext, views: Sequence[str] = ("identity",)):
+        self.context = context
+        self.settings = settings
+        self.mode = settings.real_augment
+        self.views = list(views)
+        teacher, source, device = context.teacher, context.source, context.device
+        c, h, _ = teacher.input_shape
+        self.images = source.converted(channels=c, size=h).images.to(device)
+        self.features: torch.Tensor | None = None  # (variants, N, d) when cached
+        if self.mode == "none":
+            self.features = teacher_features(teacher, source, device=device).unsqueeze(0)
+        elif self.mode == "views":
+            self.features = teacher_features(teacher, source, views=self.views, device=device)
+        elif settings.teacher_copies > 0:
+            self.features = teacher_features(teacher, source, crop_flip=settings.teacher_copies, seed=context.seed,
+                                             device=device)
+            copies = crop_flip_copies(len(source), settings.teacher_copies, context.seed)
+            self.shifts = torch.stack([shifts for shifts, _ in copies])  # (copies, N, 2)
+            self.flips = torch.stack([flips for _, flips in copies])  # (copies, N)
+        if self.features is not None:
+            self.features = self.features.to(device)
+
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised images, teacher features) of ``real_batch`` augmented source images."""
+        n = self.images.shape[0]
+        idx = torch.randint(0, n, (min(self.settings.real_batch, n),), generator=generator)
+        x = self.images[idx.to(self.images.device)].float().div_(255.0)
+        space = self.context.teacher.pixel_space
+        if self.mode == "none":
+            return space.normalize(x), self.features[0, idx]
+        if self.mode == "views":
+            variant = torch.randint(0, len(self.views), (idx.shape[0],), generator=generator)
+            for j, view in enumerate(self.views):
+                chosen = (variant == j).to(x.device)
+                if view != "identity" and bool(chosen.any()):
+                    x[chosen] = apply_view(x[chosen], view)
+            return space.normalize(x), self.features[variant, idx]
+        if self.features is None:
+            x = random_crop_flip(x, generator)
+            with torch.no_grad():
+                return space.normalize(x), self.context.teacher(space.normalize(x))
+        variant = torch.randint(0, self.settings.teacher_copies, (idx.shape[0],), generator=generator)
+        x = apply_crop_flip(x, self.shifts[variant, idx], self.flips[variant, idx])
+        return space.normalize(x), self.features[variant, idx]
+
+
+class KernelRidgeMethod(Method):
+    """The outer loop of the family.  Subclasses create their learned tensors in ``__init__`` (registering them
+    with :meth:`learn`) and implement :meth:`inner_set` and :meth:`stored_tensors`."""
+
+    settings_class = KernelRidgeSettings
+
+    def __init__(self, settings: KernelRidgeSettings, context: DistillContext, budget: Budget,
+                 views: Sequence[str] = ("identity",)):
+        super().__init__(settings, context, budget)
+        teacher = context.teacher
+        self.image_shape = teacher.input_shape
+        self.feature_dim = teacher.feature_dim
+        self.real = RealBatches(settings, context, views)
+        self.learned: dict[str, torch.Tensor] = {}
+        self.param_groups: list[dict[str, Any]] = []
+        self.pool = ModelPool(settings.pool, teacher.feature_dim, self.image_shape, context.seed + 1, context.device)
+        self.generator = make_generator(context.seed + 2)
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def learn(self, lr: float, **tensors: torch.Tensor) -> None:
+        """Register learned tensors (one AdamW parameter group at ``lr``)."""
+        for name, tensor in tensors.items():
+            self.learned[name] = tensor.detach().clone().to(self.context.device).requires_grad_(True)
+        self.param_groups.append({"params": [self.learned[n] for n in tensors], "lr": lr, "base_lr": lr})
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(self.param_groups, weight_decay=0.0)
+        return self._optimizer
+
+    @abc.abstractmethod
+    def inner_set(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (images, targets) the inner regression trains on this step, differentiable in the learned tensors."""
+
+    @abc.abstractmethod
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the final artefact (before casting to the storage dtype)."""
+
+    def total_steps(self) -> int:
+        return self.settings.steps
+
+    def set_learning_rates(self, step: int) -> None:
+        scale = 1.0 - step / self.settings.steps if self.settings.lr_schedule == "linear" else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def step(self, step: int) -> dict[str, float]:
+        s = self.settings
+        member = int(torch.randint(0, s.pool.size, (1,), generator=self.generator))
+        reinitialised = self.pool.reinitialise_if_due(member)
+        network = self.pool.models[member].eval()
+        syn_images, syn_targets = self.inner_set(self.generator)
+        real_images, real_targets = self.real.sample(self.generator)
+        with torch.no_grad(), autocast(self.context.device, s.amp):
+            real_features = network.features(real_images)
+        with autocast(self.context.device, s.amp):
+            syn_features = network.features(syn_images)
+        loss = krr_outer_loss(syn_features.float(), real_features.float(), syn_targets, real_targets, s.ridge)
+        self.set_learning_rates(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with autocast(self.context.device, s.amp):
+            online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
+        return {"loss": loss.item(), "online_loss": online, "member": member, "reinitialised": int(reinitialised)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"learned": {k: v.detach().cpu() for k, v in self.learned.items()},
+                "optimizer": self.optimizer.state_dict(), "pool": self.pool.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.learned.items():
+                tensor.copy_(state["learned"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pool.load_state_dict(state["pool"])
+        self.generator.set_state(state["generator"])
+
+    def make_set(self, method: str, metadata: dict[str, Any]) -> DistilledSet:
+        """The stored tensors cast to the budget's dtype, as a DistilledSet of ``method``."""
+        dtype = self.budget.torch_dtype
+        tensors = {k: v.detach().cpu().to(dtype) for k, v in self.stored_tensors().items()}
+        return DistilledSet(tensors, self.context.teacher.pixel_space, "representation", method,
+                            {**metadata, "pool_reinitialisations": self.pool.reinitialisations})
