@@ -60,6 +60,13 @@ class Budget:
                               f"({values_per_item * self.bytes_per_value} bytes)")
         return n
 
+    def total_values(self, pair_values: int) -> int:
+        """Stored values the budget allows; an image budget means the bytes of that many (image, target) pairs
+        of ``pair_values`` values (the equal-storage comparison with KRR-ST)."""
+        if self.images is not None:
+            return self.images * pair_values
+        return self.bytes // self.bytes_per_value  # type: ignore[operator]
+
     def describe(self) -> dict[str, Any]:
         return {"images": self.images, "bytes": self.bytes, "dtype": self.dtype}
 

@@ -58,6 +58,10 @@ class KernelRidgeSettings:
             raise ConfigError("steps, real_batch and pool.size must be >= 1 and teacher_copies >= 0")
 
 
+# learned tensors whose relative distance from their initialisation is logged every step
+DRIFT_TRACKED = ("images", "targets", "image_coefficients", "target_coefficients")
+
+
 class RealBatches:
     """Augmented real batches with the teacher's features of exactly those views (cached or computed).
 
@@ -126,6 +130,7 @@ class KernelRidgeMethod(Method):
         self.feature_dim = teacher.feature_dim
         self.real = RealBatches(settings, context, views)
         self.learned: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}  # initial values of the DRIFT_TRACKED tensors
         self.param_groups: list[dict[str, Any]] = []
         self.pool = ModelPool(settings.pool, teacher.feature_dim, self.image_shape, context.seed + 1, context.device)
         self.generator = make_generator(context.seed + 2)
@@ -135,6 +140,8 @@ class KernelRidgeMethod(Method):
         """Register learned tensors (one AdamW parameter group at ``lr``)."""
         for name, tensor in tensors.items():
             self.learned[name] = tensor.detach().clone().to(self.context.device).requires_grad_(True)
+            if name in DRIFT_TRACKED:
+                self.initial[name] = tensor.detach().clone().to(self.context.device)
         self.param_groups.append({"params": [self.learned[n] for n in tensors], "lr": lr, "base_lr": lr})
 
     @property
@@ -177,7 +184,15 @@ class KernelRidgeMethod(Method):
         self.optimizer.step()
         with autocast(self.context.device, s.amp):
             online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
-        return {"loss": loss.item(), "online_loss": online, "member": member, "reinitialised": int(reinitialised)}
+        drift = {f"drift_{name}": self.drift(name) for name in self.initial}
+        return {"loss": loss.item(), "online_loss": online, "member": member, "reinitialised": int(reinitialised),
+                **drift}
+
+    @torch.no_grad()
+    def drift(self, name: str) -> float:
+        """||current - initial|| / ||initial|| of a learned tensor: how far the set has moved from its start."""
+        start = self.initial[name]
+        return float((self.learned[name] - start).norm() / start.norm().clamp_min(1e-12))
 
     def state_dict(self) -> dict[str, Any]:
         return {"learned": {k: v.detach().cpu() for k, v in self.learned.items()},
