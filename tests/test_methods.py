@@ -614,3 +614,17 @@ def test_cli_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_pa
     assert f"cannot resume {tmp_path}: settings differ from the original run (settings.steps)" in line
     # the same settings resume (the finished run's checkpoint is at its last step: nothing left to do)
     assert main(distill_argv(tiny_teacher, tmp_path, "--resume", "--set", "settings.steps=2")) == 0
+
+
+def test_python_api_takes_a_preset_and_merges_settings_over_it(tiny_teacher: Path) -> None:
+    """``ssdd.distill(..., preset=...)`` is the same run as the CLI's preset with --set overrides."""
+    api = ssdd.distill("krr-st", teacher=tiny_teacher, preset="tiny", config={"steps": 3}, device="cpu",
+                       progress=False)
+    assert api.num_images == 20  # the preset's budget
+    settings = api.metadata["config"]["settings"]
+    assert settings["steps"] == 3 and settings["real_batch"] == 32 and settings["pool"]["size"] == 2
+    cli = resolve_config(DistillConfig, "distill", "krr-st/tiny",
+                         overrides={"teacher": str(tiny_teacher), "device": "cpu", "settings": {"steps": 3}})
+    same = Distillation(cli, None, progress=False).run()
+    assert torch.equal(api.tensors["images"], same.tensors["images"])
+    assert torch.equal(api.tensors["targets"], same.tensors["targets"])

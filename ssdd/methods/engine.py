@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ssdd.config import from_dict, to_dict
+from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import resolve_device
@@ -223,6 +223,7 @@ def distill(
     teacher: str | Path | Teacher | None = None,
     budget: int | Budget | None = None,
     config: Any = None,
+    preset: str | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -232,12 +233,22 @@ def distill(
 ) -> DistilledSet:
     """Distil ``source`` with ``method`` at ``budget`` (a number of images or a :class:`Budget`); returns the set.
 
-    ``config`` is the method's settings (its dataclass or a dict).  With ``out`` the run is checkpointed there,
-    resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``.
+    ``config`` is the method's settings (its dataclass, or a dict merged over the settings of ``preset``, e.g.
+    ``"cifar10-cpu"``, whose budget and monitor are used when not given here).  With ``out`` the run is checkpointed
+    there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``.
     """
+    preset_values = preset_dict("distill", preset if "/" in (preset or "/") else f"{method}/{preset}") if preset else {}
+    if isinstance(config, dict) or config is None:
+        settings = dict(preset_values.get("settings", {}))
+        deep_update(settings, config or {})
+        config = settings
+    if budget is None and (preset_values.get("images") or preset_values.get("bytes")):
+        budget = Budget(preset_values.get("images"), preset_values.get("bytes"))
     if budget is None:
         raise ConfigError("give a budget: a number of images or ssdd.methods.Budget(bytes=...)")
     budget = budget if isinstance(budget, Budget) else Budget(images=int(budget))
+    if monitor is None and "monitor" in preset_values:
+        monitor = from_dict(MonitorSettings, preset_values["monitor"], where=f"preset {preset} monitor")
     loaded_teacher = teacher if isinstance(teacher, Teacher) else None
     cfg = DistillConfig(
         method=method,
