@@ -59,3 +59,40 @@ def save_grid(distilled: DistilledSet, path: str | Path, max_images: int = 100) 
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_curves(records: list[dict], path: str | Path) -> Path | None:
+    """Plot a distillation run's ``metrics.jsonl`` records: outer loss, drift from initialisation and kNN monitor
+    against the step (None when there is nothing to plot)."""
+    rows = [r for r in records if "step" in r and "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    drifts = sorted({k for r in rows for k in r if k.startswith("drift_")})
+    knn = [(r["step"], r["knn"]) for r in rows if r.get("knn") is not None]
+    panels = 1 + bool(drifts) + bool(knn)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="outer loss", yscale="log", title="loss")
+    if drifts:
+        ax = axes[0][1]
+        for key in drifts:
+            ax.plot(steps, [r.get(key) for r in rows], label=key.removeprefix("drift_"))
+        ax.set(xlabel="step", ylabel="||x - x0|| / ||x0||", title="distance from initialisation")
+        ax.legend(fontsize=7)
+    if knn:
+        ax = axes[0][-1]
+        ax.plot(*zip(*knn), marker="o")
+        ax.set(xlabel="step", ylabel="top-1 %", title="kNN monitor")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

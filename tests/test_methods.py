@@ -628,3 +628,13 @@ def test_python_api_takes_a_preset_and_merges_settings_over_it(tiny_teacher: Pat
     same = Distillation(cli, None, progress=False).run()
     assert torch.equal(api.tensors["images"], same.tensors["images"])
     assert torch.equal(api.tensors["targets"], same.tensors["targets"])
+
+
+def test_a_run_folder_gets_a_plot_of_its_curves(tiny_teacher: Path, tmp_path: Path) -> None:
+    from ssdd.show import save_curves
+
+    run(tiny_config(tiny_teacher, log_every=1), tmp_path)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert save_curves([{"final": True, "knn": 50.0}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

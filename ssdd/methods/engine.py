@@ -29,6 +29,7 @@ from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
 from ssdd.runs import RunDir
+from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
 
 
@@ -213,6 +214,7 @@ class Distillation:
         if self.run_dir is not None:
             distilled.save(self.run_dir.path / DISTILLED_FILE)
             self.run_dir.metrics(final=True, knn=knn, byte_count=distilled.byte_count, seconds=round(seconds, 1))
+            save_curves(self.run_dir.read_metrics(), self.run_dir.path / "curves.png")
             self.log(f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
         return distilled
 
