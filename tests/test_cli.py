@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import make_splits, write_image_folder_archive
+from helpers import user_error
 from ssdd import __version__
 from ssdd.cli import main
 from ssdd.data import DATASETS
@@ -35,18 +36,6 @@ def dataset_rows(out: str) -> dict[str, tuple[str, list[str]]]:
         else:
             current = None
     return rows
-
-
-def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """Run ``argv``, check it failed as a user error (status 2, one 'ssdd: error:' line), return the line."""
-    status = main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, (status, captured.err)
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("ssdd: error: "), captured.err
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    return lines[0]
 
 
 # ---- listings -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import ssdd
+from helpers import interrupt_then_resume, one_line, user_error
 from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
@@ -75,24 +76,6 @@ def payload_bytes(path: Path) -> int:
     data = path.read_bytes()
     (header_len,) = struct.unpack("<Q", data[:8])
     return len(data) - 8 - header_len
-
-
-def one_line(exc: BaseException) -> str:
-    message = str(exc)
-    assert message and "\n" not in message, message
-    return message
-
-
-def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """Run ``argv``, check it failed as a user error (status 2, one 'ssdd: error:' line), return the line."""
-    status = main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, (status, captured.err)
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("ssdd: error: "), captured.err
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -306,26 +289,7 @@ def test_resume_continues_bit_identically(tiny_teacher: Path, tmp_path: Path, mo
 
     # run B checkpoints after every step up to step 6 only, logs steps 7-10 and is interrupted before step 11
     config = tiny_config(tiny_teacher, checkpoint_minutes=0, **steps)
-    original_step, original_checkpoint = KRRST.step, Distillation.checkpoint
-
-    def interrupted(self: KRRST, step: int) -> dict[str, float]:
-        if step == 10:
-            raise KeyboardInterrupt
-        return original_step(self, step)
-
-    def until_six(self: Distillation, step: int, seconds: float) -> None:
-        if step <= 6:
-            original_checkpoint(self, step, seconds)
-
-    with monkeypatch.context() as m:
-        m.setattr(KRRST, "step", interrupted)
-        m.setattr(Distillation, "checkpoint", until_six)
-        with pytest.raises(KeyboardInterrupt):
-            run(config, tmp_path / "b")
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 6
-    assert [r["step"] for r in step_rows(tmp_path / "b")] == list(range(1, 11))
-
-    resumed = run(config, tmp_path / "b", resume=True)
+    resumed = interrupt_then_resume(monkeypatch, KRRST, config, tmp_path / "b", checkpoint_until=6, stop_at=10)
     assert torch.equal(resumed.tensors["images"], full.tensors["images"])
     assert torch.equal(resumed.tensors["targets"], full.tensors["targets"])
     assert resumed.metadata["pool_reinitialisations"] == full.metadata["pool_reinitialisations"]

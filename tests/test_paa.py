@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import interrupt_then_resume
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import make_synthetic
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, load_distilled
 from ssdd.errors import ConfigError
-from ssdd.io import load_checkpoint
 from ssdd.methods import Distillation, DistillConfig
 from ssdd.methods.krr import krr_outer_loss
 from ssdd.methods.paa import (
@@ -615,25 +615,7 @@ def test_resume_continues_bit_identically(tiny_teacher: Path, tmp_path: Path, mo
 
     # run B checkpoints after every step up to step 4 only and is interrupted before step 7
     config = paa_config(tiny_teacher, checkpoint_minutes=0, settings=settings)
-    original_step, original_checkpoint = PAA.step, Distillation.checkpoint
-
-    def interrupted(self: PAA, step: int) -> dict[str, float]:
-        if step == 6:
-            raise KeyboardInterrupt
-        return original_step(self, step)
-
-    def until_four(self: Distillation, step: int, seconds: float) -> None:
-        if step <= 4:
-            original_checkpoint(self, step, seconds)
-
-    with monkeypatch.context() as m:
-        m.setattr(PAA, "step", interrupted)
-        m.setattr(Distillation, "checkpoint", until_four)
-        with pytest.raises(KeyboardInterrupt):
-            run(config, tmp_path / "b")
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 4
-
-    resumed = run(config, tmp_path / "b", resume=True)
+    resumed = interrupt_then_resume(monkeypatch, PAA, config, tmp_path / "b", checkpoint_until=4, stop_at=6)
     assert set(resumed.tensors) == set(full.tensors)
     for name, tensor in full.tensors.items():
         assert torch.equal(resumed.tensors[name], tensor), name

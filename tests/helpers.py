@@ -1,0 +1,55 @@
+"""Assertion helpers shared by the test modules: user-facing errors and interrupted runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssdd.cli import main
+from ssdd.distilled import DistilledSet
+from ssdd.io import load_checkpoint
+from ssdd.methods import DistillConfig, Distillation
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message, checked to be a single non-empty line."""
+    message = str(exc)
+    assert message and "\n" not in message, message
+    return message
+
+
+def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``argv``, check it failed as a user error (status 2, one 'ssdd: error:' line), return the line."""
+    status = main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, (status, captured.err)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ssdd: error: "), captured.err
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    return lines[0]
+
+
+def interrupt_then_resume(monkeypatch: pytest.MonkeyPatch, method_cls: type, config: DistillConfig, out: Path,
+                          checkpoint_until: int, stop_at: int) -> DistilledSet:
+    """Run ``config`` in ``out`` checkpointing after every step up to ``checkpoint_until`` only, interrupt it
+    before step ``stop_at + 1`` (0-based ``stop_at``), check the checkpoint, then resume it to the end."""
+    original_step, original_checkpoint = method_cls.step, Distillation.checkpoint
+
+    def interrupted(self, step: int) -> dict[str, float]:  # noqa: ANN001
+        if step == stop_at:
+            raise KeyboardInterrupt
+        return original_step(self, step)
+
+    def until(self: Distillation, step: int, seconds: float) -> None:
+        if step <= checkpoint_until:
+            original_checkpoint(self, step, seconds)
+
+    with monkeypatch.context() as m:
+        m.setattr(method_cls, "step", interrupted)
+        m.setattr(Distillation, "checkpoint", until)
+        with pytest.raises(KeyboardInterrupt):
+            Distillation(config, out, progress=False).run()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == checkpoint_until
+    return Distillation(config, out, resume=True, progress=False).run()
