@@ -74,7 +74,7 @@ def save_curves(records: list[dict], path: str | Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     drifts = sorted({k for r in rows for k in r if k.startswith("drift_")})
-    knn = [(r["step"], r["knn"]) for r in rows if r.get("knn") is not None]
+    knn = [(r["step"], r["knn"]) for r in records if "step" in r and r.get("knn") is not None]
     panels = 1 + bool(drifts) + bool(knn)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False)
     ax = axes[0][0]

@@ -68,7 +68,7 @@ def metric_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def step_rows(out: Path) -> list[dict[str, Any]]:
-    return [r for r in metric_rows(out) if "step" in r]
+    return [r for r in metric_rows(out) if "step" in r and "loss" in r]
 
 
 def payload_bytes(path: Path) -> int:
@@ -602,3 +602,11 @@ def test_a_run_folder_gets_a_plot_of_its_curves(tiny_teacher: Path, tmp_path: Pa
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert save_curves([{"final": True, "knn": 50.0}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_monitor_checks_the_initial_set_first(tiny_teacher: Path, tmp_path: Path) -> None:
+    """With monitoring on, step 0 records the kNN of the initial set (the reference for later checks)."""
+    run(tiny_config(tiny_teacher, monitor={"every": 2}, settings={"steps": 4}), tmp_path)
+    checks = [(r["step"], r["knn"]) for r in metric_rows(tmp_path) if r.get("knn") is not None and "step" in r]
+    assert [step for step, _ in checks] == [0, 2]
+    assert all(0 <= knn <= 100 for _, knn in checks)

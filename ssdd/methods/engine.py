@@ -153,12 +153,16 @@ class Distillation:
             method.load_state_dict(state["method"])
             start, elapsed = int(state["step"]), float(state.get("seconds", 0.0))
             self.log(f"resumed at step {start}")
+        knn = None
+        if start == 0 and cfg.monitor.every > 0:  # the initial set, the reference every later check compares with
+            knn = self.monitor(method.distilled_set())
+            if self.run_dir is not None:
+                self.run_dir.metrics(step=0, knn=knn)
         bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         started = time.monotonic() - elapsed
         last_checkpoint = time.monotonic()
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
-        knn = None
         for step in range(start, total):
             metrics = method.step(step)
             if not math.isfinite(metrics["loss"]):
