@@ -122,8 +122,8 @@ def merge(config: C, overrides: dict[str, Any]) -> C:
 
 def deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
     """Merge ``update`` into ``base`` recursively; a mapping that switches ``arch`` drops its old ``arch_args``
-    (options of one architecture mean nothing to another)."""
-    if "arch" in update and update["arch"] != base.get("arch") and "arch_args" not in update:
+    (options of one architecture mean nothing to another), keeping only those given with the new ``arch``."""
+    if "arch" in update and update["arch"] != base.get("arch"):
         base.pop("arch_args", None)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -263,3 +263,15 @@ def test_read_yaml_does_not_construct_python_objects(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         read_yaml(path)
     config_error(excinfo, str(path))
+
+
+def test_switching_arch_drops_the_old_architectures_options() -> None:
+    from ssdd.config import deep_update
+
+    base = {"pool": {"arch": "convnet-widening", "arch_args": {"width": 8, "depth": 2}, "size": 4}}
+    deep_update(base, {"pool": {"arch": "resnet10", "arch_args": {"width": 4}}})
+    assert base == {"pool": {"arch": "resnet10", "arch_args": {"width": 4}, "size": 4}}
+    deep_update(base, {"pool": {"arch": "vit-tiny"}})
+    assert base == {"pool": {"arch": "vit-tiny", "size": 4}}
+    deep_update(base, {"pool": {"arch": "vit-tiny", "arch_args": {"depth": 2}}})  # same arch: options merge
+    assert base["pool"]["arch_args"] == {"depth": 2}

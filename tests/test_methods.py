@@ -610,3 +610,11 @@ def test_the_monitor_checks_the_initial_set_first(tiny_teacher: Path, tmp_path: 
     checks = [(r["step"], r["knn"]) for r in metric_rows(tmp_path) if r.get("knn") is not None and "step" in r]
     assert [step for step, _ in checks] == [0, 2]
     assert all(0 <= knn <= 100 for _, knn in checks)
+
+
+@pytest.mark.parametrize(("arch", "arch_args"), [("convnet3", {"width": 4}), ("resnet10", {"width": 4}),
+                                                 ("vit-tiny", {})], ids=["convnet3", "resnet10", "vit-tiny"])
+def test_any_registered_model_can_be_the_pool(tiny_teacher: Path, arch: str, arch_args: dict[str, Any]) -> None:
+    distilled = run(tiny_config(tiny_teacher, settings={"steps": 2, "pool": {"arch": arch, "arch_args": arch_args}}))
+    assert distilled.metadata["config"]["settings"]["pool"]["arch"] == arch
+    assert torch.isfinite(distilled.tensors["images"]).all()
