@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
-from ssdd.device import resolve_device
+from ssdd.device import make_generator, resolve_device
 from ssdd.distilled import DISTILLED_FILE, DistilledSet
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, SsddError
@@ -38,6 +38,9 @@ from ssdd.teachers import Teacher, load_teacher
 RESUMABLE_CHANGES = ("device", "checkpoint_minutes", "log_every", "monitor", "settings.lr_images", "settings.lr_targets")
 
 
+MONITOR_SPLIT_SEED = 12345  # the monitor's memory/query split, fixed so checks compare across runs
+
+
 class NumericalError(SsddError):
     """An optimisation produced a non-finite loss."""
 
@@ -45,7 +48,8 @@ class NumericalError(SsddError):
 @dataclass
 class MonitorSettings:
     """The cheap periodic check of the current set: a small student pre-trained on it with MSE, then cosine kNN
-    on held-out source images (``memory_images`` as the memory bank, ``query_images`` others as queries)."""
+    on labelled source images (a fixed random memory bank of ``memory_images`` and ``query_images`` disjoint
+    queries, the same for every check of every run); a relative signal, not a protocol result."""
 
     every: int = 0  # outer steps between checks (0: only at the end; -1: never)
     arch: str = "convnet3"
@@ -136,7 +140,7 @@ class Distillation:
         train_network(student, images, targets, m.pretrain, "mse", self.config.seed, self.device)
         c, h, _ = distilled.image_shape
         data = source.converted(channels=c, size=h)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(12345))
+        order = torch.randperm(len(data), generator=make_generator(MONITOR_SPLIT_SEED))
         memory = order[: m.memory_images]
         queries = order[m.memory_images : m.memory_images + m.query_images]
         feats = extract_features(student.features, data.images[torch.cat([memory, queries])], distilled.pixel_space,
