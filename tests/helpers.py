@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssdd.cli import main
 from ssdd.distilled import DistilledSet
@@ -53,3 +55,13 @@ def interrupt_then_resume(monkeypatch: pytest.MonkeyPatch, method_cls: type, con
             Distillation(config, out, progress=False).run()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == checkpoint_until
     return Distillation(config, out, resume=True, progress=False).run()
+
+
+def run_with_frozen_pool(config: DistillConfig) -> tuple[DistilledSet, torch.nn.Module]:
+    """Run ``config`` (whose pool must not train) and return the set and pool member 0, checked unchanged."""
+    distillation = Distillation(config, None, progress=False)
+    network = copy.deepcopy(distillation.method.pool.models[0])
+    distilled = distillation.run()
+    after = distillation.method.pool.models[0]
+    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), after.state_dict().values()))
+    return distilled, network

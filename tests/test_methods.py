@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import ssdd
-from helpers import interrupt_then_resume, one_line, user_error
+from helpers import interrupt_then_resume, one_line, run_with_frozen_pool, user_error
 from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
@@ -170,12 +170,7 @@ FROZEN = {"steps": 30, "real_batch": 64, "lr_schedule": "constant", "real_augmen
 def frozen_run(tiny_teacher: Path, lr_images: float, lr_targets: float) -> tuple[DistilledSet, torch.nn.Module]:
     config = DistillConfig(teacher=str(tiny_teacher), images=10, device="cpu", monitor=MonitorSettings(every=-1),
                            settings={**FROZEN, "lr_images": lr_images, "lr_targets": lr_targets})
-    distillation = Distillation(config, None, progress=False)
-    network = copy.deepcopy(distillation.method.pool.models[0])
-    distilled = distillation.run()
-    after = distillation.method.pool.models[0]
-    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), after.state_dict().values()))
-    return distilled, network
+    return run_with_frozen_pool(config)
 
 
 def full_objective(network: torch.nn.Module, distilled: DistilledSet, real: tuple[torch.Tensor, torch.Tensor]) -> float:

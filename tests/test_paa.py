@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import interrupt_then_resume
+from helpers import interrupt_then_resume, run_with_frozen_pool
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import make_synthetic
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, load_distilled
@@ -522,12 +522,7 @@ FROZEN = {"steps": 30, "real_batch": 64, "lr_schedule": "constant", "real_augmen
 
 def frozen_run(tiny_teacher: Path, lr_images: float, lr_targets: float) -> tuple[DistilledSet, torch.nn.Module]:
     config = paa_config(tiny_teacher, settings={**FROZEN, "lr_images": lr_images, "lr_targets": lr_targets})
-    distillation = Distillation(config, None, progress=False)
-    network = copy.deepcopy(distillation.method.pool.models[0])
-    distilled = distillation.run()
-    after = distillation.method.pool.models[0]
-    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), after.state_dict().values()))
-    return distilled, network
+    return run_with_frozen_pool(config)
 
 
 @pytest.fixture(scope="module")
