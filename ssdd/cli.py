@@ -137,6 +137,14 @@ def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None
         raise ConfigError(f"cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
 
 
+def _named_set(argument: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` (a row name for the set) or ``PATH``; a path that exists is never split."""
+    name, sep, path = argument.partition("=")
+    if not sep or Path(argument).exists() or not name:
+        return None, argument
+    return name, path
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssdd.config import resolve_config
     from ssdd.device import resolve_device
@@ -150,8 +158,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.fractions is not None:
         overrides["readout"] = {"fractions": _csv(args.fractions, float)}
     config = resolve_config(EvaluationConfig, "evaluate", args.preset, args.config, overrides)
-    cells = evaluate(args.sets, config, baselines=_csv(args.baselines) or [], teacher=args.teacher,
-                     budget_bytes=args.bytes, budget_images=args.images, progress=not args.no_progress)
+    named = [_named_set(s) for s in args.sets]
+    cells = evaluate([path for _, path in named], config, baselines=_csv(args.baselines) or [], teacher=args.teacher,
+                     budget_bytes=args.bytes, budget_images=args.images, progress=not args.no_progress,
+                     names=[name for name, _ in named])
     command = "ssdd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
     report = write_report(args.out, cells, config, environment(resolve_device(config.device)), command)
     print(report.read_text())
@@ -178,6 +188,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ssdd.config import list_presets
+
     parser = argparse.ArgumentParser(prog="ssdd", description="Self-supervised dataset distillation.")
     parser.add_argument("--version", action="version", version=f"ssdd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
@@ -217,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("evaluate", help="evaluate distilled sets and baselines under a named protocol")
-    p.add_argument("sets", nargs="*", help="distilled sets (files or run folders)")
-    p.add_argument("--baselines", help="comma list of none, random, herding, kcenter, high-loss, full")
-    p.add_argument("--teacher", help="teacher artefact (needed by baselines other than none)")
+    p.add_argument("sets", nargs="*", metavar="[NAME=]SET",
+                   help="distilled sets (files or run folders), optionally named for the table: NAME=PATH")
+    p.add_argument("--baselines", help="comma list of none, random, herding, kcenter, high-loss, full, teacher")
+    p.add_argument("--teacher", help="teacher artefact (needed by every baseline)")
     p.add_argument("--protocol", help="linear | knn | finetune | supervised")
     p.add_argument("--targets", help="comma list of target datasets (e.g. cifar10,fashion-mnist,mnist)")
     p.add_argument("--archs", help="comma list of student architectures")
@@ -227,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", help="label fractions of the linear protocol (e.g. 0.01,0.05,1)")
     p.add_argument("--images", type=int, help="budget of baselines: this many image + target pairs (float32)")
     p.add_argument("--bytes", type=int, help="budget of baselines in bytes (default: the first set's byte count)")
-    p.add_argument("--preset", help="named preset (linear-cpu, linear-gpu, tiny)")
+    p.add_argument("--preset", help=f"named preset ({', '.join(list_presets('evaluate'))})")
     p.add_argument("--config", help="YAML file of settings")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))

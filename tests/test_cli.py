@@ -199,6 +199,18 @@ def test_evaluate_baselines_end_to_end(capsys: pytest.CaptureFixture[str], tmp_p
     assert "Traceback" not in captured.err
 
 
+def test_evaluate_names_sets_with_name_equals_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path, _ = saved_set(tmp_path / "run")
+    odd = tmp_path / "a=b"  # a path that exists is never split at its '='
+    saved_set(odd)
+    out_dir = tmp_path / "eval"
+    status = main(["evaluate", f"mine={path}", str(odd), "--preset", "tiny", "--protocol", "knn", "--seeds", "0",
+                   "--targets", "synthetic", "--out", str(out_dir), "--no-progress", "--device", "cpu"])
+    assert status == 0, capsys.readouterr().err
+    entries = [c["entry"] for c in json.loads((out_dir / "results.json").read_text())["cells"]]
+    assert entries == ["mine", "cli-set"]
+
+
 def saved_set(folder: Path) -> tuple[Path, int]:
     import torch
 

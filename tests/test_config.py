@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import ssdd.config as config_mod
-from ssdd.config import from_dict, merge, read_yaml, resolve_config, to_dict
+from ssdd.config import from_dict, list_presets, merge, read_yaml, resolve_config, to_dict
 from ssdd.errors import ConfigError, SsddError
 
 
@@ -275,3 +275,18 @@ def test_switching_arch_drops_the_old_architectures_options() -> None:
     assert base == {"pool": {"arch": "vit-tiny", "size": 4}}
     deep_update(base, {"pool": {"arch": "vit-tiny", "arch_args": {"depth": 2}}})  # same arch: options merge
     assert base["pool"]["arch_args"] == {"depth": 2}
+
+
+@pytest.mark.parametrize("group", ["teacher", "distill", "evaluate"])
+def test_every_shipped_preset_resolves_into_its_config(group: str) -> None:
+    from ssdd.evaluation import EvaluationConfig
+    from ssdd.methods.engine import DistillConfig, method_settings
+    from ssdd.teachers import TeacherConfig
+
+    classes = {"teacher": TeacherConfig, "distill": DistillConfig, "evaluate": EvaluationConfig}
+    names = list_presets(group)
+    assert names, f"no {group} presets shipped"
+    for name in names:
+        config = resolve_config(classes[group], group, name)
+        if group == "distill":  # the method's own settings are validated by its settings class
+            method_settings(config.method, config.settings)

@@ -182,6 +182,33 @@ def test_linear_readout_uses_round_n_f_seeded_labels(monkeypatch: pytest.MonkeyP
     assert all(torch.equal(a, b[1]) for a, b in zip(first, calls))
 
 
+def test_linear_readout_encodes_only_the_labelled_images(monkeypatch: pytest.MonkeyPatch,
+                                                         real20: DistilledSet) -> None:
+    probes: dict[tuple[float, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    encoded: list[int] = []
+    extract = protocols.extract_features
+
+    def counting_extract(encoder, images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        encoded.append(images.shape[0])
+        return extract(encoder, images, *args, **kwargs)
+
+    monkeypatch.setattr(protocols, "extract_features", counting_extract)
+    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    for fractions in ((0.1, 0.25), (0.1, 0.25, 1.0)):
+        calls = probes.setdefault(fractions, [])
+        monkeypatch.setattr(protocols, "linear_probe_accuracy",
+                            lambda tf, tl, *a, calls=calls, **k: calls.append((tf, tl)) or 50.0)
+        encoded.clear()
+        evaluate([real20], tiny(seeds=[3], readout={"fractions": list(fractions)}), progress=False)
+        union = torch.unique(torch.cat([protocols.label_fraction(N_SOURCE, f, 3) for f in fractions])).numel()
+        assert encoded == [union, N_SOURCE]  # the labelled training images, then the whole test split
+    assert encoded[0] == N_SOURCE
+    # the same features and labels reach the probe as when every training image is encoded
+    for (subset_feats, subset_labels), (full_feats, full_labels) in zip(probes[(0.1, 0.25)], probes[(0.1, 0.25, 1.0)]):
+        assert torch.equal(subset_labels, full_labels)
+        torch.testing.assert_close(subset_feats, full_feats, rtol=1e-5, atol=1e-5)
+
+
 # ---- every protocol end to end ------------------------------------------------------------------------------
 
 
@@ -211,6 +238,18 @@ def test_sets_with_the_same_method_get_distinct_rows(monkeypatch: pytest.MonkeyP
     cells = evaluate([real20, twin], tiny(protocol="knn"), progress=False)
     assert len(cells) == 2 and len({c.entry for c in cells}) == 2
     assert all(len(c.accuracies) == 2 for c in cells)  # one per seed, never merged across sets
+
+
+def test_named_sets_get_their_names_as_rows(monkeypatch: pytest.MonkeyPatch, real20: DistilledSet) -> None:
+    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    twin = DistilledSet(dict(real20.tensors), real20.pixel_space, "representation", "real20")
+    cells = evaluate([real20, twin, twin], tiny(protocol="knn", seeds=[0]), names=["ablated", None], progress=False)
+    assert [c.entry for c in cells] == ["ablated", "real20", "real20'"]
+    for names, baselines in ((["a", "a"], ()), (["none"], ("none",))):
+        with pytest.raises(ConfigError, match="row names must be distinct and differ from the baselines; repeated"):
+            evaluate([real20, twin], tiny(), names=names, baselines=baselines, progress=False)
+    with pytest.raises(ConfigError, match="3 names for 2 sets"):
+        evaluate([real20, twin], tiny(), names=["a", "b", "c"], progress=False)
 
 
 # ---- baselines at the same byte budget ----------------------------------------------------------------------
@@ -396,6 +435,28 @@ def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(ConfigError) as excinfo:
         tiny(protocol="nosuch")
     assert "nosuch" in str(excinfo.value)
+
+
+def test_teacher_baseline_reads_out_the_teachers_own_features(monkeypatch: pytest.MonkeyPatch, teacher: Teacher,
+                                                               source) -> None:  # noqa: ANN001
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    monkeypatch.setattr(protocols, "linear_probe_accuracy", lambda tf, tl, *a, **k: calls.append((tf, tl)) or 50.0)
+    trained: list[object] = []
+    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: trained.append(model) or model.eval())
+    config = tiny(seeds=[0, 1], archs=["convnet", "convnet3"], readout={"fractions": [1.0]})
+    cells = evaluate([], config, baselines=["teacher"], teacher=teacher, progress=False)
+    assert not trained  # nothing is pre-trained ...
+    assert [(c.entry, c.arch, c.seeds) for c in cells] == [("teacher", "convnet", [0, 1])]  # ... once per seed
+    expected = teacher_features(teacher, source)  # the target is the teacher's own source here
+    for seed, (feats, labels) in zip([0, 1], calls):
+        idx = protocols.label_fraction(N_SOURCE, 1.0, seed)  # the seeded order in which the probe sees them
+        assert torch.equal(labels, source.labels[idx])
+        torch.testing.assert_close(feats, expected[idx], rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_baseline_without_a_teacher_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="'teacher' reads out the teacher's own network: give it with --teacher"):
+        evaluate([], tiny(), baselines=["teacher"], progress=False)
 
 
 def test_unknown_baseline_is_a_clear_error(teacher: Teacher, source, features: torch.Tensor) -> None:  # noqa: ANN001
@@ -613,6 +674,31 @@ def test_finetune_head_is_a_function_of_the_seed(monkeypatch: pytest.MonkeyPatch
         evaluate([real20], tiny(protocol="finetune", seeds=[1]), progress=False)
     # Seed 1's result must not depend on whether seed 0 (or anything else using torch's global RNG) ran first.
     assert torch.equal(heads[0], seed1_after_seed0), "the fine-tuning head is drawn from torch's global RNG"
+
+
+def test_steps_fix_the_number_of_optimiser_steps_with_the_epochs_batch_order() -> None:
+    images, targets = randn(10, 3, 8, 8, seed=2), randn(10, 2, seed=3)
+    runs = {}
+    for name, settings in {"steps": TrainSettings(epochs=50, steps=6, batch_size=4, cosine=False),
+                           "epochs": TrainSettings(epochs=2, batch_size=4, cosine=False)}.items():
+        model = build_student("convnet", {"widths": [4], "norm": "batch"}, 2, (3, 8, 8), 0)
+        sizes: list[int] = []
+        model.register_forward_pre_hook(lambda module, args, sizes=sizes: sizes.append(args[0].shape[0]))
+        train_network(model, images, targets, settings, "mse", 0)
+        runs[name] = (sizes, model.state_dict())
+    assert runs["steps"][0] == runs["epochs"][0] == [4, 4, 2, 4, 4, 2]  # 6 steps, not 50 epochs
+    for key, value in runs["epochs"][1].items():
+        assert torch.equal(runs["steps"][1][key], value), key
+    sizes = []
+    model = build_student("convnet", {"widths": [4], "norm": "batch"}, 2, (3, 8, 8), 0)
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    train_network(model, images, targets, TrainSettings(steps=4, batch_size=4), "mse", 0)
+    assert sizes == [4, 4, 2, 4]  # a step count that ends inside an epoch
+
+
+def test_negative_steps_are_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="epochs and steps must be >= 0"):
+        TrainSettings(steps=-1)
 
 
 @pytest.mark.parametrize(("n", "batch", "expected"), [(10, 4, [4, 4, 2]), (9, 4, [4, 4]), (3, 8, [3])])

@@ -4,6 +4,8 @@
 * ``random``, ``herding``, ``kcenter``, ``high-loss``: real images chosen at the **same byte budget** as the set
   they are compared with, stored as float32 in the teacher's pixel space, with the teacher's features as targets.
 * ``full``: every source image with its teacher features (the knowledge-distillation upper bound).
+* ``teacher``: no set either; the protocol reads out the teacher's own frozen network (the reference that
+  distilled sets approach from below; evaluated once, under the first architecture's table).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
 from ssdd.teachers.artefact import Teacher
 
-BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full")
+BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
+SETLESS = ("none", "teacher")  # baselines that are a network, not a set built from the source
 
 
 @dataclass
@@ -64,10 +67,10 @@ def high_loss_scores(source: ImageDataset, features: torch.Tensor, teacher: Teac
 
 def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: torch.Tensor, budget_bytes: int | None,
                   seed: int, device: torch.device, high_loss: HighLossSettings | None = None) -> DistilledSet:
-    """Build baseline ``name`` (not ``none``) from ``source`` with teacher ``features`` at ``budget_bytes``."""
+    """Build baseline ``name`` (not one of :data:`SETLESS`) from ``source`` with teacher ``features`` at ``budget_bytes``."""
     if name == "full":
         return real_set(source, torch.arange(len(source)), features, teacher, "full")
-    if name not in BASELINES or name == "none":
+    if name not in BASELINES or name in SETLESS:
         raise ConfigError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}")
     if budget_bytes is None:
         raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, or --images / --bytes")

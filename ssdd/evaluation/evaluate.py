@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.errors import ConfigError
-from ssdd.evaluation.baselines import BASELINES, HighLossSettings, make_baseline
+from ssdd.evaluation.baselines import BASELINES, SETLESS, HighLossSettings, make_baseline
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
@@ -82,7 +83,7 @@ class Cell:
 class _Entry:
     name: str
     distilled: DistilledSet | None  # None: no pre-training
-    baseline: str | None = None  # built per seed from the source
+    baseline: str | None = None  # a BASELINES name: built per seed from the source, or a SETLESS network
 
 
 def _entry_name(distilled: DistilledSet, taken: set[str]) -> str:
@@ -131,6 +132,8 @@ class Evaluator:
                 image_shape: tuple[int, int, int], target_dim: int) -> Backbone:
         cfg = self.config
         arch_args = cfg.arch_args.get(arch, {})
+        if entry.baseline == "teacher":
+            return copy.deepcopy(self.teacher.backbone).to(self.device).eval()
         if distilled is None:  # 'none' (refused for the supervised protocol by _check_compatible)
             return build_student(arch, arch_args, target_dim, image_shape, seed).to(self.device).eval()
         images, targets = distilled.materialize()
@@ -145,7 +148,7 @@ class Evaluator:
                                  temperature=cfg.temperature, desc=f"{entry.name} {arch} seed {seed}", progress=self.progress)
         settings = cfg.pretrain
         if entry.baseline == "full" and cfg.full_epochs is not None:
-            settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs})
+            settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs, "steps": 0})
         if cfg.use_learned_lr and distilled.learned_lr is not None:
             settings = TrainSettings(**{**settings.__dict__, "lr": distilled.learned_lr})
         model = build_student(arch, arch_args, targets.shape[1], image_shape, seed)
@@ -157,11 +160,12 @@ class Evaluator:
         readout = PROTOCOLS.get(cfg.protocol)
         raw: dict[tuple[str, str, str, float], list[float]] = {}
         seconds: dict[tuple[str, str, str, float], float] = {}
-        jobs = [(e, a, s) for e in entries for a in cfg.archs for s in cfg.seeds]
+        jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
+                for s in cfg.seeds]
         for entry, arch, seed in tqdm(jobs, desc=f"evaluate ({cfg.protocol})", unit="cell", disable=not self.progress):
             started = time.monotonic()
             distilled = entry.distilled
-            if entry.baseline is not None:
+            if entry.baseline is not None and entry.baseline not in SETLESS:
                 source, features = self.source()
                 distilled = make_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed,
                                           self.device, cfg.high_loss)
@@ -187,7 +191,8 @@ class Evaluator:
             dim = targets.shape[1] if targets.dim() == 2 else 0
             return distilled.pixel_space, distilled.image_shape, dim
         if self.teacher is None:
-            raise ConfigError("'none' needs the teacher (--teacher) or a set to take its image shape and pixel space from")
+            raise ConfigError("'none' and 'teacher' need the teacher (--teacher); 'none' takes its image shape and pixel "
+                              "space from it")
         return self.teacher.pixel_space, self.teacher.input_shape, self.teacher.feature_dim
 
 
@@ -213,9 +218,12 @@ def evaluate(
     budget_bytes: int | None = None,
     budget_images: int | None = None,
     progress: bool = True,
+    names: Sequence[str | None] = (),
 ) -> list[Cell]:
     """Evaluate distilled sets and baselines under one protocol; returns one :class:`Cell` per
     (entry, architecture, target, label fraction) with the accuracy of every seed.
+
+    ``names`` labels the sets' rows in order (a missing or ``None`` name: the set's method, made unique).
 
     Baselines other than ``none`` are built from the teacher's source data at the byte budget of the first set,
     or at ``budget_bytes`` / ``budget_images`` (image + target pairs stored as float32).
@@ -236,8 +244,17 @@ def evaluate(
             raise ConfigError("--images needs the teacher (--teacher) to know the image and target sizes")
         c, h, w = teacher.input_shape
         budget_bytes = budget_images * (c * h * w + teacher.feature_dim) * 4
-    taken: set[str] = set()
-    entries = [_Entry(_entry_name(s, taken), s) for s in loaded]
+    if len(names) > len(loaded):
+        raise ConfigError(f"{len(names)} names for {len(loaded)} sets")
+    given = [n for n in names if n is not None]
+    clashes = sorted({n for n in given if given.count(n) > 1 or n in baselines})
+    if clashes:
+        raise ConfigError(f"row names must be distinct and differ from the baselines; repeated: {', '.join(clashes)}")
+    taken: set[str] = set(given) | set(baselines)
+    labels = list(names) + [None] * (len(loaded) - len(names))
+    entries = [_Entry(label or _entry_name(s, taken), s) for s, label in zip(loaded, labels)]
     _check_compatible(config.protocol, entries, baselines)
-    entries += [_Entry(b, None, None if b == "none" else b) for b in baselines]
+    if "teacher" in baselines and teacher is None:
+        raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
+    entries += [_Entry(b, None, b) for b in baselines]
     return Evaluator(config, teacher, progress).run(entries, budget_bytes)

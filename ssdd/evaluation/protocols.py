@@ -58,22 +58,26 @@ Readout = Callable[[ReadoutContext], dict[float, float]]
 PROTOCOLS: Registry[Readout] = Registry("protocol")
 
 
-def _frozen_features(ctx: ReadoutContext) -> tuple[torch.Tensor, torch.Tensor]:
+def _frozen_features(ctx: ReadoutContext, train_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of the target's training images (all, or ``train_rows``) and of its test split."""
     ctx.student.eval()
     encode = ctx.student.features
-    return (extract_features(encode, ctx.target.train.images, ctx.pixel_space, device=ctx.device),
+    train = ctx.target.train.images if train_rows is None else ctx.target.train.images[train_rows]
+    return (extract_features(encode, train, ctx.pixel_space, device=ctx.device),
             extract_features(encode, ctx.target.test.images, ctx.pixel_space, device=ctx.device))
 
 
 @PROTOCOLS.register("linear")
 def linear_readout(ctx: ReadoutContext) -> dict[float, float]:
     """MKDT's protocol: L-BFGS logistic regression on frozen, standardised features of a seeded random fraction
-    of the target's training labels; top-1 on the full test split."""
-    train_feats, test_feats = _frozen_features(ctx)
+    of the target's training labels; top-1 on the full test split.  Only the labelled images are encoded."""
+    subsets = {f: label_fraction(len(ctx.target.train), f, ctx.seed) for f in ctx.settings.fractions}
+    rows = torch.unique(torch.cat(list(subsets.values())))  # sorted
+    train_feats, test_feats = _frozen_features(ctx, rows)
     results = {}
-    for fraction in ctx.settings.fractions:
-        idx = label_fraction(len(ctx.target.train), fraction, ctx.seed)
-        results[fraction] = linear_probe_accuracy(train_feats[idx], ctx.target.train.labels[idx], test_feats,
+    for fraction, idx in subsets.items():
+        at = torch.searchsorted(rows, idx)
+        results[fraction] = linear_probe_accuracy(train_feats[at], ctx.target.train.labels[idx], test_feats,
                                                   ctx.target.test.labels, l2=ctx.settings.l2,
                                                   max_iter=ctx.settings.lbfgs_iterations)
     return results

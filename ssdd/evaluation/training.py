@@ -18,9 +18,13 @@ from ssdd.optim import make_optimizer, set_lr, warmup_cosine
 
 @dataclass
 class TrainSettings:
-    """One supervised or regression training run: SGD with momentum, cosine schedule, batches of ``batch_size``."""
+    """One supervised or regression training run: SGD with momentum, cosine schedule, batches of ``batch_size``.
+
+    Its length is ``epochs`` passes over the data, or exactly ``steps`` optimiser steps when ``steps`` > 0 (equal
+    compute for sets of different sizes; the batch order is the same as with epochs)."""
 
     epochs: int = 20
+    steps: int = 0
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -33,8 +37,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if self.epochs < 0 or self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs and steps must be >= 0, batch_size >= 1 and lr > 0")
 
 
 AUGMENTATIONS = ("none", "crop-flip", "dsa")
@@ -96,14 +100,14 @@ def train_network(
     steps_per_epoch = -(-n // batch)  # every image once per epoch; the last batch may be smaller...
     if n % batch == 1 and n > 1:
         steps_per_epoch -= 1  # ...but never a single image, which BatchNorm cannot train on
-    total = steps_per_epoch * settings.epochs
+    total = settings.steps or steps_per_epoch * settings.epochs
     gen = make_generator(seed)
     mix_rng = np.random.default_rng(seed)
     step = 0
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
-    for _ in range(settings.epochs):
+    while step < total:
         order = torch.randperm(n, generator=gen)
-        for i in range(steps_per_epoch):
+        for i in range(min(steps_per_epoch, total - step)):
             idx = order[i * batch : (i + 1) * batch]
             x = images[idx].to(device)
             y = targets[idx].to(device)
