@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +61,17 @@ class Budget:
                               f"({values_per_item * self.bytes_per_value} bytes)")
         return n
 
+    def fit(self, item_bytes: int, fixed_bytes: int = 0) -> int:
+        """How many items of ``item_bytes`` fit beside ``fixed_bytes`` of other stored tensors (``images`` when the
+        budget is in images)."""
+        if self.images is not None:
+            return self.images
+        n = (self.bytes - fixed_bytes) // item_bytes  # type: ignore[operator]
+        if n < 1:
+            raise ConfigError(f"a budget of {self.bytes} bytes holds no item of {item_bytes} bytes beside "
+                              f"{fixed_bytes} bytes of fixed tensors ({self.dtype})")
+        return n
+
     def total_values(self, pair_values: int) -> int:
         """Stored values the budget allows; an image budget means the bytes of that many (image, target) pairs
         of ``pair_values`` values (the equal-storage comparison with KRR-ST)."""
@@ -80,6 +92,7 @@ class DistillContext:
     device: torch.device
     seed: int
     log: logging.Logger
+    workdir: Path | None = None  # the run folder (None for an in-memory run): where a method keeps its own files
 
 
 class Method(abc.ABC):

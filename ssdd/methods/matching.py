@@ -1,0 +1,297 @@
+"""Trajectory matching: MKDT (Joshi, Ni, Mirzasoleiman, ICLR 2025) and supervised MTT (Cazenavette et al., 2022).
+
+Both distil by making a student trained on the synthetic set follow an expert's training trajectory
+(:mod:`ssdd.methods.trajectories`): each iteration samples an expert (over all experts) and a start epoch
+s < ``max_start_epoch``, takes ``syn_steps`` differentiable SGD steps from the expert's epoch-s parameters on
+mini-batches of the synthetic set at a learnable step size, and minimises the distance to the expert's epoch
+s + ``expert_epochs`` parameters normalised by the expert's own displacement.  Images, targets (MKDT) and the step
+size are learned by SGD with momentum; the step size is stored with the set and used by the ``linear`` protocol.
+
+* **MKDT**: experts regress the teacher's representations (MSE); the set is images + learned representation
+  targets, initialised from the images the experts' epoch-1 checkpoints fit worst (``init: high-loss``) with their
+  teacher features, or from random images (``init: random``).
+* **MTT**: experts are classifiers trained with cross-entropy on the labels; the set is images with fixed hard
+  labels, class-balanced, initialised from random real images of each class.
+
+Experts are trained into ``experts_dir`` (default: ``experts/`` in the run folder) before the first iteration when
+missing, or beforehand with ``ssdd experts``; either way, finished experts are never trained again.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ssdd.data.transforms import PixelSpace
+from ssdd.device import make_generator
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method
+from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_loss_scores, make_network, matching_loss,
+                                       train_experts, unrolled_sgd)
+from ssdd.selection import select_random, select_top_loss
+from ssdd.teachers.features import teacher_features
+
+INITS = ("high-loss", "random")
+
+
+@dataclass
+class MatchingSettings:
+    """Settings of trajectory matching; the defaults are MKDT's CIFAR settings at 2% (5,000 iterations, 40
+    syn_steps, experts' epochs 0-1 as start, 2 epochs ahead as target)."""
+
+    iterations: int = 5000
+    experts: ExpertSettings = field(default_factory=ExpertSettings)
+    experts_dir: str | None = None  # default: experts/ in the run folder
+    expert_epochs: int = 2  # the target checkpoint is this many epochs after the start
+    max_start_epoch: int = 2  # start epochs are drawn from 0 .. max_start_epoch - 1
+    syn_steps: int = 40
+    batch_syn: int | None = None  # images per unrolled step (None: the whole set)
+    lr_images: float = 1000.0
+    lr_targets: float = 1.0
+    lr_lr: float = 1e-4
+    momentum: float = 0.5
+    init_lr: float = 0.1  # initial learnable step size
+    init: str = "high-loss"  # MKDT only: high-loss | random
+    checkpointed: bool = False  # recompute each unrolled step in the backward pass (memory for time)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if min(self.iterations, self.expert_epochs, self.max_start_epoch, self.syn_steps) < 1:
+            raise ConfigError("iterations, expert_epochs, max_start_epoch and syn_steps must be >= 1")
+        if self.max_start_epoch - 1 + self.expert_epochs > self.experts.epochs:
+            raise ConfigError(f"start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} "
+                              f"need experts of at least {self.max_start_epoch - 1 + self.expert_epochs} epochs; "
+                              f"they train {self.experts.epochs}")
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise ConfigError("batch_syn must be >= 1 (or unset for the whole set)")
+        if min(self.lr_images, self.lr_targets, self.lr_lr, self.init_lr) <= 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("learning rates must be > 0 and momentum in [0, 1)")
+
+
+class TrajectoryMatching(Method):
+    """The shared outer loop; subclasses say what the experts regress and what the set holds."""
+
+    settings_class = MatchingSettings
+    loss: ClassVar[str]  # the experts' and the unroll's loss: mse | ce
+    target_kind: ClassVar[str]
+
+    def __init__(self, settings: MatchingSettings, context: DistillContext, budget: Budget):
+        super().__init__(settings, context, budget)
+        s = settings
+        device = context.device
+        self.pixel_space = self.choose_pixel_space()
+        source = context.source
+        shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
+        images = source.converted(channels=shape[0], size=shape[1]).images
+        self.real = self.pixel_space.normalize(images.float().div(255.0))  # (N, c, h, w) on the CPU
+        self.real_targets = self.expert_targets()
+        self.image_shape = tuple(self.real.shape[1:])
+        outputs = self.real_targets.shape[1] if self.loss == "mse" else source.num_classes
+        self.network = make_network(s.experts, outputs, self.image_shape, context.seed).to("meta")
+        self.experts = self.ensure_experts()
+        self.num_images = self.plan_budget()
+        chosen = self.initial_indices()
+        self.initial_rows = chosen
+        self.images = self.real[chosen].clone().to(device).requires_grad_(True)
+        self.initial_images = self.images.detach().clone()
+        self.targets = self.real_targets[chosen].clone().to(device)
+        self.syn_lr = torch.tensor(s.init_lr, device=device, requires_grad=True)
+        groups = [{"params": [self.images], "lr": s.lr_images}, {"params": [self.syn_lr], "lr": s.lr_lr}]
+        if self.learns_targets:
+            self.targets.requires_grad_(True)
+            groups.append({"params": [self.targets], "lr": s.lr_targets})
+        self.optimizer = torch.optim.SGD(groups, momentum=s.momentum)
+        self.generator = make_generator(context.seed + 2)
+
+    # ---- what differs between MKDT and MTT -----------------------------------------------------------------------
+
+    learns_targets: ClassVar[bool]
+
+    @abc.abstractmethod
+    def choose_pixel_space(self) -> PixelSpace:
+        """The pixel space the set's images live in."""
+
+    @abc.abstractmethod
+    def expert_targets(self) -> torch.Tensor:
+        """What the experts fit for every source image: representations (N, d) or labels (N,)."""
+
+    @abc.abstractmethod
+    def plan_budget(self) -> int:
+        """How many synthetic images the budget buys."""
+
+    @abc.abstractmethod
+    def initial_indices(self) -> torch.Tensor:
+        """Which source images start the set."""
+
+    # ---- shared -----------------------------------------------------------------------------------------------------
+
+    def ensure_experts(self) -> ExpertStore:
+        s, ctx = self.settings, self.context
+        folder = Path(s.experts_dir) if s.experts_dir else (ctx.workdir / "experts" if ctx.workdir else None)
+        if folder is None:
+            raise ConfigError("trajectory matching stores its experts on disk: give settings.experts_dir=FOLDER "
+                              "(or run with an output folder)")
+        identity = {"method_loss": self.loss, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
+                    "teacher": ctx.teacher.fingerprint if ctx.teacher is not None else None}
+        store = train_experts(folder, s.experts, self.real, self.real_targets, self.loss, ctx.seed, ctx.device,
+                              metadata=identity, progress=True)
+        recorded = {k: store.metadata.get(k) for k in identity}
+        if recorded != identity:
+            raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; "
+                              "use another experts_dir")
+        settings = store.metadata.get("settings", {})
+        for key in ("arch", "arch_args"):
+            if settings.get(key) != getattr(s.experts, key):
+                raise ConfigError(f"the experts in {folder} have {key}={settings.get(key)!r}, these settings "
+                                  f"{getattr(s.experts, key)!r}; use another experts_dir")
+        if store.epochs < s.max_start_epoch - 1 + s.expert_epochs:
+            raise ConfigError(f"the experts in {folder} have {store.epochs} epochs; start epochs up to "
+                              f"{s.max_start_epoch - 1} plus expert_epochs={s.expert_epochs} need more")
+        return store
+
+    def total_steps(self) -> int:
+        return self.settings.iterations
+
+    def step(self, step: int) -> dict[str, float]:
+        s, device = self.settings, self.context.device
+        expert = int(torch.randint(0, len(self.experts), (1,), generator=self.generator))
+        start_epoch = int(torch.randint(0, s.max_start_epoch, (1,), generator=self.generator))
+        start = self.experts.params(expert, start_epoch, device)
+        target = self.experts.params(expert, start_epoch + s.expert_epochs, device)
+        student = unrolled_sgd(self.network, start, self.images, self.targets, self.syn_lr, s.syn_steps,
+                               s.batch_syn or self.num_images, self.loss, self.generator, s.checkpointed)
+        loss = matching_loss(student, start, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.syn_lr.clamp_(min=1e-6)  # a step size that crosses zero would train the student backwards
+            drift = float((self.images - self.initial_images).norm() / self.initial_images.norm().clamp_min(1e-12))
+        return {"loss": loss.item(), "syn_lr": self.syn_lr.item(), "expert": expert, "start_epoch": start_epoch,
+                "drift_images": drift}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu(), "targets": self.targets.detach().cpu(),
+                "syn_lr": self.syn_lr.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.targets.copy_(state["targets"])
+            self.syn_lr.copy_(state["syn_lr"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def distilled_set(self) -> DistilledSet:
+        dtype = self.budget.torch_dtype
+        tensors = {"images": self.images.detach().cpu().to(dtype), "learned_lr": self.syn_lr.detach().cpu().to(dtype)}
+        if self.target_kind == "representation":
+            tensors["targets"] = self.targets.detach().cpu().to(dtype)
+        else:
+            tensors["labels"] = self.targets.detach().cpu().long()
+        metadata = {"initial_indices": self.initial_rows.tolist(), "init": self.settings.init,
+                    "experts": {"folder": str(self.experts.folder), "count": len(self.experts),
+                                "epochs": self.experts.epochs}}
+        if self.target_kind == "hard-label":
+            metadata["num_classes"] = self.context.source.num_classes
+        return DistilledSet(tensors, self.pixel_space, self.target_kind, self.name, metadata)
+
+    name: ClassVar[str]
+
+
+@METHODS.register("mkdt")
+class MKDT(TrajectoryMatching):
+    """Matching knowledge-distillation trajectories: experts regress the teacher; images and targets are learned."""
+
+    loss = "mse"
+    target_kind = "representation"
+    learns_targets = True
+    name = "mkdt"
+
+    def choose_pixel_space(self) -> PixelSpace:
+        return self.context.teacher.pixel_space
+
+    def expert_targets(self) -> torch.Tensor:
+        ctx = self.context
+        return teacher_features(ctx.teacher, ctx.source, device=ctx.device).float().cpu()
+
+    def plan_budget(self) -> int:
+        b = self.budget.bytes_per_value
+        c, h, w = self.image_shape
+        m = self.budget.fit((c * h * w + self.real_targets.shape[1]) * b, fixed_bytes=b)  # + the learned step size
+        return min(m, self.real.shape[0])
+
+    def initial_indices(self) -> torch.Tensor:
+        ctx = self.context
+        if self.settings.init == "random":
+            return select_random(self.num_images, self.real.shape[0], ctx.seed)
+        network = make_network(self.settings.experts, self.real_targets.shape[1], self.image_shape, 0)
+        scores = expert_loss_scores(self.experts, network, self.real, self.real_targets, epoch=1, device=ctx.device)
+        ctx.log.info(f"high-loss init: mean epoch-1 expert MSE {scores.mean():.4f}, of the chosen "
+                     f"{scores.topk(self.num_images).values.mean():.4f}")
+        return select_top_loss(scores, self.num_images)
+
+
+@dataclass
+class MTTSettings(MatchingSettings):
+    """MTT's settings: those of trajectory matching, initialised from random real images of each class."""
+
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "random":
+            raise ConfigError(f"mtt starts from random real images of each class (init: random), not {self.init!r}")
+
+
+@METHODS.register("mtt")
+class MTT(TrajectoryMatching):
+    """Supervised trajectory matching: cross-entropy experts, class-balanced images with fixed hard labels."""
+
+    settings_class = MTTSettings
+    loss = "ce"
+    target_kind = "hard-label"
+    learns_targets = False
+    needs_teacher = False
+    name = "mtt"
+
+    def choose_pixel_space(self) -> PixelSpace:
+        if self.context.teacher is not None:
+            return self.context.teacher.pixel_space
+        return PixelSpace.of(self.context.source.images)
+
+    def expert_targets(self) -> torch.Tensor:
+        source = self.context.source
+        if source.num_classes < 2:
+            raise ConfigError(f"mtt needs a labelled source; {source.name} has {source.num_classes} class(es)")
+        return source.labels.clone()
+
+    def plan_budget(self) -> int:
+        c, h, w = self.image_shape
+        classes = self.context.source.num_classes
+        m = self.budget.fit(c * h * w * self.budget.bytes_per_value + 8, fixed_bytes=self.budget.bytes_per_value)
+        per_class = m // classes
+        if per_class < 1:
+            raise ConfigError(f"mtt keeps the classes balanced: the budget buys {m} images, fewer than the "
+                              f"{classes} classes")
+        return per_class * classes
+
+    def initial_indices(self) -> torch.Tensor:
+        labels = self.real_targets
+        per_class = self.num_images // self.context.source.num_classes
+        gen = make_generator(self.context.seed)
+        rows = []
+        for c in range(self.context.source.num_classes):
+            members = (labels == c).nonzero().flatten()
+            if members.numel() < per_class:
+                raise ConfigError(f"class {c} has {members.numel()} images, fewer than the {per_class} per class asked")
+            rows.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
+        return torch.cat(rows)
+

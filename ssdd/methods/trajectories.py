@@ -1,0 +1,223 @@
+"""Expert trajectories and differentiable unrolled training: the engine of trajectory matching (MKDT, MTT).
+
+* :func:`train_experts` trains K students from independent initialisations and stores every epoch's parameters,
+  one safetensors file per expert (``expert_000.safetensors`` with ``epoch_00.<param>`` ...), written atomically
+  when the expert is done, so an interrupted run resumes by skipping the experts already on disk.  Experts train
+  ``parallel`` at a time as one vmapped computation (``torch.func``): each expert has its own initialisation and
+  batch order and the same SGD (momentum, weight decay, constant lr) as ``torch.optim.SGD``.
+* :func:`unrolled_sgd` takes ``steps`` differentiable SGD steps of a network given as a parameter dict
+  (``torch.func.functional_call`` + ``autograd.grad(create_graph=True)``), optionally checkpointing each step so
+  memory does not grow with the unroll's activations.
+* :func:`matching_loss` is MTT's normalised parameter distance.
+
+The networks must hold no running statistics (BatchNorm buffers would be updated outside the unroll): use
+instance-norm (``convnet3``) or norm-free architectures, as the papers do.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from ssdd.device import make_generator
+from ssdd.errors import ArtefactError, ConfigError
+from ssdd.evaluation.training import LOSSES, batch_loss, build_student
+from ssdd.io import read_metadata, save_tensors
+from ssdd.models import Backbone
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class ExpertSettings:
+    """How the experts are trained (MKDT's defaults: 100 ConvNet-3 of width 128, SGD lr 0.1, momentum 0.9,
+    wd 1e-4, batch 256, 20 epochs, no augmentation, parameters after every epoch)."""
+
+    num_experts: int = 100
+    epochs: int = 20
+    arch: str = "convnet3"
+    arch_args: dict[str, Any] = field(default_factory=lambda: {"width": 128})
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    parallel: int = 1  # experts trained at once (one vmapped computation)
+
+    def __post_init__(self) -> None:
+        if min(self.num_experts, self.epochs, self.batch_size, self.parallel) < 1 or self.lr <= 0:
+            raise ConfigError("experts: num_experts, epochs, batch_size and parallel must be >= 1 and lr > 0")
+
+
+def expert_file(folder: Path, index: int) -> Path:
+    return folder / f"expert_{index:03d}.safetensors"
+
+
+def _epoch_key(epoch: int, name: str) -> str:
+    return f"epoch_{epoch:02d}.{name}"
+
+
+def make_network(settings: ExpertSettings, num_outputs: int, image_shape: tuple[int, int, int], seed: int) -> Backbone:
+    """A network of the experts' architecture, refused when it keeps running statistics."""
+    model = build_student(settings.arch, settings.arch_args, num_outputs, image_shape, seed)
+    if any(True for _ in model.buffers()):
+        raise ConfigError(f"trajectory matching needs a network without running statistics; {settings.arch} has "
+                          "buffers (BatchNorm?): use an instance-norm or norm-free architecture such as convnet3")
+    return model
+
+
+class ExpertStore:
+    """The experts in a folder: their settings (from the files' metadata) and any epoch's parameters, read lazily."""
+
+    def __init__(self, folder: str | Path, count: int):
+        self.folder = Path(folder)
+        self.paths = [expert_file(self.folder, k) for k in range(count)]
+        missing = [p.name for p in self.paths if not p.exists()]
+        if missing:
+            raise ArtefactError(f"{self.folder} lacks {len(missing)} of {count} experts ({missing[0]}, ...); "
+                                "train them with `ssdd experts` (it skips the ones already there)")
+        self.metadata = read_metadata(self.paths[0])
+        self.epochs = int(self.metadata["epochs"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def params(self, expert: int, epoch: int, device: torch.device | str = "cpu") -> Params:
+        """Parameters of ``expert`` after ``epoch`` epochs (0: its initialisation)."""
+        if not 0 <= epoch <= self.epochs:
+            raise ConfigError(f"experts were stored for epochs 0..{self.epochs}; epoch {epoch} does not exist")
+        prefix = _epoch_key(epoch, "")
+        with safe_open(str(self.paths[expert]), framework="pt", device=str(device)) as f:
+            return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+
+
+def train_experts(
+    folder: str | Path,
+    settings: ExpertSettings,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str,
+    seed: int,
+    device: torch.device | str = "cpu",
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> ExpertStore:
+    """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
+    ``targets``, ``ce`` to labels) and return the store.  Expert ``k`` is a function of ``seed`` and ``k`` only."""
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+    folder = Path(folder)
+    device = torch.device(device)
+    todo = [k for k in range(settings.num_experts) if not expert_file(folder, k).exists()]
+    num_outputs = targets.shape[1] if loss == "mse" else int(targets.max()) + 1
+    n = images.shape[0]
+    batch = min(settings.batch_size, n)
+    steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
+    bar = tqdm(total=len(todo) * settings.epochs * steps_per_epoch, desc="experts", unit="step", disable=not progress)
+    for first in range(0, len(todo), settings.parallel):
+        group = todo[first : first + settings.parallel]
+        models = [make_network(settings, num_outputs, tuple(images.shape[1:]), seed * 1000 + k).to(device)
+                  for k in group]
+        params, _ = stack_module_state(models)
+        params = {name: p.detach().clone() for name, p in params.items()}
+        template = copy.deepcopy(models[0]).to("meta")
+        per_expert_grad = vmap(grad(lambda p, x, y: batch_loss(functional_call(template, p, (x,)), y, loss, 1.0)))
+        velocity = {name: torch.zeros_like(p) for name, p in params.items()}
+        generators = [make_generator(seed * 1000 + k) for k in group]
+        history = [{_epoch_key(0, name): p[i].clone() for name, p in params.items()} for i in range(len(group))]
+        for epoch in range(1, settings.epochs + 1):
+            orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
+            for i in range(steps_per_epoch):
+                idx = orders[:, i * batch : (i + 1) * batch]
+                grads = per_expert_grad(params, images[idx].to(device), targets[idx].to(device))
+                with torch.no_grad():
+                    for name, p in params.items():  # torch.optim.SGD: v = mu v + (g + wd p); p -= lr v
+                        velocity[name].mul_(settings.momentum).add_(grads[name] + settings.weight_decay * p)
+                        p.sub_(settings.lr * velocity[name])
+                bar.update(1)
+            for j in range(len(group)):
+                history[j].update({_epoch_key(epoch, name): p[j].clone() for name, p in params.items()})
+        for j, k in enumerate(group):
+            info = {"expert": k, "epochs": settings.epochs, "loss": loss, "seed": seed,
+                    "settings": {**settings.__dict__}, **(metadata or {})}
+            save_tensors(expert_file(folder, k), history[j], info)
+    bar.close()
+    return ExpertStore(folder, settings.num_experts)
+
+
+def unrolled_sgd(
+    network: torch.nn.Module,
+    start: Params,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    loss: str,
+    generator: torch.Generator,
+    checkpointed: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Params:
+    """``steps`` SGD steps of ``network`` from ``start`` on mini-batches of (``images``, ``targets``), every step
+    differentiable in the images, targets, ``lr`` and ``start``.  Batches walk through random permutations of the
+    set (a new one when it is used up).  ``checkpointed`` recomputes each step's activations in the backward pass
+    instead of keeping them (less memory, one more forward per step)."""
+    names = list(start)
+    template = network if next(iter(network.parameters())).device.type == "meta" else copy.deepcopy(network).to("meta")
+    params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in start.values()]
+    n = images.shape[0]
+    batch = min(batch_size, n)
+    order = torch.randperm(n, generator=generator)
+    used = 0
+
+    def one_step(idx: torch.Tensor, step_lr: torch.Tensor, *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images[idx]
+        if augment is not None:
+            x = augment(x)
+        out = functional_call(template, dict(zip(names, current)), (x,))
+        value = batch_loss(out, targets[idx], loss, 1.0)
+        grads = torch.autograd.grad(value, current, create_graph=True)
+        return tuple(p - step_lr * g for p, g in zip(current, grads))
+
+    for _ in range(steps):
+        if used + batch > n:
+            order, used = torch.randperm(n, generator=generator), 0
+        idx = order[used : used + batch].to(images.device)
+        used += batch
+        if checkpointed:
+            params = list(checkpoint(one_step, idx, lr, *params, use_reentrant=False))
+        else:
+            params = list(one_step(idx, lr, *params))
+    return dict(zip(names, params))
+
+
+def matching_loss(student: Params, start: Params, target: Params) -> torch.Tensor:
+    """||student - target||^2 / ||start - target||^2 over all parameters (0 when the student lands on the
+    expert's later checkpoint, 1 when it has not moved)."""
+    num = sum(((student[k] - target[k]) ** 2).sum() for k in target)
+    den = sum(((start[k] - target[k]) ** 2).sum() for k in target)
+    return num / den
+
+
+def expert_loss_scores(store: ExpertStore, network: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                       epoch: int = 1, device: torch.device | str = "cpu", batch_size: int = 1024) -> torch.Tensor:
+    """Per-image MSE of every expert's ``epoch`` checkpoint against ``targets``, averaged over the experts (MKDT's
+    high-loss score)."""
+    scores = torch.zeros(images.shape[0])
+    template = copy.deepcopy(network).to("meta")
+    for k in range(len(store)):
+        params = store.params(k, epoch, device)
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                out = functional_call(template, params, (images[start : start + batch_size].to(device),)).float()
+                err = (out.cpu() - targets[start : start + batch_size].float()) ** 2
+                scores[start : start + batch_size] += err.mean(1)
+    return scores / len(store)
