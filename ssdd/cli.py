@@ -103,28 +103,56 @@ def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def _distill_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The DistillConfig of ``ssdd distill`` / ``ssdd experts``: preset (``NAME`` or ``METHOD/NAME``) < --config <
+    the command line's options < --set."""
     from ssdd.config import deep_update, list_presets, resolve_config
-    from ssdd.methods import DistillConfig, Distillation
+    from ssdd.methods import DistillConfig
 
     preset = args.preset
     if preset and "/" not in preset and args.method and preset not in list_presets("distill"):
         preset = f"{args.method}/{preset}"
-    overrides: dict[str, Any] = {
-        "method": args.method, "teacher": args.teacher, "dataset": args.dataset, "images": args.images,
-        "bytes": args.bytes, "storage_dtype": args.storage_dtype, "seed": args.seed, "device": args.device,
-        "data_root": args.data_root,
-    }
-    deep_update(overrides, _setting_overrides(args.set or []))
+    merged: dict[str, Any] = {"method": args.method, "teacher": args.teacher, "dataset": args.dataset,
+                              "seed": args.seed, "device": args.device, "data_root": args.data_root}
+    deep_update(merged, overrides)
+    deep_update(merged, _setting_overrides(args.set or []))
+    return resolve_config(DistillConfig, "distill", preset, args.config, merged)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ssdd.methods import Distillation
+
+    overrides: dict[str, Any] = {"images": args.images, "bytes": args.bytes, "storage_dtype": args.storage_dtype}
     if args.reproduce_released_pool:
-        deep_update(overrides, {"settings": {"pool": {"reproduce_released_pool": True}}})
-    config = resolve_config(DistillConfig, "distill", preset, args.config, overrides)
+        overrides["settings"] = {"pool": {"reproduce_released_pool": True}}
+    config = _distill_config(args, overrides)
     if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
         config.images, config.bytes = args.images, args.bytes
     distilled = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress).run()
     print(f"distilled set written to {distilled.path}")
     print(f"  {distilled.method}: {distilled.num_images} images, {distilled.byte_count:,} bytes, "
           f"{distilled.metadata['distill_seconds']} s, monitor kNN {distilled.metadata.get('monitor_knn')}")
+    return 0
+
+
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from ssdd.device import resolve_device
+    from ssdd.methods import METHODS, DistillContext
+    from ssdd.methods.engine import method_settings, resolve_inputs
+    from ssdd.methods.matching import TrajectoryMatching, prepare_experts, trajectory_data
+
+    experts = {"num_experts": args.num_experts, "epochs": args.epochs, "parallel": args.parallel}
+    config = _distill_config(args, {"settings": {"experts": {k: v for k, v in experts.items() if v is not None}}})
+    method = METHODS.get(config.method)
+    if not issubclass(method, TrajectoryMatching):
+        raise ConfigError(f"method {config.method} trains no experts; experts are for mkdt and mtt")
+    settings = method_settings(config.method, config.settings)
+    device = resolve_device(config.device)
+    teacher, source = resolve_inputs(config, device)
+    context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.experts"))
+    _, images, targets = trajectory_data(method.loss, context)
+    store = prepare_experts(method.loss, settings, context, args.out, images, targets, progress=not args.no_progress)
+    print(f"{len(store)} experts of {store.epochs} epochs in {store.folder}")
     return 0
 
 
@@ -227,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reproduce-released-pool", action="store_true",
                    help="KRR-ST/PAA: never reset pool counters, as the released KRR-ST code does")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("experts", help="train (or complete) the expert trajectories of mkdt / mtt")
+    p.add_argument("--method", help="mkdt (experts regress the teacher) or mtt (classifiers)")
+    p.add_argument("--preset", help="a distill preset whose settings.experts to use (e.g. cifar10-cpu)")
+    p.add_argument("--config", help="YAML file of settings (overrides the preset)")
+    p.add_argument("--out", required=True, help="experts folder (experts already there are kept)")
+    p.add_argument("--teacher", help="teacher artefact (mkdt)")
+    p.add_argument("--dataset", help="source dataset (default: the teacher's)")
+    p.add_argument("--num-experts", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--parallel", type=int, help="experts trained at once (vmapped)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any setting (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--data-root")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_experts)
 
     p = sub.add_parser("evaluate", help="evaluate distilled sets and baselines under a named protocol")
     p.add_argument("sets", nargs="*", metavar="[NAME=]SET",

@@ -91,6 +91,25 @@ def method_settings(method: str, settings: Any) -> Any:
     return settings
 
 
+def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher | None = None,
+                   source: ImageDataset | None = None) -> tuple[Teacher | None, ImageDataset]:
+    """The teacher and source a run of ``config`` works from (loaded unless given), checked to belong together."""
+    if teacher is None and config.teacher:
+        teacher = load_teacher(config.teacher, device=device)
+    if teacher is None and METHODS.get(config.method).needs_teacher:
+        raise ConfigError(f"method {config.method} needs a teacher (--teacher PATH)")
+    if source is None:
+        name = config.dataset or (teacher.metadata.get("source", {}).get("dataset") if teacher else None)
+        if not name:
+            raise ConfigError("no source dataset: give --dataset (or a teacher that records its source)")
+        source = load_dataset(name, "train", root=config.data_root)
+    if teacher is not None:
+        recorded = teacher.metadata.get("source", {})
+        if recorded.get("dataset") == source.name and recorded.get("fingerprint") not in (None, source.fingerprint):
+            raise ConfigError(f"the teacher was trained on a different copy of {source.name} (fingerprints differ)")
+    return teacher, source
+
+
 class Distillation:
     """One run of one method, checkpointed in ``out`` (or kept in memory when ``out`` is None)."""
 
@@ -103,19 +122,7 @@ class Distillation:
         method_cls = METHODS.get(config.method)
         self.settings = method_settings(config.method, config.settings)
         self.budget = Budget(config.images, config.bytes, config.storage_dtype)
-        if teacher is None and config.teacher:
-            teacher = load_teacher(config.teacher, device=self.device)
-        if teacher is None and method_cls.needs_teacher:
-            raise ConfigError(f"method {config.method} needs a teacher (--teacher PATH)")
-        if source is None:
-            name = config.dataset or (teacher.metadata.get("source", {}).get("dataset") if teacher else None)
-            if not name:
-                raise ConfigError("no source dataset: give --dataset (or a teacher that records its source)")
-            source = load_dataset(name, "train", root=config.data_root)
-        if teacher is not None:
-            recorded = teacher.metadata.get("source", {})
-            if recorded.get("dataset") == source.name and recorded.get("fingerprint") not in (None, source.fingerprint):
-                raise ConfigError(f"the teacher was trained on a different copy of {source.name} (fingerprints differ)")
+        teacher, source = resolve_inputs(config, self.device, teacher, source)
         self.teacher = teacher
         self.source = source
         self.run_dir = RunDir(out) if out is not None else None

@@ -31,8 +31,9 @@ from ssdd.device import make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
-from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_loss_scores, make_network, matching_loss,
-                                       train_experts, unrolled_sgd)
+from ssdd.io import read_metadata
+from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, make_network,
+                                       matching_loss, train_experts, unrolled_sgd)
 from ssdd.selection import select_random, select_top_loss
 from ssdd.teachers.features import teacher_features
 
@@ -74,6 +75,55 @@ class MatchingSettings:
             raise ConfigError("learning rates must be > 0 and momentum in [0, 1)")
 
 
+def trajectory_data(loss: str, context: DistillContext) -> tuple[PixelSpace, torch.Tensor, torch.Tensor]:
+    """The pixel space, the normalised source images (CPU) and what the experts fit: the teacher's features for
+    ``mse`` (MKDT), the labels for ``ce`` (MTT)."""
+    source, teacher = context.source, context.teacher
+    if loss == "mse":
+        if teacher is None:
+            raise ConfigError("experts that regress representations need a teacher (--teacher PATH)")
+        targets = teacher_features(teacher, source, device=context.device).float().cpu()
+    else:
+        if source.num_classes < 2:
+            raise ConfigError(f"classifier experts need a labelled source; {source.name} has {source.num_classes} class(es)")
+        targets = source.labels.clone()
+    pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
+    c, h, _ = teacher.input_shape if teacher is not None else source.image_shape
+    images = source.converted(channels=c, size=h).images
+    return pixel_space, pixel_space.normalize(images.float().div(255.0)), targets
+
+
+def prepare_experts(loss: str, settings: MatchingSettings, context: DistillContext, folder: str | Path | None,
+                    images: torch.Tensor, targets: torch.Tensor, progress: bool = True) -> ExpertStore:
+    """Train the experts missing from ``folder`` (default: ``experts/`` in the run folder) and check that the ones
+    there were trained for this loss, source, teacher and architecture."""
+    folder = Path(folder) if folder else (context.workdir / "experts" if context.workdir else None)
+    if folder is None:
+        raise ConfigError("trajectory matching stores its experts on disk: give settings.experts_dir=FOLDER "
+                          "(or run with an output folder)")
+    identity = {"method_loss": loss,
+                "source": {"dataset": context.source.name, "fingerprint": context.source.fingerprint},
+                "teacher": context.teacher.fingerprint if context.teacher is not None else None}
+    for k in range(settings.experts.num_experts):  # refuse a foreign folder before training anything into it
+        if expert_file(folder, k).exists():
+            _check_experts(folder, read_metadata(expert_file(folder, k)), identity, settings)
+    store = train_experts(folder, settings.experts, images, targets, loss, context.seed, context.device,
+                          metadata=identity, progress=progress)
+    _check_experts(folder, store.metadata, identity, settings)
+    return store
+
+
+def _check_experts(folder: Path, metadata: dict[str, Any], identity: dict[str, Any], settings: MatchingSettings) -> None:
+    recorded = {k: metadata.get(k) for k in identity}
+    if recorded != identity:
+        raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; use another experts_dir")
+    stored = metadata.get("settings", {})
+    for key in ("arch", "arch_args", "epochs"):
+        if stored.get(key) != getattr(settings.experts, key):
+            raise ConfigError(f"the experts in {folder} have {key}={stored.get(key)!r}, these settings "
+                              f"{getattr(settings.experts, key)!r}; use another experts_dir")
+
+
 class TrajectoryMatching(Method):
     """The shared outer loop; subclasses say what the experts regress and what the set holds."""
 
@@ -85,16 +135,11 @@ class TrajectoryMatching(Method):
         super().__init__(settings, context, budget)
         s = settings
         device = context.device
-        self.pixel_space = self.choose_pixel_space()
-        source = context.source
-        shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
-        images = source.converted(channels=shape[0], size=shape[1]).images
-        self.real = self.pixel_space.normalize(images.float().div(255.0))  # (N, c, h, w) on the CPU
-        self.real_targets = self.expert_targets()
+        self.pixel_space, self.real, self.real_targets = trajectory_data(self.loss, context)
         self.image_shape = tuple(self.real.shape[1:])
-        outputs = self.real_targets.shape[1] if self.loss == "mse" else source.num_classes
+        outputs = self.real_targets.shape[1] if self.loss == "mse" else context.source.num_classes
         self.network = make_network(s.experts, outputs, self.image_shape, context.seed).to("meta")
-        self.experts = self.ensure_experts()
+        self.experts = prepare_experts(self.loss, s, context, s.experts_dir, self.real, self.real_targets)
         self.num_images = self.plan_budget()
         chosen = self.initial_indices()
         self.initial_rows = chosen
@@ -114,14 +159,6 @@ class TrajectoryMatching(Method):
     learns_targets: ClassVar[bool]
 
     @abc.abstractmethod
-    def choose_pixel_space(self) -> PixelSpace:
-        """The pixel space the set's images live in."""
-
-    @abc.abstractmethod
-    def expert_targets(self) -> torch.Tensor:
-        """What the experts fit for every source image: representations (N, d) or labels (N,)."""
-
-    @abc.abstractmethod
     def plan_budget(self) -> int:
         """How many synthetic images the budget buys."""
 
@@ -130,30 +167,6 @@ class TrajectoryMatching(Method):
         """Which source images start the set."""
 
     # ---- shared -----------------------------------------------------------------------------------------------------
-
-    def ensure_experts(self) -> ExpertStore:
-        s, ctx = self.settings, self.context
-        folder = Path(s.experts_dir) if s.experts_dir else (ctx.workdir / "experts" if ctx.workdir else None)
-        if folder is None:
-            raise ConfigError("trajectory matching stores its experts on disk: give settings.experts_dir=FOLDER "
-                              "(or run with an output folder)")
-        identity = {"method_loss": self.loss, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
-                    "teacher": ctx.teacher.fingerprint if ctx.teacher is not None else None}
-        store = train_experts(folder, s.experts, self.real, self.real_targets, self.loss, ctx.seed, ctx.device,
-                              metadata=identity, progress=True)
-        recorded = {k: store.metadata.get(k) for k in identity}
-        if recorded != identity:
-            raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; "
-                              "use another experts_dir")
-        settings = store.metadata.get("settings", {})
-        for key in ("arch", "arch_args"):
-            if settings.get(key) != getattr(s.experts, key):
-                raise ConfigError(f"the experts in {folder} have {key}={settings.get(key)!r}, these settings "
-                                  f"{getattr(s.experts, key)!r}; use another experts_dir")
-        if store.epochs < s.max_start_epoch - 1 + s.expert_epochs:
-            raise ConfigError(f"the experts in {folder} have {store.epochs} epochs; start epochs up to "
-                              f"{s.max_start_epoch - 1} plus expert_epochs={s.expert_epochs} need more")
-        return store
 
     def total_steps(self) -> int:
         return self.settings.iterations
@@ -215,13 +228,6 @@ class MKDT(TrajectoryMatching):
     learns_targets = True
     name = "mkdt"
 
-    def choose_pixel_space(self) -> PixelSpace:
-        return self.context.teacher.pixel_space
-
-    def expert_targets(self) -> torch.Tensor:
-        ctx = self.context
-        return teacher_features(ctx.teacher, ctx.source, device=ctx.device).float().cpu()
-
     def plan_budget(self) -> int:
         b = self.budget.bytes_per_value
         c, h, w = self.image_shape
@@ -261,17 +267,6 @@ class MTT(TrajectoryMatching):
     learns_targets = False
     needs_teacher = False
     name = "mtt"
-
-    def choose_pixel_space(self) -> PixelSpace:
-        if self.context.teacher is not None:
-            return self.context.teacher.pixel_space
-        return PixelSpace.of(self.context.source.images)
-
-    def expert_targets(self) -> torch.Tensor:
-        source = self.context.source
-        if source.num_classes < 2:
-            raise ConfigError(f"mtt needs a labelled source; {source.name} has {source.num_classes} class(es)")
-        return source.labels.clone()
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape

@@ -121,7 +121,8 @@ def train_experts(
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
-    bar = tqdm(total=len(todo) * settings.epochs * steps_per_epoch, desc="experts", unit="step", disable=not progress)
+    bar = tqdm(total=len(todo) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
+               disable=not progress or not todo)
     for first in range(0, len(todo), settings.parallel):
         group = todo[first : first + settings.parallel]
         models = [make_network(settings, num_outputs, tuple(images.shape[1:]), seed * 1000 + k).to(device)
