@@ -341,7 +341,6 @@ def test_the_matching_objective_decreases(tiny_teacher: Path, tmp_path: Path, me
     before = objective_by_hand(store, real_images(distilled.pixel_space, rows), initial_targets, init_lr, loss, steps)
     after = objective_by_hand(store, distilled.tensors["images"], final_targets, float(distilled.learned_lr), loss,
                               steps)
-    print("OBJ", method, before, after)
     assert after < 0.99 * before, (before, after)
 
 
