@@ -22,15 +22,21 @@ import torch.nn.functional as F
 import ssdd
 from helpers import interrupt_then_resume, one_line
 from ssdd.config import deep_update, resolve_config
-from ssdd.data import make_synthetic
+from ssdd.data import PixelSpace, make_synthetic
 from ssdd.device import make_generator
-from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
+from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation.training import build_student
 from ssdd.methods import Distillation, DistillConfig, trajectories
 from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings
-from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, matching_loss, train_experts,
-                                       unrolled_sgd)
+from ssdd.methods.trajectories import (
+    ExpertSettings,
+    ExpertStore,
+    expert_file,
+    matching_loss,
+    train_experts,
+    unrolled_sgd,
+)
 from ssdd.teachers import load_teacher, teacher_features
 
 Params = dict[str, torch.Tensor]
@@ -147,13 +153,13 @@ def file_state(path: Path) -> tuple[int, int, bytes]:
     return stat.st_ino, stat.st_mtime_ns, path.read_bytes()
 
 
-# ---- 1. experts: vmapped training equals torch.optim.SGD ----------------------------------------------------------
+# ---- 1. experts: training equals a manual torch.optim.SGD loop --------------------------------------------------
 
 
 @pytest.mark.parametrize(("loss", "n"), [("mse", 7), ("ce", 8)])  # 7 = 3 + 3 + a dropped 1; 8 = 3 + 3 + 2
-def test_vmapped_experts_equal_a_manual_sgd_loop_at_every_epoch(tmp_path: Path, loss: str, n: int) -> None:
+def test_experts_equal_a_manual_sgd_loop_at_every_epoch(tmp_path: Path, loss: str, n: int) -> None:
     images, targets = unit_data(n, loss)
-    settings = unit_experts(num_experts=3, parallel=2)  # groups {0, 1} and {2}
+    settings = unit_experts(num_experts=3, parallel=2)  # {0, 1} vmapped, {2} alone
     store = train_experts(tmp_path / "p2", settings, images, targets, loss, seed=2, progress=False)
     assert len(store) == 3 and store.epochs == 2
     for k in range(3):
@@ -198,22 +204,18 @@ def test_train_experts_trains_only_the_missing_expert(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(trajectories, "make_network", spy)
     store = train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)
-    assert built == [1001]  # expert 1 only
+    assert built == [1000, 1001]  # expert 1's block of `parallel` experts, not expert 2's
     assert file_state(files[0]) == before[0] and file_state(files[2]) == before[2]  # untouched
-    assert_params_close(store.params(1, 2), deleted, atol=1e-6)
+    assert_params_close(store.params(1, 2), deleted, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: an expert retrained alone is not bit-identical to the one trained in a vmapped group of 2 "
-    "(torch's vmapped convolution rounds differently for a batch of 2 parameter sets and of 1), although "
-    "train_experts says expert k is a function of seed and k only"))
 def test_a_retrained_expert_is_bit_identical_to_the_deleted_one(tmp_path: Path) -> None:
     images, targets = unit_data(7, "mse")
     settings = unit_experts(num_experts=3, parallel=2)
     train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)
     deleted = expert_file(tmp_path, 1).read_bytes()  # trained beside expert 0
     expert_file(tmp_path, 1).unlink()
-    train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)  # retrained alone
+    train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)  # retrained in its block
     assert expert_file(tmp_path, 1).read_bytes() == deleted
 
 
@@ -247,7 +249,7 @@ def test_unrolled_sgd_equals_plain_sgd_on_the_same_batches(loss: str) -> None:
 def test_unroll_gradients_match_central_finite_differences() -> None:
     """d loss / d (images, targets, lr) in float64 on a 2-step unroll of 3 images in batches of 2 (the second
     step draws a new permutation), plain and checkpointed."""
-    network = build_student("convnet", {"widths": [2], "norm": "instance"}, 3, (1, 4, 4), seed=0).double()
+    network = build_student(UNIT_ARCH, UNIT_ARGS, 3, (1, 4, 4), seed=0).double()
     gen = torch.Generator().manual_seed(0)
     start = {k: v.double() for k, v in parameters_of(network).items()}
     target = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in start.items()}
@@ -302,7 +304,7 @@ def test_matching_loss_by_hand() -> None:
 # ---- 6.-8. MKDT and MTT end to end --------------------------------------------------------------------------------
 
 
-def real_images(pixel_space: Any, rows: torch.Tensor) -> torch.Tensor:
+def real_images(pixel_space: PixelSpace, rows: torch.Tensor) -> torch.Tensor:
     """Source images ``rows`` at 32 px in ``pixel_space``, normalised here."""
     source = make_synthetic("train").converted(channels=3, size=32)
     return pixel_space.normalize(source.images[rows].float().div(255.0))
@@ -345,29 +347,40 @@ def test_the_matching_objective_decreases(tiny_teacher: Path, tmp_path: Path, me
 
 
 def test_mkdt_starts_from_the_images_the_epoch_1_experts_fit_worst(tiny_teacher: Path, tmp_path: Path) -> None:
-    config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=12)  # the preset's 2 experts
+    """The preset's 2 experts with more, larger steps per epoch, so that their epoch-1 checkpoints have learned
+    something and rank the images differently from their initialisations and from each other."""
+    chosen_count = 50
+    config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=chosen_count,
+                             settings={"experts": {"batch_size": 16, "lr": 0.3}})
     method = Distillation(config, None, progress=False).method
     chosen = method.distilled_set().metadata["initial_indices"]
 
     teacher = load_teacher(tiny_teacher)
-    source = make_synthetic("train")
     images = real_images(teacher.pixel_space, torch.arange(N_SOURCE))
-    features = teacher_features(teacher, source)
+    features = teacher_features(teacher, make_synthetic("train"))
     store = ExpertStore(tmp_path / "experts", 2)
-    scores = torch.zeros(N_SOURCE)
-    for k in range(2):
+
+    def per_image_mse(expert: int, epoch: int) -> torch.Tensor:
         network = build_student(PRESET_ARCH, PRESET_ARGS, features.shape[1], (3, 32, 32), seed=0)
-        network.load_state_dict(store.params(k, 1))
+        network.load_state_dict(store.params(expert, epoch))
         with torch.no_grad():
-            scores += ((network(images) - features) ** 2).mean(1) / 2
-    expected = scores.argsort(descending=True)[:12]
-    ranked = scores.sort(descending=True).values
-    assert ranked[11] > ranked[12]  # no tie at the cut: the top 12 are well defined
-    assert set(chosen) == set(expected.tolist())
+            return ((network(images) - features) ** 2).mean(1)
+
+    def top(scores: torch.Tensor) -> set[int]:
+        ranked = scores.sort(descending=True)
+        assert ranked.values[chosen_count - 1] > ranked.values[chosen_count]  # no tie at the cut
+        return set(ranked.indices[:chosen_count].tolist())
+
+    expected = top((per_image_mse(0, 1) + per_image_mse(1, 1)) / 2)
+    assert set(chosen) == expected and len(chosen) == chosen_count
+    # the check has power: the initialisations, the epoch-2 checkpoints or one expert alone choose other images
+    assert all(top(other) != expected for other in (per_image_mse(0, 0) + per_image_mse(1, 0),
+                                                     per_image_mse(0, 2) + per_image_mse(1, 2),
+                                                     per_image_mse(0, 1), per_image_mse(1, 1)))
     # the set starts as those images with the teacher's features of them, at the initial step size
     torch.testing.assert_close(method.images.detach(), images[chosen], rtol=0, atol=1e-6)
     torch.testing.assert_close(method.targets.detach(), features[chosen], rtol=0, atol=0)
-    assert float(method.syn_lr) == pytest.approx(0.1)
+    assert float(method.syn_lr.detach()) == pytest.approx(0.1)
 
 
 def test_mkdt_random_init_takes_the_seeded_random_images(tiny_teacher: Path, tmp_path: Path) -> None:
@@ -381,7 +394,7 @@ def test_mkdt_random_init_takes_the_seeded_random_images(tiny_teacher: Path, tmp
 
 def test_mtt_set_is_class_balanced_with_true_hard_labels_and_a_learned_step_size(tmp_path: Path) -> None:
     distilled = ssdd.distill("mtt", "synthetic", budget=25, preset="tiny", out=tmp_path / "run", device="cpu",
-                             progress=False, config={"iterations": 6, "experts": {"num_experts": 1},
+                             progress=False, config={"iterations": 6, "init_lr": 0.05, "experts": {"num_experts": 1},
                                                      "experts_dir": str(tmp_path / "experts")})
     saved = load_distilled(tmp_path / "run" / DISTILLED_FILE)
     source = make_synthetic("train")
@@ -391,7 +404,7 @@ def test_mtt_set_is_class_balanced_with_true_hard_labels_and_a_learned_step_size
     assert saved.target_kind == "hard-label" and saved.metadata["num_classes"] == CLASSES
     assert torch.equal(saved.tensors["labels"], source.labels[rows])  # fixed: never learned
     lr = saved.tensors["learned_lr"]
-    assert lr.dim() == 0 and float(lr) > 0 and abs(float(lr) - 0.1) > 1e-6
+    assert lr.dim() == 0 and float(lr) > 0 and abs(float(lr) - 0.05) > 1e-6
     assert saved.tensors["images"].shape == (20, 3, 32, 32)
     assert not torch.allclose(saved.tensors["images"], real_images(saved.pixel_space, rows), atol=1e-4)
     assert all(torch.equal(saved.tensors[k], v) for k, v in distilled.tensors.items())
@@ -420,8 +433,7 @@ def test_mkdt_resume_continues_bit_identically(tiny_teacher: Path, tmp_path: Pat
                         tmp_path / "a", progress=False).run()
     config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=10, settings=settings,
                              checkpoint_minutes=0)
-    resumed: DistilledSet = interrupt_then_resume(monkeypatch, MKDT, config, tmp_path / "b", checkpoint_until=3,
-                                                  stop_at=5)
+    resumed = interrupt_then_resume(monkeypatch, MKDT, config, tmp_path / "b", checkpoint_until=3, stop_at=5)
     assert set(resumed.tensors) == set(full.tensors) == {"images", "targets", "learned_lr"}
     for name, tensor in full.tensors.items():
         assert torch.equal(resumed.tensors[name], tensor), name

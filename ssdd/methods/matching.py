@@ -118,7 +118,7 @@ def _check_experts(folder: Path, metadata: dict[str, Any], identity: dict[str, A
     if recorded != identity:
         raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; use another experts_dir")
     stored = metadata.get("settings", {})
-    for key in ("arch", "arch_args", "epochs"):
+    for key in ("arch", "arch_args", "epochs", "lr", "momentum", "weight_decay", "batch_size"):
         if stored.get(key) != getattr(settings.experts, key):
             raise ConfigError(f"the experts in {folder} have {key}={stored.get(key)!r}, these settings "
                               f"{getattr(settings.experts, key)!r}; use another experts_dir")

@@ -112,7 +112,8 @@ def train_experts(
     progress: bool = True,
 ) -> ExpertStore:
     """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
-    ``targets``, ``ce`` to labels) and return the store.  Expert ``k`` is a function of ``seed`` and ``k`` only."""
+    ``targets``, ``ce`` to labels) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
+    ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding)."""
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
     folder = Path(folder)
@@ -122,16 +123,21 @@ def train_experts(
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
-    bar = tqdm(total=len(todo) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
+    blocks = {k // settings.parallel for k in todo}
+    bar = tqdm(total=len(blocks) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
                disable=not progress or not todo)
-    for first in range(0, len(todo), settings.parallel):
-        group = todo[first : first + settings.parallel]
+    for block in sorted(blocks):
+        # a block of `parallel` experts always trains together, so an expert's bits do not depend on which others
+        # were missing; only the missing ones are written
+        group = list(range(block * settings.parallel, min((block + 1) * settings.parallel, settings.num_experts)))
         models = [make_network(settings, num_outputs, tuple(images.shape[1:]), seed * 1000 + k).to(device)
                   for k in group]
         generators = [make_generator(seed * 1000 + k) for k in group]
-        train = _train_alone if len(group) == 1 else _train_vmapped
+        train = _train_alone if settings.parallel == 1 else _train_vmapped
         history = train(models, generators, settings, images, targets, loss, batch, steps_per_epoch, bar)
         for j, k in enumerate(group):
+            if k not in todo:
+                continue
             info = {"expert": k, "epochs": settings.epochs, "loss": loss, "seed": seed,
                     "settings": {**settings.__dict__}, **(metadata or {})}
             save_tensors(expert_file(folder, k), history[j], info)
