@@ -4,6 +4,8 @@
 * ``random``, ``herding``, ``kcenter``, ``high-loss``: real images chosen at the **same byte budget** as the set
   they are compared with, stored as float32 in the teacher's pixel space, with the teacher's features as targets.
 * ``full``: every source image with its teacher features (the knowledge-distillation upper bound).
+* Under the ``supervised`` protocol, ``random`` and ``herding`` are class-balanced labelled sets instead: the same
+  number of real images per class (herding in teacher-feature space, per class) with their hard labels.
 * ``teacher``: no set either; the protocol reads out the teacher's own frozen network (the reference that
   distilled sets approach from below; evaluated once, under the first architecture's table).
 """
@@ -22,6 +24,7 @@ from ssdd.selection import per_image_mse, select_herding, select_kcenter, select
 from ssdd.teachers.artefact import Teacher
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
+LABELLED_BASELINES = ("random", "herding")  # under the supervised protocol: class-balanced, hard labels
 SETLESS = ("none", "teacher")  # baselines that are a network, not a set built from the source
 
 
@@ -87,3 +90,32 @@ def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: t
     else:
         idx = select_top_loss(high_loss_scores(source, features, teacher, high_loss or HighLossSettings(), seed, device), n)
     return real_set(source, idx, features, teacher, name, {"budget_bytes": budget_bytes})
+
+
+def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, features: torch.Tensor,
+                           budget_bytes: int | None, seed: int) -> DistilledSet:
+    """A class-balanced ``random`` or ``herding`` set of real images with hard labels, as many per class as
+    ``budget_bytes`` holds (float32 images + int64 labels)."""
+    if name not in LABELLED_BASELINES:
+        raise ConfigError(f"baseline {name!r} has no labelled form; the supervised protocol takes "
+                          f"{', '.join(LABELLED_BASELINES)}")
+    if budget_bytes is None:
+        raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, or --images / --bytes")
+    c, h, w = source.image_shape
+    classes = source.num_classes
+    ipc = budget_bytes // (c * h * w * 4 + 8) // classes
+    if ipc < 1:
+        raise ConfigError(f"a budget of {budget_bytes} bytes holds fewer than one image per class ({classes} classes)")
+    rows = []
+    for k in range(classes):
+        members = (source.labels == k).nonzero().flatten()
+        if members.numel() < ipc:
+            raise ConfigError(f"class {k} of {source.name} has {members.numel()} images, fewer than {ipc} per class")
+        pick = (select_random(ipc, members.numel(), seed * 1000 + k) if name == "random"
+                else select_herding(features[members], ipc))
+        rows.append(members[pick])
+    idx = torch.cat(rows)
+    images = teacher.pixel_space.normalize(source.images[idx]).float().contiguous()
+    return DistilledSet({"images": images, "labels": source.labels[idx].clone()}, teacher.pixel_space, "hard-label",
+                        name, {"num_classes": classes, "ipc": ipc, "selected_indices": idx.tolist(),
+                               "budget_bytes": budget_bytes})

@@ -16,7 +16,8 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.errors import ConfigError
-from ssdd.evaluation.baselines import BASELINES, SETLESS, HighLossSettings, make_baseline
+from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, HighLossSettings, make_baseline,
+                                       make_labelled_baseline)
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
@@ -38,7 +39,8 @@ class EvaluationConfig:
     use_learned_lr: bool = True  # pre-train at the set's learned lr when it has one
     supervised: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=300, lr=0.01, weight_decay=5e-4,
                                                                             batch_size=256, augment="dsa"))
-    temperature: float = 4.0  # soft labels (supervised protocol)
+    temperature: float = 4.0  # soft labels (supervised protocol), unless the set records its own
+    use_set_temperature: bool = True
     readout: ProtocolSettings = field(default_factory=ProtocolSettings)
     high_loss: HighLossSettings = field(default_factory=HighLossSettings)
     data_root: str | None = None
@@ -144,8 +146,11 @@ class Evaluator:
                 classes = targets.shape[1]
             model = build_student(arch, arch_args, classes, image_shape, seed)
             loss = "ce" if distilled.target_kind == "hard-label" else "kl"
+            temperature = cfg.temperature
+            if cfg.use_set_temperature and "temperature" in distilled.metadata:
+                temperature = float(distilled.metadata["temperature"])
             return train_network(model, images, targets, cfg.supervised, loss, seed, self.device,
-                                 temperature=cfg.temperature, desc=f"{entry.name} {arch} seed {seed}", progress=self.progress)
+                                 temperature=temperature, desc=f"{entry.name} {arch} seed {seed}", progress=self.progress)
         settings = cfg.pretrain
         if entry.baseline == "full" and cfg.full_epochs is not None:
             settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs, "steps": 0})
@@ -167,8 +172,11 @@ class Evaluator:
             distilled = entry.distilled
             if entry.baseline is not None and entry.baseline not in SETLESS:
                 source, features = self.source()
-                distilled = make_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed,
-                                          self.device, cfg.high_loss)
+                if cfg.protocol == "supervised":
+                    distilled = make_labelled_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed)
+                else:
+                    distilled = make_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed,
+                                              self.device, cfg.high_loss)
             pixel_space, image_shape, target_dim = self._geometry(distilled)
             student = self.student(entry, distilled, arch, seed, image_shape, target_dim)
             pretrain_seconds = time.monotonic() - started
@@ -199,9 +207,11 @@ class Evaluator:
 def _check_compatible(protocol: str, entries: list[_Entry], baselines: Sequence[str]) -> None:
     """Refuse entry/protocol pairs that cannot be evaluated before anything is trained."""
     labelled = protocol == "supervised"
-    if labelled and baselines:
-        raise ConfigError(f"the supervised protocol trains on labelled sets; baselines {', '.join(baselines)} hold "
-                          "teacher representations (or nothing); evaluate them with linear, knn or finetune")
+    unlabelled = [b for b in baselines if b not in LABELLED_BASELINES]
+    if labelled and unlabelled:
+        raise ConfigError(f"the supervised protocol trains on labelled sets; baselines {', '.join(unlabelled)} hold "
+                          "teacher representations (or nothing); evaluate them with linear, knn or finetune (its "
+                          f"labelled baselines are {', '.join(LABELLED_BASELINES)})")
     for entry in entries:
         kind = entry.distilled.target_kind
         if labelled and kind == "representation":
@@ -225,8 +235,9 @@ def evaluate(
 
     ``names`` labels the sets' rows in order (a missing or ``None`` name: the set's method, made unique).
 
-    Baselines other than ``none`` are built from the teacher's source data at the byte budget of the first set,
-    or at ``budget_bytes`` / ``budget_images`` (image + target pairs stored as float32).
+    Baselines other than ``none`` and ``teacher`` are built from the teacher's source data at the byte budget of
+    the first set, or at ``budget_bytes`` / ``budget_images`` (images with teacher targets, float32; under the
+    supervised protocol, class-balanced images with int64 hard labels).
     """
     config = config or EvaluationConfig()
     unknown = [b for b in baselines if b not in BASELINES]
@@ -243,7 +254,10 @@ def evaluate(
         if teacher is None:
             raise ConfigError("--images needs the teacher (--teacher) to know the image and target sizes")
         c, h, w = teacher.input_shape
-        budget_bytes = budget_images * (c * h * w + teacher.feature_dim) * 4
+        if config.protocol == "supervised":  # float32 images with int64 hard labels
+            budget_bytes = budget_images * (c * h * w * 4 + 8)
+        else:  # float32 images with float32 teacher targets
+            budget_bytes = budget_images * (c * h * w + teacher.feature_dim) * 4
     if len(names) > len(loaded):
         raise ConfigError(f"{len(names)} names for {len(loaded)} sets")
     given = [n for n in names if n is not None]

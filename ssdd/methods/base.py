@@ -83,6 +83,16 @@ class Budget:
         return {"images": self.images, "bytes": self.bytes, "dtype": self.dtype}
 
 
+def images_per_class(budget: Budget, item_bytes: int, classes: int, method: str, fixed_bytes: int = 0) -> int:
+    """Images per class a class-balanced set can hold: items of ``item_bytes`` (an image and its label) beside
+    ``fixed_bytes``; a clear error when the budget does not reach one image per class."""
+    count = budget.fit(item_bytes, fixed_bytes)
+    if count < classes:
+        raise ConfigError(f"{method} keeps the classes balanced: the budget buys {count} images, fewer than the "
+                          f"{classes} classes")
+    return count // classes
+
+
 @dataclass
 class DistillContext:
     """What a method works from: the source data, the teacher, the device, the seed and a logger."""

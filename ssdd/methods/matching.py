@@ -30,7 +30,7 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
 from ssdd.io import read_metadata
 from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, make_network,
                                        matching_loss, train_experts, unrolled_sgd)
@@ -270,13 +270,9 @@ class MTT(TrajectoryMatching):
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape
+        b = self.budget.bytes_per_value
         classes = self.context.source.num_classes
-        m = self.budget.fit(c * h * w * self.budget.bytes_per_value + 8, fixed_bytes=self.budget.bytes_per_value)
-        per_class = m // classes
-        if per_class < 1:
-            raise ConfigError(f"mtt keeps the classes balanced: the budget buys {m} images, fewer than the "
-                              f"{classes} classes")
-        return per_class * classes
+        return classes * images_per_class(self.budget, c * h * w * b + 8, classes, "mtt", fixed_bytes=b)  # int64 labels
 
     def initial_indices(self) -> torch.Tensor:
         labels = self.real_targets

@@ -68,14 +68,16 @@ def teacher_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return fingerprint_tensors(*(t for _, t in sorted(state.items())), *sorted(state))
 
 
-def save_teacher(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, info: dict[str, Any]) -> dict[str, Any]:
-    """Write ``backbone``'s weights and metadata (``info`` + architecture, pixel space, fingerprint) to ``path``."""
+def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, kind: str,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """Write a network artefact of ``kind``: ``backbone``'s weights (head included) and metadata (``info`` +
+    architecture, pixel space, fingerprint)."""
     from ssdd import __version__
 
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     metadata = {
         "format_version": FORMAT_VERSION,
-        "kind": "teacher",
+        "kind": kind,
         "architecture": backbone.spec,
         "feature_dim": backbone.feature_dim,
         "pixel_space": pixel_space.to_dict(),
@@ -88,18 +90,19 @@ def save_teacher(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, 
     return metadata
 
 
-def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teacher:
-    """Load a teacher artefact (a file, or a folder holding ``teacher.safetensors``) as a frozen :class:`Teacher`."""
-    path, tensors, meta = load_artefact(path, "teacher", TEACHER_FILE,
+def load_network(path: str | Path, kind: str, default_file: str) -> tuple[Backbone, PixelSpace, dict[str, Any], Path]:
+    """Load a network artefact of ``kind`` (a file, or a folder holding ``default_file``), checking that its weights
+    match its architecture and fingerprint; returns (network, pixel space, metadata, resolved path)."""
+    path, tensors, meta = load_artefact(path, kind, default_file,
                                         ("architecture", "pixel_space", "fingerprint", "feature_dim"), FORMAT_VERSION)
     arch = meta["architecture"]
     if not isinstance(arch, dict) or "name" not in arch:
-        raise ArtefactError(f"{path}: teacher metadata 'architecture' must be a mapping with a 'name'")
+        raise ArtefactError(f"{path}: {kind} metadata 'architecture' must be a mapping with a 'name'")
     try:
         backbone = create_model(**arch)
         pixel_space = PixelSpace.from_dict(meta["pixel_space"])
     except SsddError as exc:
-        raise ArtefactError(f"{path}: cannot rebuild the teacher ({exc})") from None
+        raise ArtefactError(f"{path}: cannot rebuild the {kind} ({exc})") from None
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -114,4 +117,15 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teache
     backbone.load_state_dict(tensors)
     if backbone.feature_dim != meta["feature_dim"]:
         raise ArtefactError(f"{path}: feature_dim {meta['feature_dim']} does not match the architecture's {backbone.feature_dim}")
+    return backbone, pixel_space, meta, path
+
+
+def save_teacher(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``backbone``'s weights and metadata (``info`` + architecture, pixel space, fingerprint) to ``path``."""
+    return save_network(path, backbone, pixel_space, "teacher", info)
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teacher:
+    """Load a teacher artefact (a file, or a folder holding ``teacher.safetensors``) as a frozen :class:`Teacher`."""
+    backbone, pixel_space, meta, path = load_network(path, "teacher", TEACHER_FILE)
     return Teacher(backbone.to(device), pixel_space, meta, path=path)

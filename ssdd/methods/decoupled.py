@@ -1,0 +1,290 @@
+"""The decoupled family: SC-DD (Zhou, Shao, Yin, Shen, 2024) and its baseline SRe2L (Yin, Xing, Shen, 2023).
+
+Both distil in three stages, each resumable:
+
+1. **Squeeze** (``squeeze.safetensors`` in the run folder, reused when present): SC-DD takes the self-supervised
+   teacher with its weights *and* BatchNorm statistics frozen and adds a linear classifier fitted on the labelled
+   source (L-BFGS logistic regression on the cached teacher features, folded into a ``Linear`` head); SRe2L trains a
+   supervised network of the same architecture on the labelled source.
+2. **Recover**: for each images-per-class index, one image per class is optimised from Gaussian noise with
+   cross-entropy to its class + ``r_bn`` x the distance of every BatchNorm layer's batch statistics to its running
+   statistics (the first layer weighted ``first_bn_weight``: 10 for SC-DD), under random shifts of up to ``jitter``
+   pixels and flips, by Adam (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range
+   after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.
+3. **Relabel**: the squeeze model's logits of the recovered images are stored as soft labels (counted in the byte
+   budget) with the ``temperature`` at which the ``supervised`` protocol matches them (KL, T^2-scaled).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssdd.data.transforms import PixelSpace
+from ssdd.device import make_generator
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.evaluation.training import TrainSettings, build_student, train_network
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
+from ssdd.models import Backbone
+from ssdd.probes import fit_logistic_regression
+from ssdd.teachers.artefact import load_network, save_network
+from ssdd.teachers.features import teacher_features
+
+SQUEEZE_FILE = "squeeze.safetensors"
+
+
+class BatchNormStatistics:
+    """Forward hooks on every ``BatchNorm2d`` of a network that keep the batch mean and (biased) variance of each
+    layer's input, and the recovery loss that pulls them towards the layer's running statistics."""
+
+    def __init__(self, network: nn.Module):
+        self.layers = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.layers:
+            raise ConfigError("recovering images from BatchNorm statistics needs a network with BatchNorm layers")
+        self.batch: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, index: int):  # noqa: ANN202 - a forward hook
+        def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].float()
+            self.batch[index] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+        return keep
+
+    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
+        """sum_l w_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) of the last forward pass
+        (w_1 = ``first_weight``, the others 1)."""
+        total = torch.zeros(())
+        for i, (layer, stats) in enumerate(zip(self.layers, self.batch)):
+            if stats is None:
+                raise ConfigError("no forward pass has been recorded yet")
+            mean, var = stats
+            term = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
+            total = total + (first_weight if i == 0 else 1.0) * term
+        return total
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class SqueezeSettings:
+    """How the squeeze model is made: SC-DD's linear head (``l2``, ``lbfgs_iterations``) or SRe2L's supervised
+    training (``train``), on the teacher's architecture unless ``arch`` is given (SRe2L)."""
+
+    l2: float = 1e-3
+    lbfgs_iterations: int = 200
+    arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=30, lr=0.1, weight_decay=5e-4,
+                                                                       batch_size=256, augment="crop-flip"))
+
+
+@dataclass
+class RecoverSettings:
+    """Recovery and relabelling; the defaults are SRe2L's CIFAR values (SC-DD: ``lr`` 0.4, ``first_bn_weight`` 10)."""
+
+    iterations: int = 1000
+    lr: float = 0.25
+    r_bn: float = 0.01
+    first_bn_weight: float = 1.0
+    jitter: int = 4
+    flip: bool = True
+    temperature: float = 30.0  # of the soft labels, recorded with the set for the supervised protocol
+    squeeze: SqueezeSettings = field(default_factory=SqueezeSettings)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.lr <= 0 or self.r_bn < 0 or self.jitter < 0 or self.temperature <= 0:
+            raise ConfigError("iterations must be >= 1, lr and temperature > 0, r_bn and jitter >= 0")
+
+
+@dataclass
+class SCDDSettings(RecoverSettings):
+    lr: float = 0.4
+    first_bn_weight: float = 10.0
+
+
+class Recover(Method):
+    """Squeeze once, then recover one image per class per images-per-class index, then relabel."""
+
+    settings_class = RecoverSettings
+    name: ClassVar[str]
+
+    def __init__(self, settings: RecoverSettings, context: DistillContext, budget: Budget):
+        super().__init__(settings, context, budget)
+        source = context.source
+        if source.num_classes < 2:
+            raise ConfigError(f"{self.name} recovers class-conditional images; {source.name} has no labels")
+        self.classes = source.num_classes
+        self.model, self.pixel_space = self.squeeze_model()
+        self.model.eval().requires_grad_(False)
+        self.image_shape = self.model.input_shape
+        c, h, w = self.image_shape
+        self.ipc = images_per_class(budget, (c * h * w + self.classes) * budget.bytes_per_value, self.classes, self.name)
+        self.statistics = BatchNormStatistics(self.model)
+        low, high = self.pixel_space.bounds()
+        self.low, self.high = low.to(context.device).view(1, -1, 1, 1), high.to(context.device).view(1, -1, 1, 1)
+        self.labels = torch.arange(self.classes, device=context.device)
+        self.recovered: list[torch.Tensor] = []
+        self.current: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.generator = make_generator(context.seed + 2)
+
+    # ---- squeeze ------------------------------------------------------------------------------------------------
+
+    def squeeze_model(self) -> tuple[Backbone, PixelSpace]:
+        """The squeeze model from the run folder, or made now (and saved there)."""
+        ctx = self.context
+        path = ctx.workdir / SQUEEZE_FILE if ctx.workdir is not None else None
+        if path is not None and path.exists():
+            model, pixel_space, meta, _ = load_network(path, "squeeze", SQUEEZE_FILE)
+            if meta.get("method") != self.name or meta.get("source", {}).get("fingerprint") != ctx.source.fingerprint:
+                raise ConfigError(f"{path} was squeezed for {meta.get('method')} on another source; use a new run folder")
+            return model.to(ctx.device), pixel_space
+        model, pixel_space, info = self.make_squeeze_model()
+        if path is not None:
+            save_network(path, model, pixel_space, "squeeze",
+                         {"method": self.name, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
+                          **info})
+            ctx.log.info(f"squeeze model written to {path} ({info})")
+        return model.to(ctx.device), pixel_space
+
+    @abc.abstractmethod
+    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        """A fresh squeeze model, its pixel space and a description for the artefact."""
+
+    def source_images(self, pixel_space: PixelSpace, shape: tuple[int, int, int]) -> torch.Tensor:
+        images = self.context.source.converted(channels=shape[0], size=shape[1]).images
+        return pixel_space.normalize(images.float().div(255.0))
+
+    # ---- recover ------------------------------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        return self.ipc * self.settings.iterations
+
+    def step(self, step: int) -> dict[str, float]:
+        s = self.settings
+        index, iteration = divmod(step, s.iterations)
+        if iteration == 0:
+            start = make_generator(self.context.seed * 100_003 + index)
+            noise = torch.randn(self.classes, *self.image_shape, generator=start)
+            self.current = noise.to(self.context.device).requires_grad_(True)
+            self.optimizer = torch.optim.Adam([self.current], lr=s.lr, betas=(0.5, 0.9))
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * iteration / s.iterations))
+        x = self.jittered(self.current)
+        out = self.model(x).float()
+        ce = F.cross_entropy(out, self.labels)
+        bn = self.statistics.loss(s.first_bn_weight)
+        loss = ce + s.r_bn * bn
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.current.copy_(torch.maximum(torch.minimum(self.current, self.high), self.low))
+        if iteration == s.iterations - 1:
+            self.recovered.append(self.current.detach().clone())
+        return {"loss": loss.item(), "ce": ce.item(), "bn": bn.item(), "index": index}
+
+    def jittered(self, x: torch.Tensor) -> torch.Tensor:
+        """A random shift of up to ``jitter`` pixels (wrapping around) and a random horizontal flip of the batch."""
+        s = self.settings
+        if s.jitter:
+            dx, dy = (int(v) for v in torch.randint(-s.jitter, s.jitter + 1, (2,), generator=self.generator))
+            x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        if s.flip and bool(torch.rand((), generator=self.generator) < 0.5):
+            x = x.flip(3)
+        return x
+
+    # ---- state and the set ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recovered": [r.cpu() for r in self.recovered],
+                "current": None if self.current is None else self.current.detach().cpu(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.context.device
+        self.recovered = [r.to(device) for r in state["recovered"]]
+        self.current = None
+        self.optimizer = None
+        if state["current"] is not None:
+            self.current = state["current"].to(device).requires_grad_(True)
+            self.optimizer = torch.optim.Adam([self.current], lr=self.settings.lr, betas=(0.5, 0.9))
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def distilled_set(self) -> DistilledSet:
+        """The images recovered so far (index-major: all classes of index 0, then of index 1, ...) with the squeeze
+        model's logits as soft labels."""
+        done = self.recovered or [torch.empty(0, *self.image_shape, device=self.context.device)]
+        images = torch.cat(done)
+        with torch.no_grad():
+            logits = self.model(images).float() if images.shape[0] else torch.empty(0, self.classes)
+        dtype = self.budget.torch_dtype
+        return DistilledSet({"images": images.cpu().to(dtype), "labels": logits.cpu().to(dtype)}, self.pixel_space,
+                            "soft-label", self.name,
+                            {"num_classes": self.classes, "ipc": len(self.recovered), "temperature": self.settings.temperature,
+                             "relabel": "stored logits of the squeeze model"})
+
+
+@METHODS.register("sre2l")
+class SRe2L(Recover):
+    """SRe2L: the squeeze model is a supervised network trained on the labelled source."""
+
+    name = "sre2l"
+    needs_teacher = False
+
+    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = self.settings.squeeze, self.context
+        if s.arch is not None:
+            arch, arch_args = s.arch, dict(s.arch_args)
+        elif ctx.teacher is not None:
+            spec = dict(ctx.teacher.metadata["architecture"])
+            arch = spec.pop("name")
+            arch_args = {k: v for k, v in spec.items() if k not in ("num_outputs", "in_channels", "image_size")}
+        else:
+            raise ConfigError("sre2l needs an architecture for its squeeze model: settings.squeeze.arch, or a teacher "
+                              "whose architecture to use")
+        pixel_space = ctx.teacher.pixel_space if ctx.teacher is not None else PixelSpace.of(ctx.source.images)
+        shape = ctx.teacher.input_shape if ctx.teacher is not None else ctx.source.image_shape
+        model = build_student(arch, arch_args, self.classes, shape, ctx.seed)
+        images = self.source_images(pixel_space, shape)
+        train_network(model, images, ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
+                      desc="squeeze (supervised)", progress=True)
+        return model.eval(), pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
+
+
+@METHODS.register("scdd")
+class SCDD(Recover):
+    """SC-DD: the squeeze model is the self-supervised teacher, frozen with its BatchNorm statistics, plus a
+    linear classifier fitted on the labelled source."""
+
+    settings_class = SCDDSettings
+    name = "scdd"
+
+    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = self.settings.squeeze, self.context
+        teacher = ctx.teacher
+        features = teacher_features(teacher, ctx.source, device=ctx.device).float().cpu()
+        mean, std = features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
+        weight, bias = fit_logistic_regression((features - mean) / std, ctx.source.labels, self.classes, s.l2,
+                                               s.lbfgs_iterations)
+        model = copy.deepcopy(teacher.backbone).cpu()
+        model.reset_head(self.classes)
+        with torch.no_grad():  # the head on raw features: W^T ((f - mean) / std) + b
+            model.head.weight.copy_((weight / std.double().unsqueeze(1)).T.float())
+            model.head.bias.copy_((bias - (mean.double() / std.double()) @ weight).float())
+        accuracy = (model.head(features).argmax(1) == ctx.source.labels).float().mean().item() * 100
+        return model.eval(), teacher.pixel_space, {"squeeze": "self-supervised teacher + linear head",
+                                                   "train_top1": round(accuracy, 2)}
+
