@@ -103,6 +103,7 @@ class DistillContext:
     seed: int
     log: logging.Logger
     workdir: Path | None = None  # the run folder (None for an in-memory run): where a method keeps its own files
+    progress: bool = True  # whether long preparations (experts, squeeze models) show progress bars
 
 
 class Method(abc.ABC):

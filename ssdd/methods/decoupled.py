@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssdd.config import to_dict
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
 from ssdd.distilled import DistilledSet
@@ -124,11 +126,11 @@ class Recover(Method):
         if source.num_classes < 2:
             raise ConfigError(f"{self.name} recovers class-conditional images; {source.name} has no labels")
         self.classes = source.num_classes
+        self.image_shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
+        c, h, w = self.image_shape  # the budget is checked before anything is trained
+        self.ipc = images_per_class(budget, (c * h * w + self.classes) * budget.bytes_per_value, self.classes, self.name)
         self.model, self.pixel_space = self.squeeze_model()
         self.model.eval().requires_grad_(False)
-        self.image_shape = self.model.input_shape
-        c, h, w = self.image_shape
-        self.ipc = images_per_class(budget, (c * h * w + self.classes) * budget.bytes_per_value, self.classes, self.name)
         self.statistics = BatchNormStatistics(self.model)
         low, high = self.pixel_space.bounds()
         self.low, self.high = low.to(context.device).view(1, -1, 1, 1), high.to(context.device).view(1, -1, 1, 1)
@@ -140,20 +142,28 @@ class Recover(Method):
 
     # ---- squeeze ------------------------------------------------------------------------------------------------
 
+    def squeeze_identity(self) -> dict[str, Any]:
+        """What a squeeze model is made from; a saved one is reused only when all of it matches."""
+        ctx = self.context
+        return {"method": self.name, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
+                "teacher": ctx.teacher.fingerprint if ctx.teacher is not None else None,
+                "squeeze_settings": to_dict(self.settings.squeeze)}
+
     def squeeze_model(self) -> tuple[Backbone, PixelSpace]:
         """The squeeze model from the run folder, or made now (and saved there)."""
         ctx = self.context
+        identity = json.loads(json.dumps(self.squeeze_identity()))  # as it reads back from the file
         path = ctx.workdir / SQUEEZE_FILE if ctx.workdir is not None else None
         if path is not None and path.exists():
             model, pixel_space, meta, _ = load_network(path, "squeeze", SQUEEZE_FILE)
-            if meta.get("method") != self.name or meta.get("source", {}).get("fingerprint") != ctx.source.fingerprint:
-                raise ConfigError(f"{path} was squeezed for {meta.get('method')} on another source; use a new run folder")
+            differs = sorted(k for k in identity if meta.get(k) != identity[k])
+            if differs:
+                raise ConfigError(f"{path} was made with another {', '.join(differs)} than this run's; "
+                                  "use a new run folder")
             return model.to(ctx.device), pixel_space
         model, pixel_space, info = self.make_squeeze_model()
         if path is not None:
-            save_network(path, model, pixel_space, "squeeze",
-                         {"method": self.name, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
-                          **info})
+            save_network(path, model, pixel_space, "squeeze", {**identity, **info})
             ctx.log.info(f"squeeze model written to {path} ({info})")
         return model.to(ctx.device), pixel_space
 
@@ -258,9 +268,10 @@ class SRe2L(Recover):
         pixel_space = ctx.teacher.pixel_space if ctx.teacher is not None else PixelSpace.of(ctx.source.images)
         shape = ctx.teacher.input_shape if ctx.teacher is not None else ctx.source.image_shape
         model = build_student(arch, arch_args, self.classes, shape, ctx.seed)
+        BatchNormStatistics(model).remove()  # refuse a network without BatchNorm before training it
         images = self.source_images(pixel_space, shape)
         train_network(model, images, ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
-                      desc="squeeze (supervised)", progress=True)
+                      desc="squeeze (supervised)", progress=ctx.progress)
         return model.eval(), pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
 
 

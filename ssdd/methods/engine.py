@@ -131,7 +131,7 @@ class Distillation:
             self.run_dir.start(resolved, resume=resume, ignore=RESUMABLE_CHANGES)
         log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
         context = DistillContext(source, teacher, self.device, config.seed, log,
-                                 self.run_dir.path if self.run_dir is not None else None)
+                                 self.run_dir.path if self.run_dir is not None else None, progress)
         self.method: Method = method_cls(self.settings, context, self.budget)
 
     def log(self, message: str) -> None:

@@ -139,7 +139,8 @@ class TrajectoryMatching(Method):
         self.image_shape = tuple(self.real.shape[1:])
         outputs = self.real_targets.shape[1] if self.loss == "mse" else context.source.num_classes
         self.network = make_network(s.experts, outputs, self.image_shape, context.seed).to("meta")
-        self.experts = prepare_experts(self.loss, s, context, s.experts_dir, self.real, self.real_targets)
+        self.experts = prepare_experts(self.loss, s, context, s.experts_dir, self.real, self.real_targets,
+                                       progress=context.progress)
         self.num_images = self.plan_budget()
         chosen = self.initial_indices()
         self.initial_rows = chosen
