@@ -458,8 +458,10 @@ def test_joint_fits_the_networks_to_the_teachers_view_shifts_at_initialisation(
 
 
 def test_post_fits_networks_that_predict_the_learned_view_targets(tiny_teacher: Path) -> None:
+    # absolute rates: at the tiny preset's lr 0.01, RMS-scaled rates move the identity targets by a fifth in three
+    # steps, and this test is about what the networks fit, not about how far the targets moved
     config = paa_config(tiny_teacher, settings={"approximation": "post", "approx_steps": 500, "images": 12,
-                                                "steps": 3})
+                                                "steps": 3, "relative_lr": False})
     distillation = Distillation(config, None, progress=False)
     early = distillation.method.distilled_set()  # as a monitor would, mid-run: fitted to the initial targets
     distilled = distillation.run()
@@ -651,3 +653,35 @@ def test_out_of_range_settings_are_refused_when_the_run_is_built(tiny_teacher: P
     with pytest.raises(ConfigError) as info:
         Distillation(paa_config(tiny_teacher, settings={"approximation": "post", key: value}), None, progress=False)
     assert key in one_line(info.value)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_each_learned_tensor_moves_at_its_own_scale(tiny_teacher: Path, relative: bool) -> None:
+    method = method_of(paa_config(tiny_teacher, settings={"relative_lr": relative, "lr_images": 0.01,
+                                                          "lr_targets": 0.002}))
+    image_side = {"image_coefficients", "image_bases"}
+    seen = set()
+    for group in method.optimizer.param_groups:
+        for tensor in group["params"]:
+            name = next(n for n, t in method.learned.items() if t is tensor)
+            seen.add(name)
+            lr = 0.01 if name in image_side else 0.002
+            rms = float(tensor.detach().double().pow(2).mean().sqrt())  # still the initial values
+            assert group["lr"] == pytest.approx(lr * rms if relative else lr, rel=1e-6), name
+    assert seen == set(method.learned)
+    # the bases are unit rows of 8x8x3 = 192 entries, the coefficients projections of whole images: 20x apart
+    ratio = method.param_groups[0]["lr"] / method.param_groups[1]["lr"] if relative else 1.0
+    assert (ratio > 10) == relative
+
+
+def test_drift_is_logged_for_what_the_set_is(tiny_teacher: Path) -> None:
+    distillation = Distillation(paa_config(tiny_teacher, settings={"steps": 2}), None, progress=False)
+    method = distillation.method
+    metrics = method.step(0)
+    assert {"drift_images", "drift_targets", "drift_image_bases", "drift_target_bases"} <= set(metrics)
+    rows = method.drift_index
+    with torch.no_grad():
+        now = method.images_of(rows)
+        start = method.initial["images"]
+    assert metrics["drift_images"] == pytest.approx(float((now - start).norm() / start.norm()), rel=1e-5)
+    assert metrics["drift_images"] > 0

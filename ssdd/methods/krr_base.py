@@ -58,10 +58,6 @@ class KernelRidgeSettings:
             raise ConfigError("steps, real_batch and pool.size must be >= 1 and teacher_copies >= 0")
 
 
-# learned tensors whose relative distance from their initialisation is logged every step
-DRIFT_TRACKED = ("images", "targets", "image_coefficients", "target_coefficients")
-
-
 class RealBatches:
     """Augmented real batches with the teacher's features of exactly those views (cached or computed).
 
@@ -130,19 +126,33 @@ class KernelRidgeMethod(Method):
         self.feature_dim = teacher.feature_dim
         self.real = RealBatches(settings, context, views)
         self.learned: dict[str, torch.Tensor] = {}
-        self.initial: dict[str, torch.Tensor] = {}  # initial values of the DRIFT_TRACKED tensors
+        self.initial: dict[str, torch.Tensor] = {}  # the tracked() quantities at initialisation
         self.param_groups: list[dict[str, Any]] = []
         self.pool = ModelPool(settings.pool, teacher.feature_dim, self.image_shape, context.seed + 1, context.device)
         self.generator = make_generator(context.seed + 2)
         self._optimizer: torch.optim.Optimizer | None = None
 
-    def learn(self, lr: float, **tensors: torch.Tensor) -> None:
-        """Register learned tensors (one AdamW parameter group at ``lr``)."""
+    def learn(self, lr: float, relative: bool = False, **tensors: torch.Tensor) -> None:
+        """Register learned tensors: one AdamW parameter group at ``lr``, or with ``relative`` one group per tensor
+        at ``lr`` x the tensor's initial RMS (Adam moves every entry by about lr per step whatever its scale, so
+        this makes tensors of different scales, such as bases and coefficients, move by the same fraction)."""
         for name, tensor in tensors.items():
             self.learned[name] = tensor.detach().clone().to(self.context.device).requires_grad_(True)
-            if name in DRIFT_TRACKED:
-                self.initial[name] = tensor.detach().clone().to(self.context.device)
-        self.param_groups.append({"params": [self.learned[n] for n in tensors], "lr": lr, "base_lr": lr})
+        if not relative:
+            self.param_groups.append({"params": [self.learned[n] for n in tensors], "lr": lr, "base_lr": lr})
+            return
+        for name in tensors:
+            scaled = lr * float(self.learned[name].detach().pow(2).mean().sqrt())
+            self.param_groups.append({"params": [self.learned[name]], "lr": scaled, "base_lr": scaled})
+
+    def tracked(self) -> dict[str, torch.Tensor]:
+        """The quantities whose relative distance from initialisation is logged every step as ``drift_<name>``."""
+        return {name: self.learned[name] for name in ("images", "targets") if name in self.learned}
+
+    def start_tracking(self) -> None:
+        """Record the tracked quantities of the initial set (subclasses call it at the end of ``__init__``)."""
+        with torch.no_grad():
+            self.initial = {name: value.detach().clone() for name, value in self.tracked().items()}
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -184,15 +194,17 @@ class KernelRidgeMethod(Method):
         self.optimizer.step()
         with autocast(self.context.device, s.amp):
             online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
-        drift = {f"drift_{name}": self.drift(name) for name in self.initial}
+        drift = self.drift()
         return {"loss": loss.item(), "online_loss": online, "member": member, "reinitialised": int(reinitialised),
                 **drift}
 
     @torch.no_grad()
-    def drift(self, name: str) -> float:
-        """||current - initial|| / ||initial|| of a learned tensor: how far the set has moved from its start."""
-        start = self.initial[name]
-        return float((self.learned[name] - start).norm() / start.norm().clamp_min(1e-12))
+    def drift(self) -> dict[str, float]:
+        """``drift_<name>``: ||current - initial|| / ||initial|| of every tracked quantity, how far the set has
+        moved from its start."""
+        now = self.tracked()
+        return {f"drift_{name}": float((now[name] - start).norm() / start.norm().clamp_min(1e-12))
+                for name, start in self.initial.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"learned": {k: v.detach().cpu() for k, v in self.learned.items()},

@@ -47,6 +47,7 @@ class KRRST(KernelRidgeMethod):
         self.learn(settings.lr_images, images=teacher.pixel_space.normalize(images))
         self.learn(settings.lr_targets, targets=targets)
         self.initial_indices = chosen
+        self.start_tracking()
 
     def inner_set(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.learned["images"], self.learned["targets"]
