@@ -1,77 +1,349 @@
-"""``ssdd bench``: benchmark suites run end to end, each stage cached so a rerun continues where it stopped."""
+"""``ssdd bench``: benchmark suites run end to end, stage by stage, into one report folder.
+
+A suite (preset group ``bench``) names a teacher, the distilled sets to make and the evaluations to run. Its stages
+are the teacher, each set and each (evaluation, entry) pair; every stage writes into the report folder and is
+reused when the suite runs again with the same settings, so a suite killed halfway continues where it stopped:
+
+    <out>/<suite>/teacher/                       the teacher's run folder
+    <out>/<suite>/sets/<name>/                   each set's run folder (+ grid.png)
+    <out>/<suite>/evaluations/<eval>/<entry>.json one entry's cells under one evaluation
+    <out>/<suite>/evaluations/<eval>/results.*   the evaluation's combined results (json, md, png)
+    <out>/<suite>/stages.json                    wall time and peak memory of every stage that ran
+    <out>/<suite>/report.md                      environment, commands, tables, plots, grids, time and memory
+"""
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ssdd.config import from_dict, preset_dict, to_dict
+import yaml
+
+from ssdd.config import deep_update, from_dict, list_presets, preset_dict, to_dict
 from ssdd.device import resolve_device
-from ssdd.environment import environment
-from ssdd.errors import UnknownNameError
+from ssdd.distilled import DistilledSet, load_distilled
+from ssdd.environment import PeakMemory, environment
+from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
+from ssdd.evaluation.baselines import BASELINES, SETLESS
+from ssdd.evaluation.evaluate import Cell, image_budget_bytes
+from ssdd.evaluation.report import markdown_tables
 from ssdd.io import atomic_write_text
-from ssdd.teachers import TeacherConfig, load_teacher, train_teacher
+from ssdd.methods import DistillConfig, Distillation
+from ssdd.methods.engine import method_settings, resolved_config
+from ssdd.runs import RunDir
+from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
 
-SUITES = ("quickstart",)
+TEACHER_FILE = "teacher.safetensors"
+SET_FILE = "distilled.safetensors"
+TIMING_HEADING = "## Time and peak memory of each stage"
 
 
 @dataclass
-class QuickstartSuite:
-    """The quickstart suite's stages (preset ``bench/quickstart``)."""
+class Stage:
+    """A preset of a command's group and overrides of its keys (e.g. ``{preset: paa/cifar10-cpu, config: {...}}``)."""
 
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    baselines: list[str] = field(default_factory=lambda: ["none", "random"])
-    images: int = 100
-    evaluate: EvaluationConfig = field(default_factory=EvaluationConfig)
+    preset: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
-def run_suite(suite: str, out: str | Path, data_root: str | None = None, device: str = "auto",
-              progress: bool = True) -> Path:
-    """Run benchmark ``suite`` into ``out/<suite>``; returns the path of its ``report.md``."""
-    if suite not in SUITES:
-        raise UnknownNameError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
-    return _quickstart(Path(out) / suite, data_root, device, progress)
+@dataclass
+class EvaluationStage(Stage):
+    """One evaluation: an ``evaluate`` preset and overrides, the suite's sets it covers (all when unset) and its
+    baselines, at the first set's bytes or at ``images`` / ``bytes`` when given."""
+
+    sets: list[str] | None = None
+    baselines: list[str] = field(default_factory=list)
+    images: int | None = None
+    bytes: int | None = None
 
 
-def _quickstart(folder: Path, data_root: str | None, device_name: str, progress: bool) -> Path:
-    """CIFAR-10 -> a short Barlow Twins teacher -> the ``linear`` protocol for the baselines that exist today
-    (no pre-training, and random / herding real subsets of 100 images with teacher targets).
+@dataclass
+class Suite:
+    """A benchmark suite (preset group ``bench``)."""
 
-    Distillation methods join this suite as they land (issue 9 makes PAA its centre).
-    """
-    started = time.monotonic()
-    device = resolve_device(device_name)
-    raw = preset_dict("bench", "quickstart")
-    for stage in ("teacher", "evaluate"):
-        raw[stage] = {**raw.get(stage, {}), "data_root": data_root, "device": device_name}
-    suite = from_dict(QuickstartSuite, raw)
-    teacher_cfg = suite.teacher
-    teacher_dir = folder / "teacher"
-    if (teacher_dir / "teacher.safetensors").exists():
-        print(f"[1/2] teacher: reusing {teacher_dir / 'teacher.safetensors'}")
-    else:
-        print(f"[1/2] training the teacher ({teacher_cfg.ssl}, {teacher_cfg.arch}, {teacher_cfg.epochs} epochs "
-              f"on {teacher_cfg.train_images or 'all'} {teacher_cfg.dataset} images)")
-        train_teacher(teacher_cfg, teacher_dir, resume=True, progress=progress)
-    teacher = load_teacher(teacher_dir, device=device)
-    eval_cfg = suite.evaluate
-    print(f"[2/2] {eval_cfg.protocol} protocol: {', '.join(suite.baselines)} "
-          f"at a budget of {suite.images} images, seeds {eval_cfg.seeds}")
-    cells = evaluate(baselines=suite.baselines, config=eval_cfg, teacher=teacher,
-                     budget_images=suite.images, progress=progress)
-    env = environment(device)
-    report = write_report(folder, cells, eval_cfg, env, command="ssdd bench --suite quickstart")
-    minutes = (time.monotonic() - started) / 60
-    meta = teacher.metadata
-    intro = (f"Teacher: {meta['ssl']['method']} `{meta['architecture']['name']}` {meta['architecture']}, "
-             f"{meta['epochs_trained']} epochs on {meta['source']['images']} {meta['source']['dataset']} images.\n"
-             f"Wall time of this run: {minutes:.1f} min.\n\n")
-    text = report.read_text().replace("# ssdd evaluate\n", "# ssdd bench: quickstart\n\n" + intro, 1)
-    atomic_write_text(folder / "report.md", text)
-    atomic_write_text(folder / "suite.json", json.dumps({"suite": "quickstart", "minutes": minutes, "environment": env,
-                                                         "evaluation": to_dict(eval_cfg)}, indent=2))
-    print(text)
-    return folder / "report.md"
+    description: str = ""
+    teacher: Stage = field(default_factory=Stage)
+    sets: dict[str, Stage] = field(default_factory=dict)
+    evaluations: dict[str, EvaluationStage] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sets = {name: _stage(Stage, value, f"sets.{name}") for name, value in self.sets.items()}
+        self.evaluations = {name: _stage(EvaluationStage, value, f"evaluations.{name}")
+                            for name, value in self.evaluations.items()}
+        for name, stage in self.evaluations.items():
+            unknown = sorted(set(stage.sets or []) - set(self.sets))
+            if unknown:
+                raise ConfigError(f"evaluation {name} names sets the suite does not make: {', '.join(unknown)}")
+            bad = sorted(set(stage.baselines) - set(BASELINES))
+            if bad:
+                raise ConfigError(f"evaluation {name}: unknown baseline(s) {', '.join(bad)}; use {', '.join(BASELINES)}")
+
+
+def _stage(cls: type[Stage], value: Any, where: str) -> Stage:
+    return value if isinstance(value, cls) else from_dict(cls, dict(value or {}), where=where)
+
+
+def suites() -> list[str]:
+    """Names of the shipped suites."""
+    return list_presets("bench")
+
+
+def load_suite(name: str) -> Suite:
+    """The shipped suite ``name``."""
+    if name not in suites():
+        raise ConfigError(f"unknown suite {name!r}; known suites: {', '.join(suites())}")
+    return from_dict(Suite, preset_dict("bench", name), where=f"suite {name}")
+
+
+@dataclass
+class BenchOptions:
+    """How to run a suite: where, on what, and which part of it (``methods`` keeps only those sets and baselines;
+    ``targets`` / ``seeds`` replace every evaluation's)."""
+
+    data_root: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    methods: list[str] | None = None
+    targets: list[str] | None = None
+    seeds: list[int] | None = None
+
+
+class BenchRun:
+    """One suite run into ``out/<suite>``: every stage reused when its artefact exists with the same settings."""
+
+    def __init__(self, suite_name: str, out: str | Path, options: BenchOptions | None = None):
+        self.name = suite_name
+        self.suite = load_suite(suite_name)
+        self.options = options or BenchOptions()
+        self.folder = Path(out) / suite_name
+        self.device = resolve_device(self.options.device)
+        known = set(self.suite.sets) | {b for e in self.suite.evaluations.values() for b in e.baselines}
+        unknown = sorted(set(self.options.methods or []) - known)
+        if unknown:
+            raise ConfigError(f"--methods names {', '.join(unknown)}, which suite {suite_name} does not run; "
+                              f"it runs {', '.join(sorted(known))}")
+        self.stages_path = self.folder / "stages.json"
+        self.stages: dict[str, dict] = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
+        self.commands: list[str] = []
+
+    def _keep(self, name: str) -> bool:
+        return self.options.methods is None or name in self.options.methods
+
+    def _record(self, stage: str, seconds: float, peak: int | None) -> None:
+        self.stages[stage] = {"seconds": round(seconds, 1), "peak_memory_bytes": peak,
+                              "device": environment(self.device)["device"]}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.stages_path, json.dumps(self.stages, indent=2))
+
+    def _timed(self, stage: str, work):  # noqa: ANN001, ANN202 - any callable, its result
+        started = time.monotonic()
+        with PeakMemory(self.device) as peak:
+            result = work()
+        self._record(stage, time.monotonic() - started, peak.bytes)
+        return result
+
+    def run(self) -> Path:
+        """Run (or continue) every stage, then write the report; returns the path of ``report.md``."""
+        stages = 1 + len(self.suite.sets) + len(self.suite.evaluations)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        print(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups)")
+        teacher = self.teacher()
+        sets = {name: self.distilled(name, teacher) for name in self.suite.sets if self._keep(name)}
+        results = {name: self.evaluation(name, stage, teacher, sets) for name, stage in self.suite.evaluations.items()}
+        return self.report(sets, results)
+
+    def _merged(self, group: str, stage: Stage, run: dict[str, Any]) -> dict[str, Any]:
+        """The stage's preset of ``group`` < its overrides < this run's settings."""
+        merged = dict(preset_dict(group, stage.preset)) if stage.preset else {}
+        deep_update(merged, stage.config)
+        deep_update(merged, {**run, "data_root": self.options.data_root, "device": self.options.device})
+        return merged
+
+    def teacher_config(self) -> TeacherConfig:
+        return from_dict(TeacherConfig, self._merged("teacher", self.suite.teacher, {}),
+                         where=f"suite {self.name} teacher")
+
+    def set_config(self, name: str) -> DistillConfig:
+        """The distillation of set ``name``, its method's settings checked."""
+        merged = self._merged("distill", self.suite.sets[name], {"teacher": str(self.folder / "teacher")})
+        config = from_dict(DistillConfig, merged, where=f"suite {self.name} set {name}")
+        method_settings(config.method, config.settings)
+        return config
+
+    def evaluation_config(self, name: str) -> EvaluationConfig:
+        replaced = {k: v for k, v in (("targets", self.options.targets), ("seeds", self.options.seeds)) if v is not None}
+        merged = self._merged("evaluate", self.suite.evaluations[name], replaced)
+        return from_dict(EvaluationConfig, merged, where=f"suite {self.name} evaluation {name}")
+
+    def teacher(self) -> Teacher:
+        folder = self.folder / "teacher"
+        config = self.teacher_config()
+        if (folder / TEACHER_FILE).exists():
+            _check_same(folder, config, "teacher")
+            print(f"[bench] teacher: reusing {folder / TEACHER_FILE}")
+        else:
+            print(f"[bench] teacher: training {config.ssl} {config.arch}, {config.epochs} epochs on "
+                  f"{config.train_images or 'all'} {config.dataset} images")
+            self._timed("teacher", lambda: train_teacher(config, folder, resume=True, progress=self.options.progress))
+        self.commands.append(f"ssdd teacher --config {shlex.quote(str(folder / 'config.yaml'))} --out "
+                             f"{shlex.quote(str(folder))}")
+        return load_teacher(folder, device=self.device)
+
+    def distilled(self, name: str, teacher: Teacher) -> DistilledSet:
+        folder = self.folder / "sets" / name
+        config = self.set_config(name)
+        if (folder / SET_FILE).exists():
+            _check_same(folder, resolved_config(config), f"set {name}")
+            print(f"[bench] set {name}: reusing {folder / SET_FILE}")
+            distilled = load_distilled(folder)
+        else:
+            print(f"[bench] set {name}: distilling with {config.method}")
+            distilled = self._timed(f"set {name}", lambda: Distillation(
+                config, folder, resume=True, progress=self.options.progress, teacher=teacher).run())
+        if not (folder / "grid.png").exists():
+            from ssdd.show import save_grid
+
+            save_grid(distilled, folder / "grid.png", max_images=64)
+        self.commands.append(f"ssdd distill --config {shlex.quote(str(folder / 'config.yaml'))} --out "
+                             f"{shlex.quote(str(folder))}")
+        return distilled
+
+    def evaluation(self, name: str, stage: EvaluationStage, teacher: Teacher,
+                   sets: dict[str, DistilledSet]) -> list[Cell]:
+        folder = self.folder / "evaluations" / name
+        config = self.evaluation_config(name)
+        covered = stage.sets if stage.sets is not None else list(self.suite.sets)
+        names = [n for n in covered if n in sets]
+        baselines = [b for b in stage.baselines if self._keep(b)]
+        budget = self._budget(stage, covered, sets, teacher, config)
+        if budget is None and set(baselines) - set(SETLESS):
+            raise ConfigError(f"evaluation {name}: the baselines take the bytes of set {covered[0]}, which is not made "
+                              "yet; run the suite with it first (or without --methods)")
+        cells: list[Cell] = []
+        for entry in names + baselines:
+            cells += self._entry(folder, name, entry, config, None if entry in SETLESS else budget, sets.get(entry),
+                                 teacher)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        command = _evaluate_command(folder, names, baselines, budget, self.folder)
+        self.commands.append(command)
+        if cells:
+            write_report(folder, cells, config, environment(self.device), command=command)
+        return cells
+
+    def _budget(self, stage: EvaluationStage, covered: list[str], sets: dict[str, DistilledSet], teacher: Teacher,
+                config: EvaluationConfig) -> int | None:
+        """The baselines' byte budget: ``bytes``, ``images`` (with teacher targets or hard labels), or the bytes of
+        the first set the evaluation covers (read from disk when ``--methods`` left it out); None if none is known."""
+        if stage.bytes is not None:
+            return stage.bytes
+        if stage.images is not None:
+            return image_budget_bytes(stage.images, teacher, config.protocol)
+        if not covered:
+            return None
+        if covered[0] in sets:
+            return sets[covered[0]].byte_count
+        path = self.folder / "sets" / covered[0] / SET_FILE
+        return load_distilled(path).byte_count if path.exists() else None
+
+    def _entry(self, folder: Path, evaluation: str, entry: str, config: EvaluationConfig, budget: int | None,
+               distilled: DistilledSet | None, teacher: Teacher) -> list[Cell]:
+        path = folder / f"{entry}.json"
+        key = {"config": to_dict(config), "budget_bytes": budget,
+               "set": None if distilled is None else distilled.metadata.get("created")}
+        if path.exists():
+            record = json.loads(path.read_text())
+            if {k: record.get(k) for k in key} == key:
+                print(f"[bench] {evaluation} / {entry}: reusing {path}")
+                return [Cell.from_dict(c) for c in record["cells"]]
+        print(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
+        sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
+        cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
+            sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
+            names=names))
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**key, "cells": [c.to_dict() for c in cells]}, indent=2))
+        return cells
+
+    def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
+        """Write ``report.md``: environment, commands, one table and plot per evaluation, the sets with their grids,
+        and the time and peak memory of every stage."""
+        env = environment(self.device)
+        options = [f"--{k} {','.join(map(str, v))}" for k, v in
+                   (("methods", self.options.methods), ("targets", self.options.targets), ("seeds", self.options.seeds))
+                   if v is not None]
+        lines = [f"# ssdd bench: {self.name}", ""]
+        if self.suite.description:
+            lines += [self.suite.description.strip(), ""]
+        lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+                  "## Commands", "", "```bash", " ".join([f"ssdd bench --suite {self.name} --out "
+                                                          f"{shlex.quote(str(self.folder.parent))}", *options]),
+                  "# the same stages one by one:", *self.commands, "```", ""]
+        for name, cells in results.items():
+            if not cells:
+                continue
+            lines += [f"## Evaluation `{name}`", "", markdown_tables(cells),
+                      f"![{name}](evaluations/{name}/results.png)", ""]
+        if sets:
+            lines += ["## Distilled sets", "", "| set | method | images | views | bytes |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {name} | {d.method} | {d.num_images} | {len(d.views)} | {d.byte_count:,} |"
+                      for name, d in sets.items()]
+            lines += [""] + [f"![{name}](sets/{name}/grid.png)" for name in sets] + [""]
+        lines += [TIMING_HEADING, "",
+                  "Each stage as it last ran (a resumed stage: its last part); a set's whole distillation time is the "
+                  "method's own clock, resumes included.", "",
+                  "| stage | wall time | distillation time | peak memory | device |", "| --- | --- | --- | --- | --- |"]
+        for stage, record in self.stages.items():
+            peak = record.get("peak_memory_bytes")
+            name = stage.removeprefix("set ")
+            distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
+            lines.append(f"| {stage} | {_duration(record['seconds'])} | {_duration(distill)} | "
+                         f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} | {record['device']} |")
+        path = self.folder / "report.md"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(self.folder / "report.json", json.dumps(
+            {"suite": self.name, "environment": env, "stages": self.stages,
+             "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()}}, indent=2))
+        return path
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def _check_same(folder: Path, config: Any, what: str) -> None:
+    """Refuse to reuse an artefact made with other settings than the suite's (where it ran does not count)."""
+    changed = RunDir(folder).differences(config, ignore=("device", "data_root", "checkpoint_minutes", "log_every"))
+    if changed:
+        raise ConfigError(f"the {what} in {folder} was made with other settings than this suite's "
+                          f"({', '.join(changed)}); delete the folder or use another --out")
+
+
+
+
+def _evaluate_command(folder: Path, names: list[str], baselines: list[str], budget: int | None, root: Path) -> str:
+    parts = ["ssdd evaluate", *(shlex.quote(f"{n}={root / 'sets' / n}") for n in names)]
+    if baselines:
+        parts.append(f"--baselines {','.join(baselines)}")
+    if budget is not None and set(baselines) - set(SETLESS):
+        parts.append(f"--bytes {budget}")
+    parts += [f"--teacher {shlex.quote(str(root / 'teacher'))}", f"--config {shlex.quote(str(folder / 'config.yaml'))}",
+              f"--out {shlex.quote(str(folder))}"]
+    return " ".join(parts)
+
+
+def run_suite(suite: str, out: str | Path, data_root: str | None = None, device: str = "auto", progress: bool = True,
+              methods: list[str] | None = None, targets: list[str] | None = None,
+              seeds: list[int] | None = None) -> Path:
+    """Run (or continue) benchmark ``suite`` into ``out/<suite>``; returns the path of its ``report.md``."""
+    options = BenchOptions(data_root, device, progress, methods, targets, seeds)
+    report = BenchRun(suite, out, options).run()
+    print(report.read_text())
+    return report

@@ -211,7 +211,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ssdd.bench import run_suite
 
     run_suite(args.suite, args.out, data_root=args.data_root, device=args.device or "auto",
-              progress=not args.no_progress)
+              progress=not args.no_progress, methods=_csv(args.methods), targets=_csv(args.targets),
+              seeds=_csv(args.seeds, int))
     return 0
 
 
@@ -300,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="run a benchmark suite end to end and write a report")
-    p.add_argument("--suite", required=True, help="suite name (quickstart)")
-    p.add_argument("--out", default="runs/bench", help="report folder (default runs/bench/<suite>)")
+    p.add_argument("--suite", required=True, help=f"suite name ({', '.join(list_presets('bench'))})")
+    p.add_argument("--out", default="runs/bench", help="parent of the report folder <out>/<suite> (default runs/bench)")
+    p.add_argument("--methods", help="comma-separated sets and baselines to run (default: all of the suite's)")
+    p.add_argument("--targets", help="comma-separated target datasets, replacing every evaluation's")
+    p.add_argument("--seeds", help="comma-separated seeds, replacing every evaluation's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")

@@ -31,3 +31,44 @@ def device_name(device: torch.device) -> str:
 def environment(device: torch.device) -> dict[str, str]:
     return {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
             "commit": git_commit()}
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with PeakMemory(device) as peak:``, in ``peak.bytes`` afterwards.
+
+    On CUDA: the most memory torch allocated on the device. On CPU: the process's peak resident memory, reset on
+    entry where Linux allows it (``/proc/self/clear_refs``), else the process's peak so far (an upper bound);
+    ``None`` where neither can be read.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.bytes = int(line.split()[1]) * 1024
+                    return
+        except OSError:
+            pass
+        try:
+            import resource
+
+            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except (ImportError, OSError):
+            self.bytes = None

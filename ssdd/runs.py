@@ -49,10 +49,7 @@ class RunDir:
         if resume and config_path.exists():
             previous = _flatten(yaml.safe_load(config_path.read_text()) or {})
             current = _flatten(resolved)
-            changed = sorted(
-                k for k in set(previous) | set(current)
-                if not any(k == i or k.startswith(i + ".") for i in ignore) and previous.get(k) != current.get(k)
-            )
+            changed = self.differences(resolved, ignore)
             if changed:
                 raise ConfigError(
                     f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)}); "
@@ -68,6 +65,15 @@ class RunDir:
         self.logger.propagate = False
         for message in allowed_changes:
             self.log(message)
+
+    def differences(self, config: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+        """The (dotted) keys in which ``config`` differs from the recorded one, except ``ignore`` and what lies
+        below it; every key when nothing is recorded."""
+        config_path = self.path / CONFIG_FILE
+        previous = _flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
+        current = _flatten(to_dict(config))
+        return sorted(k for k in set(previous) | set(current)
+                      if not any(k == i or k.startswith(i + ".") for i in ignore) and previous.get(k) != current.get(k))
 
     def log(self, message: str) -> None:
         self.logger.info(message)

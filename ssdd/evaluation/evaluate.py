@@ -80,6 +80,11 @@ class Cell:
     def to_dict(self) -> dict:
         return {**self.__dict__, "mean": self.mean, "std": self.std}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "Cell":
+        """The cell of a :meth:`to_dict` record (its derived mean and std are recomputed, not read)."""
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
 
 @dataclass
 class _Entry:
@@ -220,6 +225,14 @@ def _check_compatible(protocol: str, entries: list[_Entry], baselines: Sequence[
             raise ConfigError(f"set {entry.name!r} holds {kind}s; use --protocol supervised")
 
 
+def image_budget_bytes(images: int, teacher: Teacher, protocol: str) -> int:
+    """The bytes of ``images`` real images in float32 with their teacher targets (float32), or under the
+    supervised protocol with int64 hard labels."""
+    c, h, w = teacher.input_shape
+    per_label = 8 if protocol == "supervised" else teacher.feature_dim * 4
+    return images * (c * h * w * 4 + per_label)
+
+
 def evaluate(
     sets: Sequence[DistilledSet | str | Path] = (),
     config: EvaluationConfig | None = None,
@@ -253,11 +266,7 @@ def evaluate(
     if budget_images is not None:
         if teacher is None:
             raise ConfigError("--images needs the teacher (--teacher) to know the image and target sizes")
-        c, h, w = teacher.input_shape
-        if config.protocol == "supervised":  # float32 images with int64 hard labels
-            budget_bytes = budget_images * (c * h * w * 4 + 8)
-        else:  # float32 images with float32 teacher targets
-            budget_bytes = budget_images * (c * h * w + teacher.feature_dim) * 4
+        budget_bytes = image_budget_bytes(budget_images, teacher, config.protocol)
     if len(names) > len(loaded):
         raise ConfigError(f"{len(names)} names for {len(loaded)} sets")
     given = [n for n in names if n is not None]

@@ -27,8 +27,7 @@ def read_results(path: str | Path) -> tuple[list[Cell], dict]:
     """Cells and the full record of a ``results.json``."""
     try:
         record = json.loads(Path(path).read_text())
-        fields = Cell.__dataclass_fields__
-        cells = [Cell(**{k: v for k, v in c.items() if k in fields}) for c in record["cells"]]
+        cells = [Cell.from_dict(c) for c in record["cells"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ArtefactError(f"{path} is not an ssdd results file ({exc})") from None
     return cells, record

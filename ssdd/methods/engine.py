@@ -91,6 +91,11 @@ def method_settings(method: str, settings: Any) -> Any:
     return settings
 
 
+def resolved_config(config: DistillConfig) -> dict[str, Any]:
+    """``config`` as a run folder records it: with the method's settings completed by their defaults."""
+    return {**to_dict(config), "settings": to_dict(method_settings(config.method, config.settings))}
+
+
 def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher | None = None,
                    source: ImageDataset | None = None) -> tuple[Teacher | None, ImageDataset]:
     """The teacher and source a run of ``config`` works from (loaded unless given), checked to belong together."""
@@ -127,8 +132,7 @@ class Distillation:
         self.source = source
         self.run_dir = RunDir(out) if out is not None else None
         if self.run_dir is not None:
-            resolved = {**to_dict(config), "settings": to_dict(self.settings)}
-            self.run_dir.start(resolved, resume=resume, ignore=RESUMABLE_CHANGES)
+            self.run_dir.start(resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES)
         log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
         context = DistillContext(source, teacher, self.device, config.seed, log,
                                  self.run_dir.path if self.run_dir is not None else None, progress)

@@ -1,0 +1,162 @@
+"""``ssdd bench``: the suite runner on the tiny suite (every report file, resume after a kill, reuse checks) and
+the shipped suites' configurations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import ssdd.bench as bench
+from ssdd.bench import TIMING_HEADING, BenchOptions, BenchRun, load_suite, run_suite, suites
+from ssdd.config import merge
+from ssdd.errors import ConfigError
+from ssdd.methods.engine import method_settings
+
+from helpers import one_line, user_error
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (pytest reserves KeyboardInterrupt for itself)."""
+
+
+def _run(out: Path, **options: object) -> Path:
+    return run_suite("tiny", out, device="cpu", progress=False, **options)
+
+
+def _comparable(report: Path) -> str:
+    """The report without its timing section and with its own folder's path replaced."""
+    text = report.read_text().split(TIMING_HEADING)[0]
+    return text.replace(str(report.parent.parent), "OUT")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny suite run once from start to end; returns its report folder (tests must not change it)."""
+    out = tmp_path_factory.mktemp("bench-whole")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSDD_CACHE_DIR", str(tmp_path_factory.mktemp("bench-cache")))
+        return _run(out).parent
+
+
+def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
+    for name in ("report.md", "report.json", "stages.json", "teacher/teacher.safetensors",
+                 "sets/paa/distilled.safetensors", "sets/paa/grid.png", "evaluations/linear/results.json",
+                 "evaluations/linear/results.md", "evaluations/linear/results.png", "evaluations/linear/config.yaml",
+                 "evaluations/linear/paa.json", "evaluations/linear/none.json", "evaluations/linear/random.json"):
+        path = uninterrupted / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    record = json.loads((uninterrupted / "report.json").read_text())
+    cells = record["evaluations"]["linear"]
+    # the tiny suite: sets paa, baselines none and random; label fractions 0.1 and 1.0; one seed
+    assert sorted((c["entry"], c["fraction"]) for c in cells) == sorted(
+        (e, f) for e in ("paa", "none", "random") for f in (0.1, 1.0))
+    assert all(len(c["accuracies"]) == 1 and 0 <= c["accuracies"][0] <= 100 for c in cells)
+    assert set(record["stages"]) == {"teacher", "set paa", "evaluation linear / paa", "evaluation linear / none",
+                                     "evaluation linear / random"}
+    assert all(s["seconds"] > 0 and s["peak_memory_bytes"] > 0 for s in record["stages"].values())
+    report = (uninterrupted / "report.md").read_text()
+    for row in ("| paa |", "| none |", "| random |", "![paa](sets/paa/grid.png)", "ssdd distill --config",
+                "ssdd evaluate paa=", "--baselines none,random", TIMING_HEADING):
+        assert row in report, row
+    # the random baseline was drawn at the paa set's bytes, and the command says so
+    paa_bytes = json.loads((uninterrupted / "evaluations/linear/random.json").read_text())["budget_bytes"]
+    assert f"--bytes {paa_bytes}" in report and f"{paa_bytes:,}" in report
+
+
+def test_killed_and_resumed_suite_gives_the_same_report(tmp_path: Path, uninterrupted: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    kill = [True]
+    real_evaluate = bench.evaluate
+
+    def killed_on_second_entry(*args: object, **kwargs: object) -> object:
+        calls.append(list(kwargs["names"]) + list(kwargs["baselines"]))
+        if kill[0] and len(calls) == 2:
+            raise Killed
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", killed_on_second_entry)
+    with pytest.raises(Killed):
+        _run(tmp_path)
+    folder = tmp_path / "tiny"
+    assert (folder / "evaluations/linear/paa.json").exists() and not (folder / "report.md").exists()
+    first_stages = json.loads((folder / "stages.json").read_text())
+
+    calls.clear()
+    kill[0] = False
+    report = _run(tmp_path)
+    assert calls == [["none"], ["random"]]  # the teacher, the set and paa's evaluation were reused
+    assert _comparable(report) == _comparable(uninterrupted / "report.md")
+    stages = json.loads((folder / "stages.json").read_text())
+    assert stages["teacher"] == first_stages["teacher"] and stages["set paa"] == first_stages["set paa"]
+
+
+def test_methods_filter_reports_only_the_chosen_rows_and_reuses_the_rest(tmp_path: Path, uninterrupted: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("nothing should be evaluated again"))
+    report = _run(tmp_path, methods=["none"])
+    record = json.loads((tmp_path / "tiny/report.json").read_text())
+    assert {c["entry"] for c in record["evaluations"]["linear"]} == {"none"}
+    assert "| none |" in report.read_text() and "| paa |" not in report.read_text()
+    assert "--methods none" in report.read_text()
+
+
+def test_baseline_without_its_set_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    shutil.rmtree(tmp_path / "tiny/sets")
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path, methods=["random"])
+    assert "bytes of set paa" in one_line(info.value) and "not made yet" in str(info.value)
+
+
+def test_changed_seeds_evaluate_again(tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    seen: list[list[int]] = []
+    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: seen.append(config.seeds) or [])
+    _run(tmp_path, methods=["none"], seeds=[3])
+    assert seen == [[3]]
+
+
+def test_a_set_made_with_other_settings_is_refused(tmp_path: Path, uninterrupted: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    suite = load_suite("tiny")
+    suite.sets["paa"].config = {"settings": {"steps": 7}}
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path)
+    message = one_line(info.value)
+    assert "set paa" in message and "settings.steps" in message and "delete the folder or use another --out" in message
+
+
+def test_unknown_suite_and_methods_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = user_error(capsys, ["bench", "--suite", "nosuch", "--out", str(tmp_path)])
+    assert "nosuch" in line and "quickstart" in line and "cifar10-cpu" in line
+    line = user_error(capsys, ["bench", "--suite", "tiny", "--methods", "paa,mkdt", "--out", str(tmp_path)])
+    assert "mkdt" in line and "none, paa, random" in line
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_suite_naming_a_set_it_does_not_make_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        bench.Suite(sets={"paa": {"preset": "paa/tiny"}}, evaluations={"linear": {"sets": ["pa"]}})
+    assert "pa" in one_line(info.value) and "does not make" in str(info.value)
+
+
+@pytest.mark.parametrize("name", suites())
+def test_every_shipped_suite_resolves_every_stage(name: str, tmp_path: Path) -> None:
+    run = BenchRun(name, tmp_path, BenchOptions(device="cpu"))
+    run.teacher_config()
+    for set_name in run.suite.sets:
+        config = run.set_config(set_name)
+        assert config.images or config.bytes, f"{name}: set {set_name} has no budget"
+        method_settings(config.method, config.settings)
+    for evaluation in run.suite.evaluations:
+        config = run.evaluation_config(evaluation)
+        assert merge(config, {}) == config
+    assert {"quickstart", "tiny", "cifar10-cpu", "cifar10-ipc-cpu", "cifar10-gpu"} <= set(suites())
+    assert not (tmp_path / name).exists()  # resolving writes nothing
