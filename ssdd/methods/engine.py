@@ -73,6 +73,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     data_root: str | None = None
+    source_images: int | None = None  # distil from a seeded random subset of this many source images (quick runs)
     checkpoint_minutes: float = 5.0
     log_every: int = 10
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
@@ -112,6 +113,12 @@ def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher
         recorded = teacher.metadata.get("source", {})
         if recorded.get("dataset") == source.name and recorded.get("fingerprint") not in (None, source.fingerprint):
             raise ConfigError(f"the teacher was trained on a different copy of {source.name} (fingerprints differ)")
+    if config.source_images is not None:
+        if not 0 < config.source_images <= len(source):
+            raise ConfigError(f"source_images must lie in 1..{len(source)} (the size of {source.name}), "
+                              f"got {config.source_images}")
+        order = torch.randperm(len(source), generator=make_generator(config.seed))
+        source = source.subset(order[: config.source_images])
     return teacher, source
 
 
