@@ -158,6 +158,21 @@ def test_run_level_configuration_errors(tiny_teacher: Path) -> None:
         Distillation(tiny_config(tiny_teacher, settings={"nosuch": 1}), None)
 
 
+def test_source_images_distils_from_a_seeded_subset(tiny_teacher: Path) -> None:
+    full = Distillation(tiny_config(tiny_teacher), None).source
+    first = Distillation(tiny_config(tiny_teacher, source_images=50), None).source
+    again = Distillation(tiny_config(tiny_teacher, source_images=50), None).source
+    other = Distillation(tiny_config(tiny_teacher, source_images=50, seed=1), None).source
+    assert len(first) == 50 and torch.equal(first.images, again.images)
+    assert not torch.equal(first.images, other.images)
+    # every subset image is one of the source's, with its label
+    rows = {(bytes(img.numpy().tobytes()), int(lab)) for img, lab in zip(full.images, full.labels)}
+    assert all((bytes(img.numpy().tobytes()), int(lab)) in rows for img, lab in zip(first.images, first.labels))
+    with pytest.raises(ConfigError) as info:
+        Distillation(tiny_config(tiny_teacher, source_images=N_SOURCE + 1), None)
+    assert f"source_images must lie in 1..{N_SOURCE}" in one_line(info.value)
+
+
 # ---- KRR-ST: what it optimises ----------------------------------------------------------------------------
 
 # One frozen pool member (lr 0 and no normalisation statistics, so the network never changes), un-augmented real
