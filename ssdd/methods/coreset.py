@@ -1,0 +1,127 @@
+"""Coreset selection as a method: real images chosen by ``random``, ``herding`` or ``kcenter`` selection
+(:mod:`ssdd.selection`), over the whole source or per class, measured in the teacher's feature space or in pixel
+space, stored with the teacher's features as targets (a representation set, like KRR-ST's) or with their hard
+labels (a labelled set, like DM's). Such sets are baselines in their own right and initialisations for other
+methods; every protocol evaluates them like any other set.
+
+The run has one step, the selection; its ``loss`` is the distance between the selection's mean and the data's mean
+in the selection space (what herding minimises greedily).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ssdd.data.transforms import PixelSpace
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
+from ssdd.selection import select_herding, select_kcenter, select_random
+from ssdd.teachers.features import teacher_features
+
+SELECTIONS = ("random", "herding", "kcenter")
+
+
+@dataclass
+class CoresetSettings:
+    """How the coreset is chosen and what it stores."""
+
+    selection: str = "random"  # random | herding | kcenter
+    per_class: bool = False  # the same number of images from every class
+    space: str = "teacher"  # where herding and k-center measure: teacher (features) | pixel (normalised pixels)
+    targets: str = "teacher"  # teacher (features, a representation set) | labels (hard labels)
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.space not in ("teacher", "pixel"):
+            raise ConfigError(f"space must be teacher or pixel, got {self.space!r}")
+        if self.targets not in ("teacher", "labels"):
+            raise ConfigError(f"targets must be teacher or labels, got {self.targets!r}")
+
+
+@METHODS.register("coreset")
+class Coreset(Method):
+    """Real images chosen by a coreset selection (see the module docstring)."""
+
+    settings_class = CoresetSettings
+    needs_teacher = False
+
+    def __init__(self, settings: CoresetSettings, context: DistillContext, budget: Budget):
+        super().__init__(settings, context, budget)
+        teacher, source = context.teacher, context.source
+        if teacher is None and "teacher" in (settings.space, settings.targets):
+            raise ConfigError("coreset with space or targets 'teacher' needs a teacher (--teacher PATH); "
+                              "without one use space: pixel and targets: labels")
+        if (settings.per_class or settings.targets == "labels") and source.num_classes < 2:
+            raise ConfigError(f"per-class selection and label targets need labels; {source.name} has none")
+        self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
+        shape = teacher.input_shape if teacher is not None else source.image_shape
+        self.images = self.pixel_space.normalize(source.converted(channels=shape[0], size=shape[1]).images.float() / 255)
+        self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
+        values = self.images[0].numel()
+        if settings.targets == "teacher":
+            item_bytes = (values + teacher.feature_dim) * budget.bytes_per_value
+        else:
+            item_bytes = values * budget.bytes_per_value + 8  # int64 labels
+        if settings.per_class:
+            self.count = images_per_class(budget, item_bytes, source.num_classes, "coreset") * source.num_classes
+        else:
+            self.count = budget.fit(item_bytes)
+        if self.count > len(source):
+            raise ConfigError(f"the budget asks for {self.count} images but {source.name} has {len(source)}")
+        self.indices: torch.Tensor | None = None
+
+    def space_rows(self) -> torch.Tensor:
+        """Every source image as a row of the selection space."""
+        if self.settings.space == "teacher":
+            return self.features
+        return self.images.flatten(1)
+
+    def select(self, rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        if self.settings.selection == "random":
+            return select_random(n, rows.shape[0], seed)
+        if self.settings.selection == "herding":
+            return select_herding(rows, n)
+        return select_kcenter(rows, n, seed)
+
+    def total_steps(self) -> int:
+        return 1
+
+    def step(self, step: int) -> dict[str, float]:
+        rows, labels, seed = self.space_rows(), self.context.source.labels, self.context.seed
+        if self.settings.per_class:
+            classes = self.context.source.num_classes
+            picks = []
+            for c in range(classes):
+                members = (labels == c).nonzero().flatten()
+                if members.numel() < self.count // classes:
+                    raise ConfigError(f"class {c} has {members.numel()} images, fewer than {self.count // classes}")
+                picks.append(members[self.select(rows[members], self.count // classes, seed * 1000 + c)])
+            self.indices = torch.cat(picks)
+        else:
+            self.indices = self.select(rows, self.count, seed)
+        gap = (rows[self.indices].double().mean(0) - rows.double().mean(0)).norm()
+        return {"loss": float(gap), "selected": float(self.indices.numel())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices = state["indices"]
+
+    def distilled_set(self) -> DistilledSet:
+        if self.indices is None:
+            raise ConfigError("the coreset has not been selected yet (the run has not taken its step)")
+        s, dtype, source = self.settings, self.budget.torch_dtype, self.context.source
+        tensors = {"images": self.images[self.indices].to(dtype).contiguous()}
+        meta = {"selection": s.selection, "per_class": s.per_class, "space": s.space,
+                "selected_indices": self.indices.tolist()}
+        if s.targets == "teacher":
+            tensors["targets"] = self.features[self.indices].to(dtype).contiguous()
+            return DistilledSet(tensors, self.pixel_space, "representation", "coreset", meta)
+        tensors["labels"] = source.labels[self.indices].clone()
+        return DistilledSet(tensors, self.pixel_space, "hard-label", "coreset", {**meta, "num_classes": source.num_classes})

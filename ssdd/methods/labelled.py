@@ -1,0 +1,86 @@
+"""What the labelled image-learning methods (DM, DC, DSA) share: class-balanced synthetic images initialised from
+real images of each class, fixed hard labels, SGD with momentum on the images, and the artefact they make."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ssdd.data.augment import DSAConfig, apply_dsa, sample_dsa_params
+from ssdd.data.transforms import PixelSpace
+from ssdd.device import make_generator
+from ssdd.distilled import DistilledSet
+from ssdd.errors import ConfigError
+from ssdd.methods.base import Budget, DistillContext, Method, images_per_class
+
+
+class ClassBalancedImages(Method):
+    """Base of methods that learn ``ipc`` images per class with fixed hard labels.
+
+    The settings must have ``lr_images`` and ``momentum``. Subclasses implement :meth:`step`, using
+    :meth:`real_batch` (real images of one class) and :meth:`synthetic` (the learned images of one class).
+    """
+
+    needs_teacher = False
+
+    def __init__(self, settings: Any, context: DistillContext, budget: Budget, name: str):
+        super().__init__(settings, context, budget)
+        source, teacher = context.source, context.teacher
+        if source.num_classes < 2:
+            raise ConfigError(f"{name} learns class-conditional images; {source.name} has no labels")
+        self.classes = source.num_classes
+        self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
+        shape = teacher.input_shape if teacher is not None else source.image_shape
+        images = source.converted(channels=shape[0], size=shape[1]).images
+        self.real = self.pixel_space.normalize(images.float().div(255.0))
+        self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
+        c, h, w = shape
+        self.ipc = images_per_class(budget, c * h * w * budget.bytes_per_value + 8, self.classes, name)  # int64 labels
+        too_few = [k for k, rows in enumerate(self.members) if rows.numel() < self.ipc]
+        if too_few:
+            raise ConfigError(f"class {too_few[0]} has fewer than the {self.ipc} images per class asked")
+        gen = make_generator(context.seed)
+        chosen = torch.cat([rows[torch.randperm(rows.numel(), generator=gen)[: self.ipc]] for rows in self.members])
+        self.name = name
+        self.initial_indices = chosen
+        self.images = self.real[chosen].clone().to(context.device).requires_grad_(True)
+        self.image_labels = source.labels[chosen].clone()
+        self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
+        self.generator = make_generator(context.seed + 2)
+        self.image_shape = shape
+
+    def real_batch(self, c: int, size: int) -> torch.Tensor:
+        """``size`` real images of class ``c`` drawn with replacement, on the run's device."""
+        rows = self.members[c]
+        return self.real[rows[torch.randint(0, rows.numel(), (size,), generator=self.generator)]].to(self.context.device)
+
+    def synthetic(self, c: int) -> torch.Tensor:
+        """The learned images of class ``c`` (a view of the learned tensor)."""
+        return self.images[c * self.ipc : (c + 1) * self.ipc]
+
+    def siamese(self, real: torch.Tensor, synthetic: torch.Tensor, dsa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``dsa``: one sampled DSA transform applied to both batches (siamese augmentation)."""
+        if not dsa:
+            return real, synthetic
+        params = sample_dsa_params(1, DSAConfig(), self.generator, self.context.device)
+        return apply_dsa(real, params), apply_dsa(synthetic, params)
+
+    def new_network_seed(self) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def distilled_set(self) -> DistilledSet:
+        dtype = self.budget.torch_dtype
+        return DistilledSet({"images": self.images.detach().cpu().to(dtype), "labels": self.image_labels.clone()},
+                            self.pixel_space, "hard-label", self.name,
+                            {"num_classes": self.classes, "ipc": self.ipc, "initial_indices": self.initial_indices.tolist()})
