@@ -290,3 +290,11 @@ def test_every_shipped_preset_resolves_into_its_config(group: str) -> None:
         config = resolve_config(classes[group], group, name)
         if group == "distill":  # the method's own settings are validated by its settings class
             method_settings(config.method, config.settings)
+
+
+def test_every_registered_method_has_a_tiny_and_a_cifar10_cpu_preset() -> None:
+    from ssdd.methods import list_methods
+
+    shipped = set(list_presets("distill"))
+    missing = [f"{m}/{p}" for m in list_methods() for p in ("tiny", "cifar10-cpu") if f"{m}/{p}" not in shipped]
+    assert not missing, missing
