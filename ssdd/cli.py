@@ -177,6 +177,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssdd.config import resolve_config
     from ssdd.device import resolve_device
     from ssdd.environment import environment
+    from ssdd.distributed import init_from_env
     from ssdd.evaluation import EvaluationConfig, evaluate, write_report
 
     overrides: dict[str, Any] = {
@@ -186,10 +187,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.fractions is not None:
         overrides["readout"] = {"fractions": _csv(args.fractions, float)}
     config = resolve_config(EvaluationConfig, "evaluate", args.preset, args.config, overrides)
+    current = init_from_env(config.device)  # under torchrun the cells are spread over the processes
     named = [_named_set(s) for s in args.sets]
     cells = evaluate([path for _, path in named], config, baselines=_csv(args.baselines) or [], teacher=args.teacher,
                      budget_bytes=args.bytes, budget_images=args.images, progress=not args.no_progress,
                      names=[name for name, _ in named])
+    if not current.is_main:
+        return 0
     command = "ssdd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
     report = write_report(args.out, cells, config, environment(resolve_device(config.device)), command)
     print(report.read_text())
@@ -320,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command in ("teacher", "distill", "experts", "bench"):
+            from ssdd.distributed import refuse_several_processes
+
+            refuse_several_processes(args.command)
         return func(args)
     except SsddError as exc:
         if args.verbose:

@@ -29,8 +29,14 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    return {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-            "commit": git_commit()}
+    """Where a result was produced (with the number of processes when it was made by several)."""
+    from ssdd.distributed import world
+
+    env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+           "commit": git_commit()}
+    if world().size > 1:
+        env["processes"] = str(world().size)
+    return env
 
 
 class PeakMemory:

@@ -15,6 +15,7 @@ from ssdd.data import load_dataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
+from ssdd.distributed import gather_objects, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, HighLossSettings, make_baseline,
                                        make_labelled_baseline)
@@ -172,7 +173,11 @@ class Evaluator:
         seconds: dict[tuple[str, str, str, float], float] = {}
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
                 for s in cfg.seeds]
-        for entry, arch, seed in tqdm(jobs, desc=f"evaluate ({cfg.protocol})", unit="cell", disable=not self.progress):
+        current = world()
+        done = []  # (job index, key, accuracy, seconds) of this process's share of the jobs
+        mine = shard(jobs, current)
+        for index, (entry, arch, seed) in tqdm(mine, desc=f"evaluate ({cfg.protocol})", unit="cell",
+                                               disable=not (self.progress and current.is_main)):
             started = time.monotonic()
             distilled = entry.distilled
             if entry.baseline is not None and entry.baseline not in SETLESS:
@@ -192,9 +197,12 @@ class Evaluator:
                 accuracies = readout(ctx)
                 cell_seconds = pretrain_seconds + time.monotonic() - readout_started
                 for fraction, accuracy in accuracies.items():
-                    key = (entry.name, arch, target_name, fraction)
-                    raw.setdefault(key, []).append(accuracy)
-                    seconds[key] = seconds.get(key, 0.0) + cell_seconds
+                    done.append((index, (entry.name, arch, target_name, fraction), accuracy, cell_seconds))
+        # every process's results in job order: the same cells, seeds in the same order, as one process makes
+        for _, key, accuracy, cell_seconds in sorted((r for part in gather_objects(done, current) for r in part),
+                                                      key=lambda r: r[0]):
+            raw.setdefault(key, []).append(accuracy)
+            seconds[key] = seconds.get(key, 0.0) + cell_seconds
         return [Cell(e, cfg.protocol, a, t, f, list(cfg.seeds), accs, round(seconds[(e, a, t, f)], 1))
                 for (e, a, t, f), accs in raw.items()]
 

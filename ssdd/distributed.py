@@ -1,0 +1,86 @@
+"""Runs on several processes with PyTorch's own engine: ``torchrun --nproc_per_node=N -m ssdd ...``.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env`
+joins the process group they describe (NCCL on CUDA, gloo on CPU) and binds each process to its local GPU. Work
+that splits into independent items is dealt round-robin with :func:`shard` and collected with
+:func:`gather_objects`; only the main process (rank 0) writes files and prints reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ssdd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """The current world: the process group's when one is initialised, else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World()
+
+
+def launched_size() -> int:
+    """How many processes the launcher (torchrun) started for this run; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: str = "auto") -> World:
+    """Join the process group torchrun describes in the environment (no-op for a single process or when already
+    joined); CUDA processes use NCCL and their ``LOCAL_RANK``'s GPU, the others gloo."""
+    if launched_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()
+    if not dist.is_available():
+        raise ConfigError("this torch was built without torch.distributed; run ssdd as a single process")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several processes with torchrun")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return world()
+
+
+def refuse_several_processes(command: str) -> None:
+    """Commands that do not shard yet refuse to run as several processes (each would repeat all the work and
+    write the same files)."""
+    if launched_size() > 1:
+        raise ConfigError(f"ssdd {command} does not split its work over processes yet; run it as one process "
+                          "(without torchrun), or use ssdd evaluate, which does")
+
+
+def shard(items: list[T], current: World | None = None) -> list[tuple[int, T]]:
+    """This process's share of ``items``, dealt round-robin, each with its index in ``items``."""
+    current = current or world()
+    return [(i, item) for i, item in enumerate(items) if i % current.size == current.rank]
+
+
+def gather_objects(obj: Any, current: World | None = None) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
+    current = current or world()
+    if current.size == 1:
+        return [obj]
+    out: list[Any] = [None] * current.size
+    dist.all_gather_object(out, obj)
+    return out
