@@ -62,6 +62,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
     from ssdd.config import resolve_config
+    from ssdd.distributed import init_from_env
     from ssdd.io import read_metadata
     from ssdd.teachers import TeacherConfig, train_teacher
 
@@ -71,7 +72,10 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
         "train_images": args.train_images, "seed": args.seed, "device": args.device, "data_root": args.data_root,
     }
     config = resolve_config(TeacherConfig, "teacher", args.preset, args.config, overrides)
+    current = init_from_env(config.device)  # under torchrun: data-parallel over the processes
     path = train_teacher(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if not current.is_main:
+        return 0
     meta = read_metadata(path)
     probe = meta.get("linear_probe_top1")
     print(f"teacher written to {path}")
@@ -324,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command in ("teacher", "distill", "experts", "bench"):
+        if args.command in ("distill", "experts", "bench"):
             from ssdd.distributed import refuse_several_processes
 
             refuse_several_processes(args.command)

@@ -18,6 +18,12 @@ from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
+from ssdd.io import load_checkpoint, read_metadata
+from ssdd.models import create_model
+from ssdd.teachers import TeacherConfig, train_teacher
+from ssdd.teachers import train as train_module
+from ssdd.teachers.losses import SSL_LOSSES, make_projector
+from ssdd.teachers.train import SSLModel, distributed_model
 
 
 def free_port() -> int:
@@ -73,7 +79,7 @@ def test_commands_that_do_not_split_refuse_several_processes(capsys: pytest.Capt
                                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     for argv in (["distill", "--method", "krr-st", "--preset", "tiny", "--out", str(tmp_path)],
-                 ["teacher", "--preset", "tiny", "--out", str(tmp_path)],
+                 ["experts", "--method", "mkdt", "--preset", "tiny", "--out", str(tmp_path)],
                  ["bench", "--suite", "tiny", "--out", str(tmp_path)]):
         line = user_error(capsys, argv)
         assert f"ssdd {argv[0]} does not split its work over processes yet" in line and "torchrun" in line
@@ -110,3 +116,91 @@ def test_torchrun_evaluate_writes_the_serial_results_json_once(tiny_teacher: Pat
 
     (serial, serial_env), (two, two_env) = cells("serial"), cells("two")
     assert two == serial and two_env["processes"] == "2" and "processes" not in serial_env
+
+
+# ---- the teacher: data-parallel training ------------------------------------------------------------------------
+
+def _tiny_ssl_model() -> SSLModel:
+    """A BatchNorm-free backbone and a one-layer projector, so the gradient depends only on the global batch."""
+    torch.manual_seed(0)
+    backbone = create_model("convnet", in_channels=3, image_size=8, widths=[4, 8], norm="none")
+    return SSLModel(backbone, make_projector(backbone.feature_dim, [16]))
+
+
+def _views() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+
+
+def _ddp_gradient_worker(rank: int, size: int, port: int, loss_name: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    current = init_from_env("cpu")
+    model = _tiny_ssl_model()
+    ddp = distributed_model(model, current, cuda=False)
+    v1, v2 = _views()
+    share = slice(rank * 4, (rank + 1) * 4)  # each process its contiguous half of the global batch
+    z = ddp(torch.cat([v1[share], v2[share]]))
+    SSL_LOSSES[loss_name]()(*z.chunk(2)).backward()
+    if current.is_main:
+        torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name", ["barlow-twins", "simclr"])
+def test_ddp_teacher_gradient_equals_the_single_process_gradient_of_the_global_batch(loss_name: str,
+                                                                                     tmp_path: Path) -> None:
+    model = _tiny_ssl_model()
+    v1, v2 = _views()
+    z = model(torch.cat([v1, v2]))
+    SSL_LOSSES[loss_name]()(*z.chunk(2)).backward()
+    single = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_gradient_worker, args=(2, free_port(), loss_name, str(out)), nprocs=2)
+    ddp = torch.load(out)
+    assert set(ddp) == set(single)
+    for name, grad in single.items():
+        assert float(grad.abs().max()) > 0, name
+        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+class Stop(Exception):
+    """Stands for the processes being killed."""
+
+
+def _teacher_worker(rank: int, size: int, port: int, out: str, cache: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SSDD_CACHE_DIR": cache})
+    torch.set_num_threads(1)
+    init_from_env("cpu")
+    original = train_module._TeacherTraining.train_step
+
+    def stopping(self, batch):  # noqa: ANN001, ANN202
+        if self.step == 2 * self.steps_per_epoch + 1:  # after two epochs' checkpoints
+            raise Stop
+        return original(self, batch)
+
+    train_module._TeacherTraining.train_step = stopping
+    try:
+        train_teacher(_teacher_config(), out, progress=False)
+    except Stop:
+        pass
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _teacher_config() -> TeacherConfig:
+    return resolve_config(TeacherConfig, "teacher", "tiny", overrides={
+        "device": "cpu", "epochs": 3, "probe": False, "monitor_every": 0, "checkpoint_minutes": 0.0})
+
+
+def test_a_two_process_teacher_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "teacher"
+    mp.spawn(_teacher_worker, args=(2, free_port(), str(out), os.environ["SSDD_CACHE_DIR"]), nprocs=2)
+    state = load_checkpoint(out / "checkpoint.pt")
+    steps_per_epoch = 320 // 64  # the tiny preset: 320 synthetic training images, global batches of 64
+    assert state["step"] == 2 * steps_per_epoch and not (out / "teacher.safetensors").exists()
+    path = train_teacher(_teacher_config(), out, resume=True, progress=False)
+    assert read_metadata(path)["epochs_trained"] == 3
+    assert f"resumed at step {state['step']}" in (out / "run.log").read_text()

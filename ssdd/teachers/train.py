@@ -15,6 +15,7 @@ from ssdd.config import to_dict
 from ssdd.data import PixelSpace, load_dataset
 from ssdd.data.augment import SSLViews
 from ssdd.device import autocast, make_generator, resolve_device, seeded
+from ssdd.distributed import World, world
 from ssdd.environment import environment
 from ssdd.errors import ConfigError
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
@@ -64,6 +65,33 @@ class TeacherConfig:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
 
 
+class SSLModel(nn.Module):
+    """Backbone and projector as one module: what a training step runs (wrapped in DistributedDataParallel when
+    several processes train)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone.features(views))
+
+
+def distributed_model(model: SSLModel, current: World, cuda: bool) -> nn.Module:
+    """``model`` for ``current``: itself for one process; else wrapped in DDP (gradients averaged over processes,
+    which with the losses' gathering of the global batch gives the single-process gradient of that batch), with
+    BatchNorm layers synchronised on CUDA (on CPU, where SyncBatchNorm does not run, each process normalises with
+    its own share of the batch)."""
+    if current.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cuda:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[current.local_rank] if cuda else None)
+
+
 def _ssl_loss(config: TeacherConfig) -> nn.Module:
     if config.ssl == "barlow-twins":
         return SSL_LOSSES["barlow-twins"](lambda_offdiag=config.lambda_offdiag)
@@ -97,6 +125,10 @@ class _TeacherTraining:
         self.projector.to(self.device)
         if config.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.world = world()
+        if config.batch_size % self.world.size:
+            raise ConfigError(f"batch_size {config.batch_size} must split evenly over the {self.world.size} processes")
+        self.model = distributed_model(SSLModel(self.backbone, self.projector), self.world, self.cuda)
         self.loss_fn = _ssl_loss(config)
         self.optimizer = make_optimizer(config.optimizer, [self.backbone, self.projector], config.lr,
                                         config.weight_decay, config.momentum)
@@ -105,7 +137,7 @@ class _TeacherTraining:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train)} training images")
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.aug_gen = make_generator(config.seed + 1, self.device)
+        self.aug_gen = self.augmentation_generator(0)
         self.step = 0
         self.images = train.images.to(self.device)  # uint8; a CIFAR-size set fits any device
         monitor = min(config.monitor_train_images, len(train))  # a seeded random subset: splits are sorted by class
@@ -120,12 +152,23 @@ class _TeacherTraining:
             "aug_gen": self.aug_gen.get_state(),
         }
 
+    def augmentation_generator(self, step: int) -> torch.Generator:
+        """Process 0 draws the single-process augmentation stream (carried in checkpoints); each other process
+        draws its own, seeded by its rank and the step it starts at."""
+        if self.world.rank == 0:
+            return make_generator(self.config.seed + 1, self.device)
+        return make_generator(self.config.seed + 1 + 1_000_003 * self.world.rank + step, self.device)
+
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint (written by process 0 of a run with any number of processes)."""
         self.step = int(state["step"])
         self.backbone.load_state_dict(state["backbone"])
         self.projector.load_state_dict(state["projector"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.aug_gen.set_state(state["aug_gen"])
+        if self.world.rank == 0:
+            self.aug_gen.set_state(state["aug_gen"])
+        else:
+            self.aug_gen = self.augmentation_generator(self.step)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffling of ``epoch``: a function of (seed, epoch) only, so a resumed run sees the same batches."""
@@ -136,13 +179,15 @@ class _TeacherTraining:
         lr = cfg.lr * warmup_cosine(self.step, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch),
                                     cfg.final_lr_fraction)
         set_lr(self.optimizer, lr)
+        share = batch_idx.shape[0] // self.world.size  # this process's contiguous share of the global batch
+        batch_idx = batch_idx[self.world.rank * share : (self.world.rank + 1) * share]
         x = self.images[batch_idx.to(self.device)].float().div_(255.0)
         v1, v2 = self.augment.two_views(x, self.aug_gen)
         views = self.pixel_space.normalize(torch.cat([v1, v2]))
         if cfg.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.config.amp):
-            z = self.projector(self.backbone.features(views))
+            z = self.model(views)
         z1, z2 = z.float().chunk(2)
         loss = self.loss_fn(z1, z2)
         self.optimizer.zero_grad(set_to_none=True)
@@ -166,14 +211,18 @@ class _TeacherTraining:
 
     def run(self) -> Path:
         cfg = self.config
-        self.run_dir.start(cfg, resume=self.resume, ignore=("device", "checkpoint_minutes"))
+        main = self.world.is_main  # only process 0 writes, monitors and shows progress
+        if main:
+            self.run_dir.start(cfg, resume=self.resume, ignore=("device", "checkpoint_minutes"))
         if self.resume and (state := self.run_dir.load_checkpoint()) is not None:
             self.load_state(state)
-            self.run_dir.log(f"resumed at step {self.step}")
+            if main:
+                self.run_dir.log(f"resumed at step {self.step}" + (f" with {self.world.size} processes"
+                                                                    if self.world.size > 1 else ""))
         self.backbone.train()
         self.projector.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
-                   unit="step", disable=not self.progress, dynamic_ncols=True)
+                   unit="step", disable=not (self.progress and main), dynamic_ncols=True)
         last_checkpoint = time.monotonic()
         knn = None
         start_time = time.monotonic()
@@ -185,7 +234,7 @@ class _TeacherTraining:
             bar.update(1)
             postfix = {"epoch": epoch + 1, "loss": f"{loss:.3f}"}
             epoch_done = self.step % self.steps_per_epoch == 0
-            if epoch_done:
+            if epoch_done and main:
                 done_epochs = self.step // self.steps_per_epoch
                 measured = None
                 if cfg.monitor_every and (done_epochs % cfg.monitor_every == 0 or done_epochs == cfg.epochs):
@@ -195,10 +244,12 @@ class _TeacherTraining:
             if knn is not None:
                 postfix["knn"] = f"{knn:.1f}"
             bar.set_postfix(postfix)
-            if epoch_done and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
+            if main and epoch_done and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
                 self.run_dir.save_checkpoint(self.state())
                 last_checkpoint = time.monotonic()
         bar.close()
+        if not main:
+            return self.run_dir.path / TEACHER_FILE
         self.run_dir.save_checkpoint(self.state())
         return self.finish(knn)
 
