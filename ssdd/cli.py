@@ -124,6 +124,7 @@ def _distill_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from ssdd.distributed import init_from_env
     from ssdd.methods import Distillation
 
     overrides: dict[str, Any] = {"images": args.images, "bytes": args.bytes, "storage_dtype": args.storage_dtype}
@@ -132,7 +133,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     config = _distill_config(args, overrides)
     if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
         config.images, config.bytes = args.images, args.bytes
+    current = init_from_env(config.device)  # under torchrun: each step's real batch shared by the processes
     distilled = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress).run()
+    if not current.is_main:
+        return 0
     print(f"distilled set written to {distilled.path}")
     print(f"  {distilled.method}: {distilled.num_images} images, {distilled.byte_count:,} bytes, "
           f"{distilled.metadata['distill_seconds']} s, monitor kNN {distilled.metadata.get('monitor_knn')}")
@@ -328,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command in ("distill", "experts", "bench"):
+        if args.command in ("experts", "bench"):
             from ssdd.distributed import refuse_several_processes
 
             refuse_several_processes(args.command)

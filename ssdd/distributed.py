@@ -84,3 +84,24 @@ def gather_objects(obj: Any, current: World | None = None) -> list[Any]:
     out: list[Any] = [None] * current.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def average_gradients(tensors: list[torch.Tensor], current: World | None = None) -> None:
+    """Replace each tensor's gradient by its mean over the processes (a no-op for one process)."""
+    current = current or world()
+    if current.size == 1:
+        return
+    for tensor in tensors:
+        if tensor.grad is not None:
+            dist.all_reduce(tensor.grad, op=dist.ReduceOp.SUM)
+            tensor.grad.div_(current.size)
+
+
+def mean_over_processes(value: float, current: World | None = None) -> float:
+    """The mean of ``value`` over the processes (``value`` for one process)."""
+    current = current or world()
+    if current.size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total) / current.size

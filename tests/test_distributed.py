@@ -18,6 +18,8 @@ from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
+from ssdd.methods import Distillation, DistillConfig
+from ssdd.methods import engine
 from ssdd.io import load_checkpoint, read_metadata
 from ssdd.models import create_model
 from ssdd.teachers import TeacherConfig, train_teacher
@@ -78,8 +80,7 @@ def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp
 def test_commands_that_do_not_split_refuse_several_processes(capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for argv in (["distill", "--method", "krr-st", "--preset", "tiny", "--out", str(tmp_path)],
-                 ["experts", "--method", "mkdt", "--preset", "tiny", "--out", str(tmp_path)],
+    for argv in (["experts", "--method", "mkdt", "--preset", "tiny", "--out", str(tmp_path)],
                  ["bench", "--suite", "tiny", "--out", str(tmp_path)]):
         line = user_error(capsys, argv)
         assert f"ssdd {argv[0]} does not split its work over processes yet" in line and "torchrun" in line
@@ -204,3 +205,63 @@ def test_a_two_process_teacher_checkpoint_resumes_in_one_process(tmp_path: Path)
     path = train_teacher(_teacher_config(), out, resume=True, progress=False)
     assert read_metadata(path)["epochs_trained"] == 3
     assert f"resumed at step {state['step']}" in (out / "run.log").read_text()
+
+
+# ---- distillation: the kernel-ridge family shares each step's real batch -----------------------------------------
+
+def _krr_config(teacher: str) -> DistillConfig:
+    return resolve_config(DistillConfig, "distill", "krr-st/tiny", overrides={
+        "teacher": teacher, "device": "cpu", "monitor": {"every": -1},
+        "settings": {"steps": 1, "real_batch": 32, "teacher_copies": 0, "real_augment": "none"}})
+
+
+def _krr_step(teacher: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One step of the tiny KRR-ST run: the gradient it applied to each learned tensor, and the tensors after it."""
+    distillation = Distillation(_krr_config(teacher), None, progress=False)
+    distillation.run()
+    learned = distillation.method.learned
+    return {"grad": {k: v.grad.clone() for k, v in learned.items()}, "after": {k: v.detach().clone()
+                                                                              for k, v in learned.items()}}
+
+
+def _krr_worker(rank: int, size: int, port: int, teacher: str, cache: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SSDD_CACHE_DIR": cache})
+    torch.set_num_threads(1)
+    current = init_from_env("cpu")
+    every_rank = gather_objects(_krr_step(teacher), current)
+    if current.is_main:
+        torch.save(every_rank, out)
+    dist.destroy_process_group()
+
+
+def test_a_distributed_krr_st_step_is_the_single_process_step(tiny_teacher: Path, tmp_path: Path) -> None:
+    """The gradient is compared with the single process's (the tensors after the step only across processes:
+    Adam's first step divides each entry by |g| + eps, which turns float-order differences in entries whose
+    gradient is near eps into visible ones)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _krr_step(str(tiny_teacher))
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "steps.pt"
+    mp.spawn(_krr_worker, args=(2, free_port(), str(tiny_teacher), os.environ["SSDD_CACHE_DIR"], str(out)),
+             nprocs=2)
+    first, second = torch.load(out)
+    for name, grad in single["grad"].items():
+        assert float(grad.abs().max()) > 0, name
+        # the mean of the two halves' gradients is the whole real batch's gradient
+        torch.testing.assert_close(first["grad"][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()),
+                                   msg=name)
+        # and both processes applied the same step to the same tensors
+        assert torch.equal(first["grad"][name], second["grad"][name]), name
+        assert torch.equal(first["after"][name], second["after"][name]), name
+
+
+def test_methods_that_do_not_split_refuse_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "world", lambda: World(0, 2))
+    with pytest.raises(ConfigError) as info:
+        Distillation(resolve_config(DistillConfig, "distill", "dm/tiny", overrides={"device": "cpu"}), None)
+    message = one_line(info.value)
+    assert "method dm does not split over processes yet" in message and "krr-st" in message and "paa" in message

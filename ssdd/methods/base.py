@@ -112,6 +112,7 @@ class Method(abc.ABC):
 
     settings_class: ClassVar[type]
     needs_teacher: ClassVar[bool] = True
+    splits_over_processes: ClassVar[bool] = False  # whether a run under torchrun shares each step's work
 
     def __init__(self, settings: Any, context: DistillContext, budget: Budget):
         self.settings = settings

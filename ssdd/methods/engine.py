@@ -22,6 +22,7 @@ from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator, resolve_device
+from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, SsddError
@@ -132,12 +133,18 @@ class Distillation:
         self.resume = resume
         self.device = resolve_device(config.device)
         method_cls = METHODS.get(config.method)
+        self.world = world()
+        if self.world.size > 1 and not method_cls.splits_over_processes:
+            shared = ", ".join(n for n in METHODS.names() if METHODS.get(n).splits_over_processes)
+            raise ConfigError(f"method {config.method} does not split over processes yet; run it as one process "
+                              f"(methods that do: {shared})")
         self.settings = method_settings(config.method, config.settings)
         self.budget = Budget(config.images, config.bytes, config.storage_dtype)
         teacher, source = resolve_inputs(config, self.device, teacher, source)
         self.teacher = teacher
         self.source = source
-        self.run_dir = RunDir(out) if out is not None else None
+        self.checkpoints = RunDir(out) if out is not None else None  # read by every process when resuming
+        self.run_dir = self.checkpoints if self.world.is_main else None  # written by process 0 only
         if self.run_dir is not None:
             self.run_dir.start(resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES)
         log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
@@ -172,17 +179,18 @@ class Distillation:
         total = method.total_steps()
         start = 0
         elapsed = 0.0
-        if self.resume and self.run_dir is not None and (state := self.run_dir.load_checkpoint()) is not None:
+        main = self.world.is_main  # the only process that monitors, logs and writes
+        if self.resume and self.checkpoints is not None and (state := self.checkpoints.load_checkpoint()) is not None:
             method.load_state_dict(state["method"])
             start, elapsed = int(state["step"]), float(state.get("seconds", 0.0))
             self.log(f"resumed at step {start}")
         knn = None
-        if start == 0 and cfg.monitor.every > 0:  # the initial set, the reference every later check compares with
+        if start == 0 and cfg.monitor.every > 0 and main:  # the initial set, the reference of every later check
             knn = self.monitor(method.distilled_set())
             if self.run_dir is not None:
                 self.run_dir.metrics(step=0, knn=knn)
-        bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
+                   disable=not (self.progress and main), dynamic_ncols=True)
         started = time.monotonic() - elapsed
         last_checkpoint = time.monotonic()
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
@@ -192,7 +200,7 @@ class Distillation:
                 raise NumericalError(f"{cfg.method}: the loss became {metrics['loss']} at step {step + 1}; "
                                      + self._recovery_advice(last_good))
             done = step + 1
-            if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total:
+            if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
                 knn = self.monitor(method.distilled_set())
                 metrics["knn"] = knn
             if self.run_dir is not None and (done % cfg.log_every == 0 or done == total or "knn" in metrics):
@@ -224,7 +232,7 @@ class Distillation:
     def finish(self, seconds: float) -> DistilledSet:
         cfg = self.config
         distilled = self.method.distilled_set()
-        knn = self.monitor(distilled) if cfg.monitor.every >= 0 else None
+        knn = self.monitor(distilled) if cfg.monitor.every >= 0 and self.world.is_main else None
         teacher = self.teacher
         distilled.metadata.update({
             "config": {**to_dict(cfg), "settings": to_dict(self.settings)},

@@ -23,6 +23,7 @@ import torch
 
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
 from ssdd.device import autocast, make_generator
+from ssdd.distributed import average_gradients, mean_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import Budget, DistillContext, Method
@@ -117,10 +118,14 @@ class KernelRidgeMethod(Method):
     with :meth:`learn`) and implement :meth:`inner_set` and :meth:`stored_tensors`."""
 
     settings_class = KernelRidgeSettings
+    splits_over_processes = True
 
     def __init__(self, settings: KernelRidgeSettings, context: DistillContext, budget: Budget,
                  views: Sequence[str] = ("identity",)):
         super().__init__(settings, context, budget)
+        processes = world().size
+        if min(settings.real_batch, len(context.source)) % processes:
+            raise ConfigError(f"the real batch ({settings.real_batch}) must split evenly over the {processes} processes")
         teacher = context.teacher
         self.image_shape = teacher.input_shape
         self.feature_dim = teacher.feature_dim
@@ -182,7 +187,12 @@ class KernelRidgeMethod(Method):
         reinitialised = self.pool.reinitialise_if_due(member)
         network = self.pool.models[member].eval()
         syn_images, syn_targets = self.inner_set(self.generator)
-        real_images, real_targets = self.real.sample(self.generator)
+        real_images, real_targets = self.real.sample(self.generator)  # the same global batch in every process
+        current = world()
+        if current.size > 1:  # each process regresses its contiguous share of the real batch
+            share = real_images.shape[0] // current.size
+            rows = slice(current.rank * share, (current.rank + 1) * share)
+            real_images, real_targets = real_images[rows], real_targets[rows]
         with torch.no_grad(), autocast(self.context.device, s.amp):
             real_features = network.features(real_images)
         with autocast(self.context.device, s.amp):
@@ -191,11 +201,13 @@ class KernelRidgeMethod(Method):
         self.set_learning_rates(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the mean of the shares' gradients is the whole batch's: every process takes the same step
+        average_gradients(list(self.learned.values()), current)
         self.optimizer.step()
         with autocast(self.context.device, s.amp):
             online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
         drift = self.drift()
-        return {"loss": loss.item(), "online_loss": online, "member": member, "reinitialised": int(reinitialised),
+        return {"loss": mean_over_processes(loss.item(), current), "online_loss": online, "member": member, "reinitialised": int(reinitialised),
                 **drift}
 
     @torch.no_grad()
