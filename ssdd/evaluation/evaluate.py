@@ -152,6 +152,8 @@ class Evaluator:
                 classes = targets.shape[1]
             model = build_student(arch, arch_args, classes, image_shape, seed)
             loss = "ce" if distilled.target_kind == "hard-label" else "kl"
+            if distilled.metadata.get("label_loss") == "mse":  # label vectors learned as regression targets (FRePo)
+                loss = "mse"
             temperature = cfg.temperature
             if cfg.use_set_temperature and "temperature" in distilled.metadata:
                 temperature = float(distilled.metadata["temperature"])

@@ -1,7 +1,7 @@
 """Distillation methods behind one interface and registry (:class:`Method`, ``METHODS``), and the engine that
 runs any of them (:func:`distill`)."""
 
-from ssdd.methods import coreset, decoupled, dm, gradient_matching, krr_st, matching, paa  # noqa: F401  (register every method)
+from ssdd.methods import coreset, decoupled, dm, frepo, gradient_matching, krr_st, matching, paa  # noqa: F401  (register every method)
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, list_methods
 from ssdd.methods.engine import DistillConfig, Distillation, MonitorSettings, NumericalError, distill
 

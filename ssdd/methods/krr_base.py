@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
+from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator
 from ssdd.distributed import average_gradients, mean_over_processes, world
 from ssdd.distilled import DistilledSet
@@ -126,16 +127,24 @@ class KernelRidgeMethod(Method):
         processes = world().size
         if min(settings.real_batch, len(context.source)) % processes:
             raise ConfigError(f"the real batch ({settings.real_batch}) must split evenly over the {processes} processes")
-        teacher = context.teacher
-        self.image_shape = teacher.input_shape
-        self.feature_dim = teacher.feature_dim
-        self.real = RealBatches(settings, context, views)
+        self.pixel_space, self.image_shape, self.feature_dim = self.target_space(context)
+        self.real = self.real_batches(settings, context, views)
         self.learned: dict[str, torch.Tensor] = {}
         self.initial: dict[str, torch.Tensor] = {}  # the tracked() quantities at initialisation
         self.param_groups: list[dict[str, Any]] = []
-        self.pool = ModelPool(settings.pool, teacher.feature_dim, self.image_shape, context.seed + 1, context.device)
+        self.pool = ModelPool(settings.pool, self.feature_dim, self.image_shape, context.seed + 1, context.device)
         self.generator = make_generator(context.seed + 2)
         self._optimizer: torch.optim.Optimizer | None = None
+
+    def target_space(self, context: DistillContext) -> tuple[PixelSpace, tuple[int, int, int], int]:
+        """The pixel space and image shape of the set and the dimension of its targets: the teacher's."""
+        teacher = context.teacher
+        return teacher.pixel_space, teacher.input_shape, teacher.feature_dim
+
+    def real_batches(self, settings: KernelRidgeSettings, context: DistillContext,
+                     views: Sequence[str]) -> RealBatches:
+        """Where the real batches and their targets come from: the teacher's features of augmented source images."""
+        return RealBatches(settings, context, views)
 
     def learn(self, lr: float, relative: bool = False, **tensors: torch.Tensor) -> None:
         """Register learned tensors: one AdamW parameter group at ``lr``, or with ``relative`` one group per tensor
@@ -231,9 +240,9 @@ class KernelRidgeMethod(Method):
         self.pool.load_state_dict(state["pool"])
         self.generator.set_state(state["generator"])
 
-    def make_set(self, method: str, metadata: dict[str, Any]) -> DistilledSet:
+    def make_set(self, method: str, metadata: dict[str, Any], target_kind: str = "representation") -> DistilledSet:
         """The stored tensors cast to the budget's dtype, as a DistilledSet of ``method``."""
         dtype = self.budget.torch_dtype
         tensors = {k: v.detach().cpu().to(dtype) for k, v in self.stored_tensors().items()}
-        return DistilledSet(tensors, self.context.teacher.pixel_space, "representation", method,
+        return DistilledSet(tensors, self.pixel_space, target_kind, method,
                             {**metadata, "pool_reinitialisations": self.pool.reinitialisations})
