@@ -34,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join(rank: int, size: int, port: int, cache: str | None = None) -> World:
+    """In a spawned worker: describe the world as torchrun would, use one thread, and join the process group."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if cache is not None:
+        os.environ["SSDD_CACHE_DIR"] = cache
+    torch.set_num_threads(1)
+    return init_from_env("cpu")
+
+
 def tiny_evaluation(teacher: str) -> list[dict]:
     """The tiny preset's linear protocol for none and random (2 seeds: 4 jobs), cells without their timings."""
     config = resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={"device": "cpu"})
@@ -42,10 +52,7 @@ def tiny_evaluation(teacher: str) -> list[dict]:
 
 
 def _worker(rank: int, size: int, port: int, teacher: str, cache: str, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SSDD_CACHE_DIR": cache})
-    torch.set_num_threads(1)
-    current = init_from_env("cpu")
+    current = join(rank, size, port, cache)
     assert current == World(rank, size, rank)
     cells = tiny_evaluation(teacher)
     done = gather_objects(len(shard(list(range(4)), current)), current)
@@ -134,10 +141,7 @@ def _views() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _ddp_gradient_worker(rank: int, size: int, port: int, loss_name: str, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    current = init_from_env("cpu")
+    current = join(rank, size, port)
     model = _tiny_ssl_model()
     ddp = distributed_model(model, current, cuda=False)
     v1, v2 = _views()
@@ -171,10 +175,7 @@ class Stop(Exception):
 
 
 def _teacher_worker(rank: int, size: int, port: int, out: str, cache: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SSDD_CACHE_DIR": cache})
-    torch.set_num_threads(1)
-    init_from_env("cpu")
+    join(rank, size, port, cache)
     original = train_module._TeacherTraining.train_step
 
     def stopping(self, batch):  # noqa: ANN001, ANN202
@@ -225,10 +226,7 @@ def _krr_step(teacher: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _krr_worker(rank: int, size: int, port: int, teacher: str, cache: str, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SSDD_CACHE_DIR": cache})
-    torch.set_num_threads(1)
-    current = init_from_env("cpu")
+    current = join(rank, size, port, cache)
     every_rank = gather_objects(_krr_step(teacher), current)
     if current.is_main:
         torch.save(every_rank, out)
