@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +45,16 @@ def join(rank: int, size: int, port: int, cache: str | None = None) -> World:
     return init_from_env("cpu")
 
 
+def one_thread(work, *args: object) -> Any:  # noqa: ANN001 - any callable
+    """``work(*args)`` with one intra-op thread, as each spawned worker uses, so the float results compare."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return work(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_evaluation(teacher: str) -> list[dict]:
     """The tiny preset's linear protocol for none and random (2 seeds: 4 jobs), cells without their timings."""
     config = resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={"device": "cpu"})
@@ -71,12 +82,7 @@ def test_shard_deals_round_robin_and_covers_every_item_once() -> None:
 
 
 def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        serial = tiny_evaluation(str(tiny_teacher))
-    finally:
-        torch.set_num_threads(threads)
+    serial = one_thread(tiny_evaluation, str(tiny_teacher))
     out = tmp_path / "cells.json"
     mp.spawn(_worker, args=(2, free_port(), str(tiny_teacher), os.environ["SSDD_CACHE_DIR"], str(out)), nprocs=2)
     record = json.loads(out.read_text())
@@ -237,12 +243,7 @@ def test_a_distributed_krr_st_step_is_the_single_process_step(tiny_teacher: Path
     """The gradient is compared with the single process's (the tensors after the step only across processes:
     Adam's first step divides each entry by |g| + eps, which turns float-order differences in entries whose
     gradient is near eps into visible ones)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _krr_step(str(tiny_teacher))
-    finally:
-        torch.set_num_threads(threads)
+    single = one_thread(_krr_step, str(tiny_teacher))
     out = tmp_path / "steps.pt"
     mp.spawn(_krr_worker, args=(2, free_port(), str(tiny_teacher), os.environ["SSDD_CACHE_DIR"], str(out)),
              nprocs=2)
