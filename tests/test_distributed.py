@@ -250,8 +250,9 @@ def test_a_distributed_krr_st_step_is_the_single_process_step(tiny_teacher: Path
     first, second = torch.load(out)
     for name, grad in single["grad"].items():
         assert float(grad.abs().max()) > 0, name
-        # the mean of the two halves' gradients is the whole real batch's gradient
-        torch.testing.assert_close(first["grad"][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()),
+        # the mean of the two halves' gradients is the whole real batch's gradient, to float32 rounding of
+        # sums taken in another order (measured: up to 2e-5 of the gradient's largest entry)
+        torch.testing.assert_close(first["grad"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
                                    msg=name)
         # and both processes applied the same step to the same tensors
         assert torch.equal(first["grad"][name], second["grad"][name]), name
