@@ -61,6 +61,15 @@ def gradient_distance(real: list[torch.Tensor], synthetic: list[torch.Tensor]) -
     return total
 
 
+def class_gradient(network: torch.nn.Module, images: torch.Tensor, c: int, params: list[torch.Tensor],
+                   differentiable: bool) -> list[torch.Tensor]:
+    """The gradient of the cross-entropy of ``images`` (all of class ``c``) with respect to ``params``; with
+    ``differentiable`` it keeps the graph back to ``images``, else it is detached."""
+    labels = torch.full((images.shape[0],), c, device=images.device)
+    grads = torch.autograd.grad(F.cross_entropy(network(images), labels), params, create_graph=differentiable)
+    return list(grads) if differentiable else [g.detach() for g in grads]
+
+
 class GradientMatching(ClassBalancedImages):
     """DC / DSA (labelled, class-balanced); ``dsa`` in the settings tells which."""
 
@@ -84,11 +93,9 @@ class GradientMatching(ClassBalancedImages):
             loss = torch.zeros((), device=self.context.device)
             for c in range(self.classes):
                 real_c, syn_c = self.siamese(self.real_batch(c, s.real_batch), self.synthetic(c), s.dsa)
-                label = torch.full((self.ipc,), c, device=self.context.device)
-                g_real = torch.autograd.grad(F.cross_entropy(network(real_c), label.new_full((real_c.shape[0],), c)),
-                                             params)
-                g_syn = torch.autograd.grad(F.cross_entropy(network(syn_c), label), params, create_graph=True)
-                loss = loss + gradient_distance([g.detach() for g in g_real], list(g_syn))
+                g_real = class_gradient(network, real_c, c, params, differentiable=False)
+                g_syn = class_gradient(network, syn_c, c, params, differentiable=True)
+                loss = loss + gradient_distance(g_real, g_syn)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
