@@ -56,7 +56,7 @@ class RunDir:
                     "use the same settings or a new --out"
                 )
             allowed_changes = [f"resumed with {k} = {current.get(k)!r} (was {previous.get(k)!r})"
-                               for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
+                               for k in self.differences(resolved)]
         atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
         handler = logging.FileHandler(self.path / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
