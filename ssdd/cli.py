@@ -331,12 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    finished = False
     try:
         if args.command in ("experts", "bench"):
             from ssdd.distributed import refuse_several_processes
 
             refuse_several_processes(args.command)
-        return func(args)
+        status = func(args)
+        finished = True
+        return status
     except SsddError as exc:
         if args.verbose:
             raise
@@ -345,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssdd: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only commands that loaded torch can have joined a process group
+            from ssdd.distributed import leave
+
+            leave(finished)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def init_from_env(device: str = "auto") -> World:
     return world()
 
 
+def leave(finished: bool) -> None:
+    """Leave the process group at the end of a command (no-op without one). A command that ``finished`` first waits
+    for every process to finish too, so that none exits while another still talks to it (gloo aborts a process
+    whose peer has gone); each process then destroys its group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def refuse_several_processes(command: str) -> None:
     """Commands that do not shard yet refuse to run as several processes (each would repeat all the work and
     write the same files)."""
