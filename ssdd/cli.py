@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ssdd import __version__
-from ssdd.errors import ConfigError, SsddError
+from ssdd.errors import ConfigError, ResourceError, SsddError
 
 
 def _add_run_options(parser: argparse.ArgumentParser, group: str) -> None:
@@ -145,6 +145,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_experts(args: argparse.Namespace) -> int:
     from ssdd.device import resolve_device
+    from ssdd.distributed import init_from_env
     from ssdd.methods import METHODS, DistillContext
     from ssdd.methods.engine import method_settings, resolve_inputs
     from ssdd.methods.matching import TrajectoryMatching, prepare_experts, trajectory_data
@@ -155,12 +156,14 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     if not issubclass(method, TrajectoryMatching):
         raise ConfigError(f"method {config.method} trains no experts; experts are for mkdt and mtt")
     settings = method_settings(config.method, config.settings)
+    current = init_from_env(config.device)  # under torchrun the experts are dealt to the processes
     device = resolve_device(config.device)
     teacher, source = resolve_inputs(config, device)
     context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.experts"))
     _, images, targets = trajectory_data(method.loss, context)
     store = prepare_experts(method.loss, settings, context, args.out, images, targets, progress=not args.no_progress)
-    print(f"{len(store)} experts of {store.epochs} epochs in {store.folder}")
+    if current.is_main:
+        print(f"{len(store)} experts of {store.epochs} epochs in {store.folder}")
     return 0
 
 
@@ -333,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     finished = False
     try:
-        if args.command in ("experts", "bench"):
+        if args.command == "bench":
             from ssdd.distributed import refuse_several_processes
 
             refuse_several_processes(args.command)
@@ -348,6 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssdd: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:  # an allocator's failure is the user's to fix, not a traceback
+        from ssdd.resources import out_of_memory_message
+
+        message = out_of_memory_message(exc)
+        if message is None or args.verbose:
+            raise
+        print(f"ssdd: error: {message}", file=sys.stderr)
+        return ResourceError.exit_code
     finally:
         if "torch.distributed" in sys.modules:  # only commands that loaded torch can have joined a process group
             from ssdd.distributed import leave

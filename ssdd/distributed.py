@@ -87,6 +87,13 @@ def shard(items: list[T], current: World | None = None) -> list[tuple[int, T]]:
     return [(i, item) for i, item in enumerate(items) if i % current.size == current.rank]
 
 
+def barrier(current: World | None = None) -> None:
+    """Wait until every process gets here (a no-op for one process)."""
+    current = current or world()
+    if current.size > 1:
+        dist.barrier()
+
+
 def gather_objects(obj: Any, current: World | None = None) -> list[Any]:
     """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
     current = current or world()

@@ -7,6 +7,8 @@ that line and exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import math
+
 
 class SsddError(Exception):
     """Base class of every error ssdd reports to a user."""
@@ -35,3 +37,20 @@ class ArtefactError(SsddError):
 
 class ShapeError(SsddError, ValueError):
     """Tensors whose shapes do not fit together (e.g. images of the wrong size for a model)."""
+
+
+class ResourceError(SsddError):
+    """A request that does not fit in the memory of the machine or the GPU."""
+
+    exit_code = 3
+
+
+class NumericalError(SsddError):
+    """An optimisation diverged: its loss or its parameters became NaN or infinite."""
+
+
+def check_finite(value: float, what: str, advice: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` (e.g. "the loss at step 12 of the teacher") when ``value``
+    is NaN or infinite; ``advice`` says where the last good state is and what to change."""
+    if not math.isfinite(value):
+        raise NumericalError(f"{what} became {value}; {advice}")

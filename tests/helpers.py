@@ -21,11 +21,11 @@ def one_line(exc: BaseException) -> str:
     return message
 
 
-def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """Run ``argv``, check it failed as a user error (status 2, one 'ssdd: error:' line), return the line."""
-    status = main(argv)
+def user_error(capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 2) -> str:
+    """Run ``argv``, check it failed as a user error (exit ``status``, one 'ssdd: error:' line), return the line."""
+    returned = main(argv)
     captured = capsys.readouterr()
-    assert status == 2, (status, captured.err)
+    assert returned == status, (returned, captured.err)
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("ssdd: error: "), captured.err

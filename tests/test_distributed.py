@@ -23,6 +23,8 @@ from ssdd.methods import Distillation, DistillConfig
 from ssdd.methods import engine
 from ssdd.io import load_checkpoint, read_metadata
 from ssdd.models import create_model
+from ssdd.methods import trajectories
+from ssdd.methods.trajectories import ExpertSettings, ExpertStore, train_experts
 from ssdd.teachers import TeacherConfig, train_teacher
 from ssdd.teachers import train as train_module
 from ssdd.teachers.losses import SSL_LOSSES, make_projector
@@ -90,13 +92,11 @@ def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp
     assert record["cells"] == serial
 
 
-def test_commands_that_do_not_split_refuse_several_processes(capsys: pytest.CaptureFixture[str],
+def test_a_command_that_does_not_split_refuses_several_processes(capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for argv in (["experts", "--method", "mkdt", "--preset", "tiny", "--out", str(tmp_path)],
-                 ["bench", "--suite", "tiny", "--out", str(tmp_path)]):
-        line = user_error(capsys, argv)
-        assert f"ssdd {argv[0]} does not split its work over processes yet" in line and "torchrun" in line
+    line = user_error(capsys, ["bench", "--suite", "tiny", "--out", str(tmp_path)])
+    assert "ssdd bench does not split its work over processes yet" in line and "torchrun" in line
     assert not any(tmp_path.iterdir())
 
 
@@ -265,3 +265,47 @@ def test_methods_that_do_not_split_refuse_several_processes(monkeypatch: pytest.
         Distillation(resolve_config(DistillConfig, "distill", "dm/tiny", overrides={"device": "cpu"}), None)
     message = one_line(info.value)
     assert "method dm does not split over processes yet" in message and "krr-st" in message and "paa" in message
+
+
+# ---- trajectory-matching experts: dealt to the processes ---------------------------------------------------------
+
+def _expert_data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(7, 3, 8, 8), torch.randn(7, 4)
+
+
+def _expert_settings() -> ExpertSettings:
+    return ExpertSettings(num_experts=3, epochs=2, arch="convnet", arch_args={"widths": [4], "norm": "none"},
+                          lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=3, parallel=1)
+
+
+def _experts_worker(rank: int, size: int, port: int, out: str) -> None:
+    join(rank, size, port)
+    images, targets = _expert_data()
+    trained: list[int] = []
+    original = trajectories.make_network
+
+    def counting(settings: ExpertSettings, outputs: int, shape: tuple[int, int, int], seed: int) -> torch.nn.Module:
+        trained.append(seed)
+        return original(settings, outputs, shape, seed)
+
+    trajectories.make_network = counting
+    store = train_experts(out, _expert_settings(), images, targets, "mse", seed=4, progress=False)
+    counts = gather_objects(len(trained))
+    if rank == 0:
+        (Path(out) / "counts.json").write_text(json.dumps({"counts": counts, "experts": len(store)}))
+    dist.destroy_process_group()
+
+
+def test_two_processes_share_the_experts_and_train_the_serial_ones(tmp_path: Path) -> None:
+    images, targets = _expert_data()
+    serial = one_thread(train_experts, tmp_path / "serial", _expert_settings(), images, targets, "mse", 4, "cpu",
+                        None, False)
+    mp.spawn(_experts_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2)
+    record = json.loads((tmp_path / "two" / "counts.json").read_text())
+    assert record == {"counts": [2, 1], "experts": 3}  # experts 0 and 2 on process 0, expert 1 on process 1
+    two = ExpertStore(tmp_path / "two", 3)
+    for k in range(3):
+        for epoch in range(3):
+            mine, theirs = two.params(k, epoch), serial.params(k, epoch)
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)

@@ -24,7 +24,7 @@ from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
-from ssdd.errors import ArtefactError, ConfigError, SsddError, UnknownNameError
+from ssdd.errors import ArtefactError, ConfigError, NumericalError, SsddError, UnknownNameError
 from ssdd.io import load_checkpoint
 from ssdd.methods import (
     METHODS,
@@ -32,7 +32,6 @@ from ssdd.methods import (
     Distillation,
     DistillConfig,
     MonitorSettings,
-    NumericalError,
     list_methods,
 )
 from ssdd.methods.krr import krr_outer_loss
@@ -339,7 +338,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint(
     with pytest.raises(NumericalError) as info:
         run(tiny_config(tiny_teacher, checkpoint_minutes=0), tmp_path)
     message = one_line(info.value)
-    assert message.startswith("krr-st: the loss became nan at step 4;"), message
+    assert message.startswith("krr-st: the loss at step 4 became nan;"), message
     assert f"the last good checkpoint (step 3) is {tmp_path / 'checkpoint.pt'}" in message
     assert isinstance(info.value, SsddError)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
@@ -350,7 +349,7 @@ def test_a_nan_loss_without_a_run_folder(tiny_teacher: Path, monkeypatch: pytest
     nan_at(monkeypatch, 2)
     with pytest.raises(NumericalError) as info:
         run(tiny_config(tiny_teacher))
-    assert one_line(info.value) == ("krr-st: the loss became nan at step 2; no checkpoint was kept (no --out); "
+    assert one_line(info.value) == ("krr-st: the loss at step 2 became nan; no checkpoint was kept (no --out); "
                                     "start again with lower learning rates")
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
 from ssdd.device import autocast, make_generator, seeded
-from ssdd.errors import ConfigError
+from ssdd.errors import ConfigError, check_finite
 from ssdd.models import Backbone, create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
 
@@ -136,6 +136,8 @@ def train_network(
             optimizer.step()
             step += 1
             bar.update(1)
+        check_finite(value.item(), f"{desc}: the loss at step {step}",  # once per epoch: no sync per step
+                     f"lower the learning rate ({settings.lr}) in the protocol's settings")
     bar.close()
     return model.eval()
 

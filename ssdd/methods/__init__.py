@@ -3,7 +3,7 @@ runs any of them (:func:`distill`)."""
 
 from ssdd.methods import coreset, decoupled, dm, frepo, gradient_matching, krr_st, matching, paa  # noqa: F401  (register every method)
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, list_methods
-from ssdd.methods.engine import DistillConfig, Distillation, MonitorSettings, NumericalError, distill
+from ssdd.methods.engine import DistillConfig, Distillation, MonitorSettings, distill
 
 __all__ = ["METHODS", "Budget", "DistillConfig", "DistillContext", "Distillation", "Method", "MonitorSettings",
-           "NumericalError", "distill", "list_methods"]
+           "distill", "list_methods"]

@@ -25,10 +25,11 @@ from ssdd.device import make_generator, resolve_device
 from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, SsddError
+from ssdd.errors import ConfigError, check_finite
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
+from ssdd.resources import ensure_fits
 from ssdd.runs import RunDir
 from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
@@ -39,11 +40,8 @@ from ssdd.teachers import Teacher, load_teacher
 RESUMABLE_CHANGES = ("device", "checkpoint_minutes", "log_every", "monitor", "settings.lr_images", "settings.lr_targets")
 
 
+WORKING_COPIES = 4  # a distilled tensor, its gradient and Adam's two moments
 MONITOR_SPLIT_SEED = 12345  # the monitor's memory/query split, fixed so checks compare across runs
-
-
-class NumericalError(SsddError):
-    """An optimisation produced a non-finite loss."""
 
 
 @dataclass
@@ -143,6 +141,7 @@ class Distillation:
         teacher, source = resolve_inputs(config, self.device, teacher, source)
         self.teacher = teacher
         self.source = source
+        self.refuse_what_cannot_fit()
         self.checkpoints = RunDir(out) if out is not None else None  # read by every process when resuming
         self.run_dir = self.checkpoints if self.world.is_main else None  # written by process 0 only
         if self.run_dir is not None:
@@ -151,6 +150,15 @@ class Distillation:
         context = DistillContext(source, teacher, self.device, config.seed, log,
                                  self.run_dir.path if self.run_dir is not None else None, progress)
         self.method: Method = method_cls(self.settings, context, self.budget)
+
+    def refuse_what_cannot_fit(self) -> None:
+        """Estimate the set's working memory (float32 values, gradients and two optimiser moments of every stored
+        (image, target) value) before any of it is allocated, and refuse a budget the device cannot hold."""
+        target_values = self.teacher.feature_dim if self.teacher is not None else self.source.num_classes
+        values = self.budget.total_values(math.prod(self.source.image_shape) + target_values)
+        asked = f"{self.budget.images} images" if self.budget.images is not None else f"{self.budget.bytes} bytes"
+        ensure_fits(WORKING_COPIES * 4 * values, f"a budget of {asked}", self.device,
+                    "lower --images or --bytes, or distil on a larger machine")
 
     def log(self, message: str) -> None:
         self.method.context.log.info(message)
@@ -196,9 +204,7 @@ class Distillation:
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
         for step in range(start, total):
             metrics = method.step(step)
-            if not math.isfinite(metrics["loss"]):
-                raise NumericalError(f"{cfg.method}: the loss became {metrics['loss']} at step {step + 1}; "
-                                     + self._recovery_advice(last_good))
+            check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
                 knn = self.monitor(method.distilled_set())

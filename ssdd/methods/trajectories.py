@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ssdd.device import make_generator
-from ssdd.errors import ArtefactError, ConfigError
+from ssdd.distributed import barrier, shard, world
+from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.evaluation.training import LOSSES, batch_loss, build_student
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import Backbone
@@ -113,7 +114,8 @@ def train_experts(
 ) -> ExpertStore:
     """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
     ``targets``, ``ce`` to labels) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
-    ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding)."""
+    ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding).  Under torchrun the
+    blocks of ``parallel`` experts are dealt round-robin to the processes, each writing its own experts' files."""
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
     folder = Path(folder)
@@ -123,10 +125,12 @@ def train_experts(
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
-    blocks = {k // settings.parallel for k in todo}
+    current = world()
+    barrier(current)  # every process has listed the missing experts before any is written
+    blocks = [block for _, block in shard(sorted({k // settings.parallel for k in todo}), current)]
     bar = tqdm(total=len(blocks) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
-               disable=not progress or not todo)
-    for block in sorted(blocks):
+               disable=not progress or not blocks or not current.is_main)
+    for block in blocks:
         # a block of `parallel` experts always trains together, so an expert's bits do not depend on which others
         # were missing; only the missing ones are written
         group = list(range(block * settings.parallel, min((block + 1) * settings.parallel, settings.num_experts)))
@@ -142,7 +146,11 @@ def train_experts(
                     "settings": {**settings.__dict__}, **(metadata or {})}
             save_tensors(expert_file(folder, k), history[j], info)
     bar.close()
+    barrier(current)  # every process's experts are on disk before anyone reads the store
     return ExpertStore(folder, settings.num_experts)
+
+
+_EXPERT_ADVICE = "the experts finished before are kept; lower settings.experts.lr (now {}) and run again"
 
 
 def _train_alone(models: list[Backbone], generators: list[torch.Generator], settings: ExpertSettings,
@@ -163,6 +171,7 @@ def _train_alone(models: list[Backbone], generators: list[torch.Generator], sett
             value.backward()
             optimizer.step()
             bar.update(1)
+        check_finite(value.item(), f"expert training: the loss in epoch {epoch}", _EXPERT_ADVICE.format(settings.lr))
         history.update({_epoch_key(epoch, name): p.detach().clone() for name, p in model.named_parameters()})
     return [history]
 
@@ -188,6 +197,8 @@ def _train_vmapped(models: list[Backbone], generators: list[torch.Generator], se
                     velocity[name].mul_(settings.momentum).add_(grads[name] + settings.weight_decay * p)
                     p.sub_(settings.lr * velocity[name])
             bar.update(1)
+        check_finite(sum(float(p.sum()) for p in params.values()), f"expert training: the parameters in epoch {epoch}",
+                     _EXPERT_ADVICE.format(settings.lr))
         for j in range(len(models)):
             history[j].update({_epoch_key(epoch, name): p[j].clone() for name, p in params.items()})
     return history

@@ -18,6 +18,7 @@ from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
 from ssdd.probes import extract_features
+from ssdd.resources import ensure_fits
 from ssdd.io import load_tensors, save_tensors
 from ssdd.teachers.artefact import Teacher
 
@@ -75,6 +76,10 @@ def teacher_features(
                 return tensors["features"]
         except (ArtefactError, KeyError):
             log.warning("feature cache %s is unreadable; recomputing", path)
+    copies = max(1, len(views or ()) + augmented + crop_flip)
+    ensure_fits(2 * copies * len(dataset) * teacher.feature_dim * 4,  # the blocks and their stacked copy
+                f"{copies} x {len(dataset)} teacher features of dimension {teacher.feature_dim}", "cpu",
+                "use fewer source images (source_images), views or copies")
     c, h, _ = teacher.input_shape
     images = dataset.converted(channels=c, size=h).images
     blocks = []

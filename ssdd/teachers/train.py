@@ -17,7 +17,7 @@ from ssdd.data.augment import SSLViews
 from ssdd.device import autocast, make_generator, resolve_device, seeded
 from ssdd.distributed import World, world
 from ssdd.environment import environment
-from ssdd.errors import ConfigError
+from ssdd.errors import ConfigError, check_finite
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
@@ -139,6 +139,7 @@ class _TeacherTraining:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.aug_gen = self.augmentation_generator(0)
         self.step = 0
+        self.last_knn: float | None = None  # the latest kNN monitor, checkpointed so a run resumed at its end has it
         self.images = train.images.to(self.device)  # uint8; a CIFAR-size set fits any device
         monitor = min(config.monitor_train_images, len(train))  # a seeded random subset: splits are sorted by class
         self.monitor_idx = torch.randperm(len(train), generator=make_generator(config.seed + 2))[:monitor]
@@ -150,6 +151,7 @@ class _TeacherTraining:
             "projector": self.projector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "aug_gen": self.aug_gen.get_state(),
+            "last_knn": self.last_knn,
         }
 
     def augmentation_generator(self, step: int) -> torch.Generator:
@@ -165,6 +167,7 @@ class _TeacherTraining:
         self.backbone.load_state_dict(state["backbone"])
         self.projector.load_state_dict(state["projector"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.last_knn = state.get("last_knn")
         if self.world.rank == 0:
             self.aug_gen.set_state(state["aug_gen"])
         else:
@@ -213,7 +216,7 @@ class _TeacherTraining:
         cfg = self.config
         main = self.world.is_main  # only process 0 writes, monitors and shows progress
         if main:
-            self.run_dir.start(cfg, resume=self.resume, ignore=("device", "checkpoint_minutes"))
+            self.run_dir.start(cfg, resume=self.resume, ignore=("device", "checkpoint_minutes", "lr"))
         if self.resume and (state := self.run_dir.load_checkpoint()) is not None:
             self.load_state(state)
             if main:
@@ -224,13 +227,14 @@ class _TeacherTraining:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
                    unit="step", disable=not (self.progress and main), dynamic_ncols=True)
         last_checkpoint = time.monotonic()
-        knn = None
+        knn = self.last_knn
         start_time = time.monotonic()
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             order = self.epoch_order(epoch)
             batch = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
             loss = self.train_step(batch)
+            check_finite(loss, f"teacher {cfg.ssl}: the loss at step {self.step}", self.recovery_advice())
             bar.update(1)
             postfix = {"epoch": epoch + 1, "loss": f"{loss:.3f}"}
             epoch_done = self.step % self.steps_per_epoch == 0
@@ -238,7 +242,7 @@ class _TeacherTraining:
                 done_epochs = self.step // self.steps_per_epoch
                 measured = None
                 if cfg.monitor_every and (done_epochs % cfg.monitor_every == 0 or done_epochs == cfg.epochs):
-                    knn = measured = self.knn()
+                    knn = self.last_knn = measured = self.knn()
                 self.run_dir.metrics(epoch=done_epochs, step=self.step, loss=loss, knn=measured,
                                      seconds=round(time.monotonic() - start_time, 1))
             if knn is not None:
@@ -252,6 +256,13 @@ class _TeacherTraining:
             return self.run_dir.path / TEACHER_FILE
         self.run_dir.save_checkpoint(self.state())
         return self.finish(knn)
+
+    def recovery_advice(self) -> str:
+        """Where a diverged run can restart, and with what (for :class:`~ssdd.errors.NumericalError`)."""
+        if self.run_dir.checkpoint_path.exists():
+            return (f"the last good checkpoint is {self.run_dir.checkpoint_path}; resume from it with a lower "
+                    f"learning rate (--resume --lr ...; this run's is {self.config.lr})")
+        return f"no checkpoint had been written yet; start again with a lower learning rate (--lr, now {self.config.lr})"
 
     def finish(self, knn: float | None) -> Path:
         cfg = self.config
