@@ -710,3 +710,20 @@ def test_train_network_batches_cover_the_set_without_single_image_batches(n: int
     model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     train_network(model, torch.randn(n, 3, 8, 8), torch.randn(n, 2), TrainSettings(epochs=1, batch_size=batch), "mse", 0)
     assert sizes == expected
+
+
+def test_a_compiled_student_trains_like_the_eager_one() -> None:
+    """``compile: true`` changes how the steps run, not what they compute."""
+    torch.manual_seed(0)
+    images, targets = torch.randn(8, 3, 8, 8), torch.randn(8, 4)
+    trained = []
+    for compiled in (False, True):
+        student = build_student("convnet", {"widths": [4], "norm": "batch"}, 4, (3, 8, 8), seed=0)
+        settings = TrainSettings(epochs=2, batch_size=4, lr=0.1, amp=False, compile=compiled)
+        trained.append(train_network(student, images, targets, settings, "mse", seed=0))
+    eager, compiled = (dict(m.named_parameters()) for m in trained)
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(eager.values(),  # training moved the weights
+               build_student("convnet", {"widths": [4], "norm": "batch"}, 4, (3, 8, 8), seed=0).parameters()))

@@ -681,3 +681,28 @@ def test_teacher_features_converts_other_image_shapes(teacher_copy: Teacher) -> 
     feats = teacher_features(teacher_copy, gray)
     assert feats.shape == (5, teacher_copy.feature_dim)
     assert torch.equal(feats, teacher_copy.encode(gray.images))
+
+
+def test_the_compile_flag_runs_every_training_step_through_the_compiled_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile: true`` hands the step's model to torch.compile (recorded here with an identity compiler, so the
+    test checks the wiring and not the compiler) and the teacher is unchanged by it."""
+    compiled: list[nn.Module] = []
+    steps: list[int] = []
+
+    def record(model: nn.Module) -> nn.Module:
+        compiled.append(model)
+        model.register_forward_hook(lambda *args: steps.append(1))
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    overrides = {"device": "cpu", "epochs": 1, "probe": False, "monitor_every": 0}
+    plain = train_teacher(resolve_config(TeacherConfig, "teacher", "tiny", overrides=overrides), tmp_path / "plain",
+                          progress=False)
+    assert compiled == []
+    path = train_teacher(resolve_config(TeacherConfig, "teacher", "tiny", overrides={**overrides, "compile": True}),
+                         tmp_path / "compiled", progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], train_module.SSLModel)
+    assert len(steps) == 320 // 64  # every step of the epoch
+    a, b = load_tensors(plain)[0], load_tensors(path)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -33,6 +33,7 @@ class TrainSettings:
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of images and labels when > 0
     cosine: bool = True
     amp: bool = True  # bf16 autocast where native (see ssdd.device.autocast); the loss stays float32
+    compile: bool = False  # torch.compile the network for its training steps (worth it for long GPU runs)
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -101,6 +102,8 @@ def train_network(
     if n % batch == 1 and n > 1:
         steps_per_epoch -= 1  # ...but never a single image, which BatchNorm cannot train on
     total = settings.steps or steps_per_epoch * settings.epochs
+    forward = torch.compile(model) if settings.compile else model
+    images, targets = images.to(device), targets.to(device)  # a distilled set is small: keep it on the device
     gen = make_generator(seed)
     mix_rng = np.random.default_rng(seed)
     step = 0
@@ -108,9 +111,9 @@ def train_network(
     while step < total:
         order = torch.randperm(n, generator=gen)
         for i in range(min(steps_per_epoch, total - step)):
-            idx = order[i * batch : (i + 1) * batch]
-            x = images[idx].to(device)
-            y = targets[idx].to(device)
+            idx = order[i * batch : (i + 1) * batch].to(device)
+            x = images[idx]
+            y = targets[idx]
             x = augment_batch(x, settings.augment, gen)
             if settings.cosine:
                 set_lr(optimizer, settings.lr * warmup_cosine(step, total, 0))
@@ -121,7 +124,7 @@ def train_network(
                 x = lam * x + (1 - lam) * x[perm]
                 mixing = (lam, perm)
             with autocast(device, settings.amp):
-                out = model(x).float()
+                out = forward(x).float()
             if mixing is None:
                 value = batch_loss(out, y, loss, temperature)
             elif loss == "ce":

@@ -56,6 +56,7 @@ class TeacherConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX); the loss stays float32
     channels_last: bool = True  # measured faster for convnets on CPU too (docs/results/teachers.md)
+    compile: bool = False  # torch.compile the training step's model (worth it for long GPU runs)
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
@@ -129,6 +130,8 @@ class _TeacherTraining:
         if config.batch_size % self.world.size:
             raise ConfigError(f"batch_size {config.batch_size} must split evenly over the {self.world.size} processes")
         self.model = distributed_model(SSLModel(self.backbone, self.projector), self.world, self.cuda)
+        if config.compile:
+            self.model = torch.compile(self.model)
         self.loss_fn = _ssl_loss(config)
         self.optimizer = make_optimizer(config.optimizer, [self.backbone, self.projector], config.lr,
                                         config.weight_decay, config.momentum)
