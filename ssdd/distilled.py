@@ -21,6 +21,7 @@ the budget every comparison is made at.
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.data.augment import PREDEFINED_VIEWS, apply_view
+from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
 from ssdd.errors import ArtefactError, ShapeError, SsddError
-from ssdd.io import load_artefact, save_tensors
+from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 
 FORMAT_VERSION = 1
 DISTILLED_FILE = "distilled.safetensors"
@@ -40,6 +42,21 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 APPROX_PARAMS = ("hidden.weight", "hidden.bias", "out.weight", "out.bias")
 PLAIN_TENSORS = ("images", "image_coefficients", "image_bases", "targets", "target_coefficients", "target_bases",
                  "labels", "learned_lr")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# Metadata read after loading (the evaluation reads the last three), with what each must be when present.
+METADATA_TYPES = {
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "image_shape": (lambda v: isinstance(v, list), "a list"),
+    "views": (lambda v: isinstance(v, list), "a list"),
+    "num_classes": (lambda v: _positive(v) and isinstance(v, int), "a positive integer"),
+    "temperature": (_positive, "a positive number"),
+    "label_loss": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def approximate_shift(identity_targets: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -269,6 +286,7 @@ class DistilledSet:
             "views": self.views,
             "num_images": self.num_images,
             "byte_count": self.byte_count,
+            "fingerprint": fingerprint_state(self.tensors),
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()},
             "ssdd_version": __version__,
             "created": self.metadata.get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -287,17 +305,25 @@ def load_distilled(path: str | Path) -> DistilledSet:
         pixel_space = PixelSpace.from_dict(meta["pixel_space"])
     except ShapeError as exc:
         raise ArtefactError(f"{path}: {exc}") from None
-    for key, kind in (("image_shape", list), ("views", list)):
-        if key in meta and not isinstance(meta[key], kind):
-            raise ArtefactError(f"{path}: metadata {key!r} must be a list, got {type(meta[key]).__name__}")
+    for key, (valid, what) in METADATA_TYPES.items():
+        if key in meta and not valid(meta[key]):
+            raise ArtefactError(f"{path}: metadata {key!r} must be {what}, got {meta[key]!r:.60}")
+    empty = sorted(name for name, tensor in tensors.items() if tensor.numel() == 0)
+    if empty:
+        raise ArtefactError(f"{path}: tensors {', '.join(empty)} are empty; a saved set holds at least one image")
     try:
-        distilled = DistilledSet(tensors, pixel_space, meta["target_kind"], str(meta["method"]), meta, path=path)
+        distilled = DistilledSet(tensors, pixel_space, meta["target_kind"], meta["method"], meta, path=path)
     except SsddError as exc:
         raise ArtefactError(str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise ArtefactError(f"{path}: malformed metadata ({exc})") from None
+    if max(distilled.image_shape[1:]) > MAX_IMAGE_SIDE:  # before anything upsamples bases to that size
+        raise ArtefactError(f"{path}: images of {'x'.join(map(str, distilled.image_shape[1:]))} pixels are larger than "
+                            f"the {MAX_IMAGE_SIDE} px ssdd reads")
     if distilled.byte_count != meta["byte_count"]:
         raise ArtefactError(f"{path}: stored tensors hold {distilled.byte_count} bytes but the metadata says {meta['byte_count']}")
+    if "fingerprint" in meta and fingerprint_state(tensors) != meta["fingerprint"]:  # sets saved before it: unchecked
+        raise ArtefactError(f"{path}: tensors do not match the recorded fingerprint; the file was modified or damaged")
     return distilled
 
 

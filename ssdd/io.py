@@ -7,9 +7,11 @@ renames it over ``NAME``, so an interrupted run leaves either the old file or th
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,16 @@ from ssdd.errors import ArtefactError
 
 METADATA_KEY = "ssdd"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_IMAGE_SIDE = 4096  # the largest image side an artefact may declare: a forged one must not make ssdd allocate
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``. Temporary files of
+    ``path`` that killed writers left behind are deleted first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -38,6 +43,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the ``NAME.tmp-<pid>`` files beside ``path`` whose process no longer runs."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -107,7 +130,7 @@ def load_artefact(path: str | Path, kind: str, default_file: str, required: tupl
     tensors, meta = load_tensors(path)
     if meta.get("kind") != kind:
         raise ArtefactError(f"{path} is a {meta.get('kind', 'unknown')!r} artefact, not a {kind}")
-    if meta.get("format_version") != format_version:
+    if meta.get("format_version") != format_version or isinstance(meta.get("format_version"), bool):
         raise ArtefactError(f"{path} has format version {meta.get('format_version')!r}; this ssdd reads version {format_version}")
     missing = [key for key in required if key not in meta]
     if missing:
@@ -124,9 +147,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; never unpickles arbitrary objects."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtefactError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint to the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc):  # torch refused a global or an instruction: a pickle of other objects
+            reason = "it holds objects other than tensors and plain values, which ssdd never unpickles"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ArtefactError(f"checkpoint {path} is corrupt or not an ssdd checkpoint: {reason}") from None

@@ -105,8 +105,11 @@ class RunDir:
         save_checkpoint(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The last checkpoint (metrics written after it are dropped), or None when there is none."""
+        """The last checkpoint (metrics written after it are dropped), or None when there is none (the run starts
+        again, so every metric written before is dropped)."""
         if not self.checkpoint_path.exists():
+            if self.metrics_path.exists():
+                self.truncate_metrics(0)
             return None
         state = load_checkpoint(self.checkpoint_path)
         self.truncate_metrics(int(state.get("metrics_lines", 0)))

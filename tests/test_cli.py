@@ -145,9 +145,9 @@ def test_resume_with_other_settings_is_a_user_error(capsys: pytest.CaptureFixtur
     out_dir = tmp_path / "r"
     assert main([*TINY, "--epochs", "1", "--train-images", "64", "--out", str(out_dir)]) == 0
     capsys.readouterr()
-    line = user_error(capsys, [*TINY, "--epochs", "1", "--train-images", "64", "--lr", "0.5", "--out", str(out_dir),
-                               "--resume"])
-    assert "lr" in line and "resume" in line
+    line = user_error(capsys, [*TINY, "--epochs", "1", "--train-images", "64", "--batch-size", "16", "--out",
+                               str(out_dir), "--resume"])
+    assert "batch_size" in line and "resume" in line
 
 
 # ---- argparse errors ----------------------------------------------------------------------------------------

@@ -19,8 +19,14 @@ def fingerprint_tensors(*parts: torch.Tensor | str) -> str:
         else:
             t = part.detach().contiguous().cpu()
             digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-            digest.update(t.numpy().tobytes())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes of any dtype, bfloat16 too
     return digest.hexdigest()[:16]
+
+
+def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of named tensors (names, shapes, dtypes and values; the order of the dict does not matter):
+    what an artefact records to notice later that its tensors were modified or damaged."""
+    return fingerprint_tensors(*(t for _, t in sorted(state.items())), *sorted(state))
 
 
 @dataclass

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
 import tarfile
+import warnings
+import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -29,13 +32,17 @@ Decoded = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 def _decode(data: bytes, where: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("L" if img.mode in ("1", "I", "I;16", "F") else "RGB")
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}; remove or replace the file") from None
+        with warnings.catch_warnings():  # an image over PIL's pixel limit is refused before it is allocated
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                if img.mode not in ("L", "RGB"):
+                    img = img.convert("L" if img.mode in ("1", "I", "I;16", "F") else "RGB")
+                arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else exc  # its text names a BytesIO
+        raise DataError(f"cannot decode image {where}: {reason}; remove or replace the file") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -64,7 +71,8 @@ def _from_members(members: Iterable[tuple[str, str, bytes]], what: str) -> Decod
         raise DataError(f"{what} contains no class folders with images")
     index = {c: i for i, c in enumerate(classes)}
     arrays, names = [], []
-    for cls, name, data in tqdm(items, desc=f"decoding {what}", unit="img", leave=False, mininterval=1.0):
+    for cls, name, data in tqdm(items, desc=f"decoding {what}", unit="img", leave=False, mininterval=1.0,
+                                disable=None):  # shown on a terminal only: never mixed into redirected stderr
         arrays.append(_decode(data, f"{cls}/{name} in {what}"))
         names.append(f"{cls}/{name}")
     labels = torch.tensor([index[c] for c, _, _ in items], dtype=torch.int64)
@@ -79,16 +87,13 @@ def read_image_folder(split_dir: str | Path) -> Decoded:
     class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"image folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<images>)")
-    empty = [p.name for p in class_dirs if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())]
+    files = {d: sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+             for d in class_dirs}
+    empty = [d.name for d, found in files.items() if not found]
     if empty:
         raise DataError(f"image folder {split_dir}: class folder(s) {', '.join(empty)} contain no images")
-    members = (
-        (d.name, f.name, f.read_bytes())
-        for d in class_dirs
-        for f in sorted(d.iterdir())
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    )
-    return _from_members(list(members), str(split_dir))
+    members = [(d.name, f.name, f.read_bytes()) for d, found in files.items() for f in found]
+    return _from_members(members, str(split_dir))
 
 
 def _safe_member_parts(name: str, archive: Path) -> tuple[str, ...]:
@@ -98,15 +103,37 @@ def _safe_member_parts(name: str, archive: Path) -> tuple[str, ...]:
     return tuple(p for p in path.parts if p not in ("", "."))
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """Tar headers that raise where tarfile would quietly end the archive: at a damaged header (bad checksum) and
+    where the data ends before the end-of-archive marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the end-of-archive marker
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"damaged or missing entry header at byte {tar.offset}: {exc}") from None
+
+
 class _ArchiveStream:
-    """A tar archive (optionally gzipped) read as a stream; :meth:`drain` reads to the end so that a truncated
-    gzip stream raises instead of looking like a shorter archive."""
+    """A tar archive (optionally gzipped) read as a stream; on exit it reads to the end so that a truncated gzip
+    stream raises instead of looking like a shorter archive."""
 
     def __init__(self, path: Path):
         with open(path, "rb") as fh:
-            gzipped = fh.read(2) == b"\x1f\x8b"
+            magic = fh.read(4)
+        if magic == b"PK\x03\x04":
+            raise DataError(f"archive {path} is a zip file; ssdd reads tar or tar.gz archives, or unpack it into a "
+                            "folder")
+        gzipped = magic[:2] == b"\x1f\x8b"
         self.raw = gzip.open(path, "rb") if gzipped else open(path, "rb")
-        self.tar = tarfile.open(fileobj=self.raw, mode="r|")
+        try:
+            self.tar = tarfile.open(fileobj=self.raw, mode="r|", tarinfo=_StrictTarInfo)
+        except BaseException:
+            self.raw.close()
+            raise
 
     def __enter__(self) -> tarfile.TarFile:
         return self.tar
@@ -140,14 +167,14 @@ def read_image_folder_archive(archive: str | Path, split: str) -> Decoded:
                 if fh is None:
                     continue
                 members.append((parts[2], parts[3], fh.read()))
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"archive {archive} is corrupt or truncated ({exc}); download or copy it again") from None
     if not members:
         raise DataError(f"archive {archive} has no images under <top>/{split}/<class>/")
     empty = sorted(class_names - {c for c, _, _ in members})
     if empty:
         raise DataError(f"archive {archive}: class folder(s) {', '.join(empty)} of split {split} contain no images")
-    return _from_members(members, f"{archive.name}:{split}")
+    return _from_members(members, f"{archive}:{split}")
 
 
 def _open_maybe_gz(path: Path) -> bytes:
@@ -156,7 +183,7 @@ def _open_maybe_gz(path: Path) -> bytes:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {exc}; the file is corrupt or truncated") from None
 
 
@@ -170,7 +197,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim < 1 or ndim > 4 or len(data) < 4 + 4 * ndim:
         raise DataError(f"{path} is not a valid IDX file ({ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # Python integers: a forged header cannot overflow into a small count
     body = data[4 + 4 * ndim :]
     if len(body) != count:
         raise DataError(f"{path}: header announces shape {dims} ({count} bytes) but the file holds {len(body)}; it is truncated or corrupt")
@@ -241,7 +268,7 @@ def read_cifar_python(path: str | Path, variant: str, split: str) -> Decoded:
                         fh = tar.extractfile(member)
                         if fh is not None:
                             blobs[parts[-1]] = fh.read()
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DataError(f"archive {path} is corrupt or truncated ({exc}); download it again") from None
     missing = sorted(wanted - set(blobs))
     if missing:

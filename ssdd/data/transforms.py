@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +83,9 @@ class PixelSpace:
             mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
         except (KeyError, TypeError, ValueError):
             raise ShapeError(f"invalid pixel space {data!r}: expected mean and std lists") from None
-        if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
-            raise ShapeError(f"invalid pixel space {data!r}: mean and std must be non-empty, equal length, std > 0")
+        if len(mean) != len(std) or not mean or not all(map(math.isfinite, mean + std)) or any(s <= 0 for s in std):
+            raise ShapeError(f"invalid pixel space {data!r}: mean and std must be non-empty, equal length, finite, "
+                             "std > 0")
         return cls(mean, std)
 
     @classmethod

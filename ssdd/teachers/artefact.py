@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ssdd.data.dataset import fingerprint_tensors
+from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
 from ssdd.errors import ArtefactError, SsddError
 from ssdd.probes import extract_features
-from ssdd.io import load_artefact, save_tensors
+from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 from ssdd.models import Backbone, create_model
 
 FORMAT_VERSION = 1
@@ -64,10 +64,6 @@ class Teacher(nn.Module):
         return extract_features(self, images, self.pixel_space, batch_size=batch_size, device=device)
 
 
-def teacher_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    return fingerprint_tensors(*(t for _, t in sorted(state.items())), *sorted(state))
-
-
 def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, kind: str,
                  info: dict[str, Any]) -> dict[str, Any]:
     """Write a network artefact of ``kind``: ``backbone``'s weights (head included) and metadata (``info`` +
@@ -81,7 +77,7 @@ def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, 
         "architecture": backbone.spec,
         "feature_dim": backbone.feature_dim,
         "pixel_space": pixel_space.to_dict(),
-        "fingerprint": teacher_fingerprint(state),
+        "fingerprint": fingerprint_state(state),
         "ssdd_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **info,
@@ -96,14 +92,22 @@ def load_network(path: str | Path, kind: str, default_file: str) -> tuple[Backbo
     path, tensors, meta = load_artefact(path, kind, default_file,
                                         ("architecture", "pixel_space", "fingerprint", "feature_dim"), FORMAT_VERSION)
     arch = meta["architecture"]
-    if not isinstance(arch, dict) or "name" not in arch:
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
         raise ArtefactError(f"{path}: {kind} metadata 'architecture' must be a mapping with a 'name'")
+    source = meta.get("source", {})
+    if not isinstance(source, dict) or not all(isinstance(source[k], str) and source[k]
+                                               for k in ("dataset", "fingerprint") if k in source):
+        raise ArtefactError(f"{path}: {kind} metadata 'source' must map 'dataset' and 'fingerprint' to names")
+    image_size = arch.get("image_size", 0)
+    if isinstance(image_size, int) and image_size > MAX_IMAGE_SIDE:
+        raise ArtefactError(f"{path}: {kind} architecture takes {image_size} px images; ssdd reads at most "
+                            f"{MAX_IMAGE_SIDE} px")
     try:
-        backbone = create_model(**arch)
+        with torch.device("meta"):  # shapes only: a forged architecture cannot allocate more than the file holds
+            expected = create_model(**arch).state_dict()
         pixel_space = PixelSpace.from_dict(meta["pixel_space"])
     except SsddError as exc:
         raise ArtefactError(f"{path}: cannot rebuild the {kind} ({exc})") from None
-    expected = backbone.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
@@ -112,8 +116,9 @@ def load_network(path: str | Path, kind: str, default_file: str) -> tuple[Backbo
             f"{path}: weights do not match architecture {arch['name']} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
-    if teacher_fingerprint(tensors) != meta["fingerprint"]:
+    if fingerprint_state(tensors) != meta["fingerprint"]:
         raise ArtefactError(f"{path}: weights do not match the recorded fingerprint; the file was modified or damaged")
+    backbone = create_model(**arch)
     backbone.load_state_dict(tensors)
     if backbone.feature_dim != meta["feature_dim"]:
         raise ArtefactError(f"{path}: feature_dim {meta['feature_dim']} does not match the architecture's {backbone.feature_dim}")
