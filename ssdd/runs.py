@@ -42,9 +42,11 @@ class RunDir:
     def start(self, config: Any, resume: bool = False, ignore: tuple[str, ...] = ()) -> None:
         """Create the folder and record ``config``; ``ignore`` lists keys allowed to differ on resume (dotted
         for nested keys, e.g. ``settings.lr_images``; a key also covers everything below it)."""
+        config_path = self.path / CONFIG_FILE
+        self.created_folder = not self.path.exists()
+        self.created_config = not config_path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         resolved = to_dict(config)
-        config_path = self.path / CONFIG_FILE
         allowed_changes: list[str] = []
         if resume and config_path.exists():
             previous = _flatten(yaml.safe_load(config_path.read_text()) or {})
@@ -65,6 +67,18 @@ class RunDir:
         self.logger.propagate = False
         for message in allowed_changes:
             self.log(message)
+
+    def abandon(self) -> None:
+        """Undo what :meth:`start` created, for a run that failed before its first step: the recorded config and
+        log of a new run, and its folder when nothing else was written into it."""
+        for handler in self.logger.handlers:
+            handler.close()
+        self.logger.handlers = []
+        if self.created_config:
+            (self.path / CONFIG_FILE).unlink(missing_ok=True)
+            (self.path / LOG_FILE).unlink(missing_ok=True)
+        if self.created_folder and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def differences(self, config: Any, ignore: tuple[str, ...] = ()) -> list[str]:
         """The (dotted) keys in which ``config`` differs from the recorded one, except ``ignore`` and what lies

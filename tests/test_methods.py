@@ -572,6 +572,14 @@ def test_cli_distill_user_errors(tiny_teacher: Path, tmp_path: Path, capsys: pyt
                                  extra: list[str], expected: str) -> None:
     line = user_error(capsys, distill_argv(tiny_teacher, tmp_path / "out", *extra))
     assert line.startswith(expected), line
+    assert not (tmp_path / "out").exists()  # a refused run leaves no folder, config or log behind
+
+
+def test_a_refused_budget_keeps_the_existing_folder_and_its_files(tiny_teacher: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    user_error(capsys, distill_argv(tiny_teacher, tmp_path, "--bytes", "100"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_cli_unknown_method(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,7 +25,7 @@ from ssdd.device import make_generator, resolve_device
 from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, check_finite
+from ssdd.errors import ConfigError, SsddError, check_finite
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
@@ -149,7 +149,12 @@ class Distillation:
         log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
         context = DistillContext(source, teacher, self.device, config.seed, log,
                                  self.run_dir.path if self.run_dir is not None else None, progress)
-        self.method: Method = method_cls(self.settings, context, self.budget)
+        try:
+            self.method: Method = method_cls(self.settings, context, self.budget)
+        except SsddError:  # e.g. a budget the method cannot use: leave no run folder behind
+            if self.run_dir is not None:
+                self.run_dir.abandon()
+            raise
 
     def refuse_what_cannot_fit(self) -> None:
         """Estimate the set's working memory (float32 values, gradients and two optimiser moments of every stored
