@@ -19,6 +19,8 @@ import os
 import sys
 import tempfile
 import time
+
+import torch
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -76,8 +78,10 @@ def main() -> None:
                   f"{row['accepted']} accepted intact)  {row['seconds']} s", flush=True)
     total = {"tried": sum(r["tried"] for r in table.values()), "handled": sum(r["handled"] for r in table.values())}
     command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/fuzz_inputs.py", *sys.argv[1:]])
-    report = {"command": command, "examples_per_category": args.examples, "seed": args.seed, "total": total,
-              "categories": table}
+    from ssdd.environment import environment
+
+    report = {"command": command, "environment": environment(torch.device("cpu")), "examples_per_category": args.examples,
+              "seed": args.seed, "total": total, "categories": table}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
