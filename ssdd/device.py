@@ -60,3 +60,8 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A seed for something built fresh in a loop (a random network), drawn from ``generator``."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -1,4 +1,4 @@
-"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) and the labelled baselines of the
+"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) DM-SSL, and the labelled baselines of the
 supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery, the frozen squeeze model
 and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the errors.
 
@@ -406,6 +406,58 @@ def test_dm_set_is_class_balanced_with_the_true_labels_of_its_initial_images(sou
     assert distilled.target_kind == "hard-label" and torch.equal(distilled.tensors["labels"], source.labels[rows])
     torch.testing.assert_close(distilled.tensors["images"], normalise(source.images[rows], distilled.pixel_space),
                                rtol=0, atol=1e-6)
+
+
+def test_dm_ssl_step_loss_by_hand(monkeypatch: pytest.MonkeyPatch, tiny_teacher: Path, source: ImageDataset) -> None:
+    """One iteration's loss is ||mean f(real batch) - mean f(every synthetic image)||^2 (no classes), with the real
+    batch drawn from the whole source; the test replays the run's generator (seed + 2: a network seed, then the
+    rows) and computes the loss itself in float64."""
+    fixed = build_student("convnet3", {"width": 8}, 0, (3, 32, 32), seed=123)
+    monkeypatch.setattr(dm_module, "build_student", lambda arch, arch_args, outputs, shape, seed: fixed)
+    method = Distillation(run_config("dm-ssl", tiny_teacher, settings={"dsa": False, "real_batch": 24}), None,
+                         progress=False).method
+    space = method.pixel_space
+    real = normalise(source.images, space)
+    initial = real[torch.tensor(method.distilled_set().metadata["initial_indices"])]
+    generator = torch.Generator().manual_seed(0 + 2)
+    torch.randint(0, 2**31 - 1, (1,), generator=generator)  # the network's seed
+    rows = torch.randint(0, len(source), (24,), generator=generator)
+    with torch.no_grad():
+        expected = ((fixed.features(real[rows]).double().mean(0) - fixed.features(initial).double().mean(0)) ** 2).sum()
+    assert float(expected) > 0
+    assert method.step(0)["loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_dm_ssl_lowers_its_objective_and_stores_the_teachers_view_of_its_images(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_teacher: Path, source: ImageDataset) -> None:
+    """With one fixed network (DSA off) the run descends ||mean f(source) - mean f(set)||^2, evaluated here on the
+    whole source; the stored targets are the teacher's features of the stored images, not of the initial ones."""
+    fixed = build_student("convnet3", {"width": 8}, 0, (3, 32, 32), seed=123)
+    monkeypatch.setattr(dm_module, "build_student", lambda arch, arch_args, outputs, shape, seed: fixed)
+    distilled = ssdd.distill("dm-ssl", "synthetic", teacher=tiny_teacher, budget=20, preset="tiny",
+                             config={"dsa": False, "iterations": 30, "real_batch": 160}, out=tmp_path / "run",
+                             device="cpu", progress=False)
+    real = normalise(source.images, distilled.pixel_space)
+    rows = torch.tensor(distilled.metadata["initial_indices"])
+    assert len(set(rows.tolist())) == 20 and distilled.target_kind == "representation"
+
+    def objective(images: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(dm_loss(fixed, [real], [images]))
+
+    images = distilled.tensors["images"]
+    before, after = objective(real[rows]), objective(images)
+    assert after < 0.5 * before, (before, after)
+    assert not torch.allclose(images, real[rows])
+    teacher = load_teacher(tiny_teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(distilled.tensors["targets"], teacher(images), rtol=1e-4, atol=1e-5)
+    assert distilled.byte_count == 20 * (IMAGE_VALUES + teacher.feature_dim) * 4
+
+
+def test_dm_ssl_needs_a_teacher() -> None:
+    message = config_error(run_config("dm-ssl", dataset="synthetic"))
+    assert message == "method dm-ssl needs a teacher (--teacher PATH)"
 
 
 # ---- 7. labelled baselines ------------------------------------------------------------------------------------

@@ -260,6 +260,13 @@ def apply_dsa(x: torch.Tensor, params: DSAParams) -> torch.Tensor:
     return x
 
 
+def siamese_dsa(real: torch.Tensor, synthetic: torch.Tensor, generator: torch.Generator,
+                config: DSAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampled DSA transform applied to a real and a synthetic batch alike (siamese augmentation)."""
+    params = sample_dsa_params(1, config or DSAConfig(), generator, synthetic.device)
+    return apply_dsa(real, params), apply_dsa(synthetic, params)
+
+
 def _cutout_mask(x: torch.Tensor, centers: torch.Tensor, ratio: float) -> torch.Tensor:
     n, _, h, w = x.shape
     side_h, side_w = int(h * ratio + 0.5), int(w * ratio + 0.5)

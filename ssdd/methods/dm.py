@@ -5,6 +5,11 @@ Each iteration draws a fresh network (``arch``, new random weights), and for eve
 real images of that class; real and synthetic images of a class go through the same sampled DSA transform
 (siamese augmentation), and the loss sums ||mean f(real) - mean f(syn)||^2 over the classes.  Images are learned by
 SGD with momentum; labels are fixed hard labels.
+
+DM-SSL is the naive self-supervised version that MKDT reports as failing: the same engine without labels, so the
+whole synthetic set matches the mean embedding of the whole (unlabelled) source, and the set stores the teacher's
+representations of its learned images as targets, so that every representation protocol evaluates it like a
+KRR-ST or MKDT set of the same bytes.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from typing import Any
 
 import torch
 
+from ssdd.data.augment import siamese_dsa
+from ssdd.device import draw_seed, make_generator
+from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.evaluation.training import build_student
-from ssdd.methods.base import METHODS, Budget, DistillContext
+from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.selection import select_random
 
 
 @dataclass
@@ -74,3 +83,78 @@ class DM(ClassBalancedImages):
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.item()}
+
+
+@dataclass
+class DMSSLSettings(DMSettings):
+    """DM-SSL's settings: DM's, with ``real_batch`` real images drawn from the whole source per iteration and
+    ``syn_batch`` synthetic images (None: the whole set)."""
+
+    syn_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.syn_batch is not None and self.syn_batch < 1:
+            raise ConfigError("syn_batch must be >= 1 (or unset for the whole set)")
+
+
+@METHODS.register("dm-ssl")
+class DMSSL(Method):
+    """Distribution matching without labels; the set's targets are the teacher's representations of its images."""
+
+    settings_class = DMSSLSettings
+
+    def __init__(self, settings: DMSSLSettings, context: DistillContext, budget: Budget):
+        super().__init__(settings, context, budget)
+        teacher, source = context.teacher, context.source
+        self.pixel_space = teacher.pixel_space
+        self.image_shape = teacher.input_shape
+        c, h, w = self.image_shape
+        self.real = self.pixel_space.normalize(source.converted(channels=c, size=h).images.float().div(255.0))
+        count = budget.fit((c * h * w + teacher.feature_dim) * budget.bytes_per_value)
+        if count > len(source):
+            raise ConfigError(f"the budget asks for {count} images but {source.name} has {len(source)}")
+        self.initial_indices = select_random(count, len(source), context.seed)
+        self.images = self.real[self.initial_indices].clone().to(context.device).requires_grad_(True)
+        self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
+        self.generator = make_generator(context.seed + 2)
+
+    def total_steps(self) -> int:
+        return self.settings.iterations
+
+    def step(self, step: int) -> dict[str, float]:
+        s, device = self.settings, self.context.device
+        network = build_student(s.arch, s.arch_args, 0, self.image_shape, draw_seed(self.generator))
+        network = network.to(device).train().requires_grad_(False)
+        real = self.real[torch.randint(0, len(self.real), (s.real_batch,), generator=self.generator)].to(device)
+        synthetic = self.images
+        if s.syn_batch is not None and s.syn_batch < len(self.images):
+            synthetic = self.images[torch.randperm(len(self.images), generator=self.generator)[: s.syn_batch]]
+        if s.dsa:
+            real, synthetic = siamese_dsa(real, synthetic, self.generator)
+        loss = dm_loss(network, [real], [synthetic])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def distilled_set(self) -> DistilledSet:
+        images = self.images.detach()
+        teacher = self.context.teacher
+        targets = torch.cat([teacher(batch.to(self.context.device)).float().cpu() for batch in images.split(256)])
+        dtype = self.budget.torch_dtype
+        return DistilledSet({"images": images.cpu().to(dtype), "targets": targets.to(dtype)}, self.pixel_space,
+                            "representation", "dm-ssl",
+                            {"initial_indices": self.initial_indices.tolist(),
+                             "targets": "the teacher's representations of the learned images"})

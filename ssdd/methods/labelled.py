@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ssdd.data.augment import DSAConfig, apply_dsa, sample_dsa_params
+from ssdd.data.augment import siamese_dsa
 from ssdd.data.transforms import PixelSpace
-from ssdd.device import make_generator
+from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import Budget, DistillContext, Method, images_per_class
@@ -61,13 +61,10 @@ class ClassBalancedImages(Method):
 
     def siamese(self, real: torch.Tensor, synthetic: torch.Tensor, dsa: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``dsa``: one sampled DSA transform applied to both batches (siamese augmentation)."""
-        if not dsa:
-            return real, synthetic
-        params = sample_dsa_params(1, DSAConfig(), self.generator, self.context.device)
-        return apply_dsa(real, params), apply_dsa(synthetic, params)
+        return siamese_dsa(real, synthetic, self.generator) if dsa else (real, synthetic)
 
     def new_network_seed(self) -> int:
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        return draw_seed(self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
