@@ -1,5 +1,6 @@
 """Trajectory matching (ssdd.methods.trajectories, ssdd.methods.matching): vmapped expert training and its resume,
-the differentiable unroll and its gradients, the matching loss, MKDT and MTT end to end, and their errors.
+the differentiable unroll and its gradients (supervised and self-supervised), the matching loss, MKDT, MTT and MTT-SSL
+end to end, and their errors.
 
 One tiny teacher (conftest ``tiny_teacher``) serves the module; runs are the ``mkdt/tiny`` and ``mtt/tiny`` presets
 made smaller still, and the unit tests use one-block ConvNets on 4x4 or 8x8 images.  Expected values come from
@@ -28,12 +29,16 @@ from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation.training import build_student
 from ssdd.methods import Distillation, DistillConfig, trajectories
-from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings
+from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
+from ssdd.data.augment import apply_dsa, sample_dsa_params
 from ssdd.methods.trajectories import (
+    SSL_VIEWS,
     ExpertSettings,
     ExpertStore,
+    draw_views,
     expert_file,
     matching_loss,
+    step_loss,
     train_experts,
     unrolled_sgd,
 )
@@ -111,7 +116,10 @@ def expert_by_hand(settings: ExpertSettings, images: torch.Tensor, targets: torc
                    k: int) -> list[Params]:
     """Expert ``k`` trained by a plain loop with torch.optim.SGD: its own initialisation and batch order (one
     permutation per epoch, consecutive batches, a final batch of one image dropped); parameters after every epoch."""
-    outputs = targets.shape[1] if loss == "mse" else int(targets.max()) + 1
+    if loss == "barlow-twins":
+        outputs = settings.projection_dim
+    else:
+        outputs = targets.shape[1] if loss == "mse" else int(targets.max()) + 1
     network = build_student(settings.arch, settings.arch_args, outputs, tuple(images.shape[1:]), seed * 1000 + k)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -122,10 +130,42 @@ def expert_by_hand(settings: ExpertSettings, images: torch.Tensor, targets: torc
             if len(idx) == 1:
                 continue
             optimizer.zero_grad()
-            LOSS_FUNCTIONS[loss](network(images[idx]), targets[idx]).backward()
+            if loss == "barlow-twins":
+                v1, v2 = two_views_by_hand(len(idx), gen)
+                barlow_twins_by_hand(network(apply_dsa(images[idx], v1)), network(apply_dsa(images[idx], v2))).backward()
+            else:
+                LOSS_FUNCTIONS[loss](network(images[idx]), targets[idx]).backward()
             optimizer.step()
         history.append(parameters_of(network))
     return history
+
+
+def barlow_twins_by_hand(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float = 5e-3) -> torch.Tensor:
+    """sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, C the cross-correlation of the batch-standardised outputs."""
+    z1, z2 = z1.double(), z2.double()
+    z1 = (z1 - z1.mean(0)) / (z1.var(0, unbiased=False) + 1e-5).sqrt()
+    z2 = (z2 - z2.mean(0)) / (z2.var(0, unbiased=False) + 1e-5).sqrt()
+    c = z1.T @ z2 / z1.shape[0]
+    off = ~torch.eye(c.shape[0], dtype=torch.bool)
+    return ((1 - c.diagonal()) ** 2).sum() + lambda_offdiag * (c[off] ** 2).sum()
+
+
+def two_views_by_hand(n: int, gen: torch.Generator) -> tuple[Any, Any]:
+    """The two per-image augmentations of a self-supervised step, drawn in the order the code draws them."""
+    return sample_dsa_params(n, SSL_VIEWS, gen), sample_dsa_params(n, SSL_VIEWS, gen)
+
+
+def ssl_sgd_by_hand(network: torch.nn.Module, start: Params, batches: list[tuple[torch.Tensor, Any]],
+                    lr: float) -> Params:
+    """Plain SGD from ``start`` with the Barlow Twins loss between the network's outputs on each batch's two views."""
+    network = copy.deepcopy(network)
+    network.load_state_dict(start)
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+    for x, (v1, v2) in batches:
+        optimizer.zero_grad()
+        barlow_twins_by_hand(network(apply_dsa(x, v1)), network(apply_dsa(x, v2))).backward()
+        optimizer.step()
+    return parameters_of(network)
 
 
 def sgd_by_hand(network: torch.nn.Module, start: Params, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
@@ -219,6 +259,24 @@ def test_a_retrained_expert_is_bit_identical_to_the_deleted_one(tmp_path: Path) 
     assert expert_file(tmp_path, 1).read_bytes() == deleted
 
 
+def test_self_supervised_experts_equal_a_manual_loop_and_train_one_at_a_time(tmp_path: Path) -> None:
+    """Barlow Twins experts: each batch's two views drawn from the expert's generator after its permutation."""
+    images = unit_data(7, "mse")[0]
+    settings = ExpertSettings(num_experts=2, epochs=2, arch=UNIT_ARCH, arch_args=UNIT_ARGS, lr=0.002, momentum=0.9,
+                              weight_decay=1e-3, batch_size=3, parallel=1, projection_dim=5)
+    store = train_experts(tmp_path / "ssl", settings, images, torch.zeros(7, 0), "barlow-twins", seed=2,
+                          progress=False)
+    for k in range(2):
+        for epoch, expected in enumerate(expert_by_hand(settings, images, torch.zeros(7, 0), "barlow-twins", 2, k)):
+            assert_params_close(store.params(k, epoch), expected, atol=1e-5)  # the loss by hand is in float64
+    assert store.params(0, 0)["head.weight"].shape[0] == 5  # the projection
+    parallel = ExpertSettings(**{**settings.__dict__, "parallel": 2})
+    with pytest.raises(ConfigError) as info:
+        train_experts(tmp_path / "p2", parallel, images, torch.zeros(7, 0), "barlow-twins", seed=2, progress=False)
+    assert one_line(info.value) == ("barlow-twins experts train one at a time (settings.experts.parallel: 1); the "
+                                    "vmapped path takes supervised losses only")
+
+
 # ---- 3.-5. the unroll and the matching loss -----------------------------------------------------------------------
 
 
@@ -244,6 +302,48 @@ def test_unrolled_sgd_equals_plain_sgd_on_the_same_batches(loss: str) -> None:
     student = unrolled_sgd(network, start, images, targets, torch.tensor(lr), steps, batch, loss, make_generator(7))
     assert_params_close({k: v.detach() for k, v in student.items()}, expected, atol=1e-6)
     assert all(torch.equal(start[k], v) for k, v in parameters_of(network).items())  # the network is untouched
+
+
+def test_the_self_supervised_step_loss_is_barlow_twins_between_two_views_by_hand() -> None:
+    network = build_student(UNIT_ARCH, UNIT_ARGS, 4, (3, 8, 8), seed=0)
+    x = unit_data(6, "mse")[0]
+    assert draw_views("mse", 6, make_generator(0), "cpu") is None
+    views = draw_views("barlow-twins", 6, make_generator(0), "cpu")
+    v1, v2 = two_views_by_hand(6, make_generator(0))
+    first, second = apply_dsa(x, v1), apply_dsa(x, v2)
+    assert not torch.allclose(first, second) and not torch.allclose(first, x)  # two different augmentations
+    expected = barlow_twins_by_hand(network(first), network(second))
+    value = step_loss(network, x, torch.zeros(6, 0), "barlow-twins", views)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_the_self_supervised_unroll_equals_plain_sgd_on_the_same_views_and_replays_them_when_checkpointed() -> None:
+    images = unit_data(5, "mse", seed=3)[0]
+    network = build_student(UNIT_ARCH, UNIT_ARGS, 4, (3, 8, 8), seed=0)
+    start = parameters_of(network)
+    steps, batch, lr = 4, 3, 0.002
+    gen = make_generator(7)
+    order, used, batches = torch.randperm(5, generator=gen), 0, []
+    for _ in range(steps):
+        if used + batch > 5:
+            order, used = torch.randperm(5, generator=gen), 0
+        batches.append((images[order[used : used + batch]], two_views_by_hand(batch, gen)))
+        used += batch
+    expected = ssl_sgd_by_hand(network, start, batches, lr)
+
+    def unroll(x: torch.Tensor, checkpointed: bool) -> Params:
+        return unrolled_sgd(network, start, x, torch.zeros(5, 0), torch.tensor(lr), steps, batch, "barlow-twins",
+                            make_generator(7), checkpointed)
+
+    plain = unroll(images, False)
+    assert_params_close({k: v.detach() for k, v in plain.items()}, expected, atol=1e-5)
+    grads = []
+    for checkpointed in (False, True):  # recomputing a step in the backward pass must see the same two views
+        x = images.clone().requires_grad_(True)
+        student = unroll(x, checkpointed)
+        grads.append(torch.autograd.grad(sum((v ** 2).sum() for v in student.values()), x)[0])
+    assert float(grads[0].abs().max()) > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_unroll_gradients_match_central_finite_differences() -> None:
@@ -457,6 +557,53 @@ def test_the_target_epoch_must_exist() -> None:
     message = one_line(info.value)
     assert "expert_epochs=2" in message and "at least 3 epochs" in message and "they train 2" in message
     MatchingSettings(max_start_epoch=1, expert_epochs=2, experts=ExpertSettings(epochs=2))  # the last one that fits
+
+
+def test_mtt_ssl_lowers_its_objective_and_stores_the_teachers_view_of_its_images(tiny_teacher: Path,
+                                                                                   tmp_path: Path) -> None:
+    """One expert, start epoch 0, the whole set in every unrolled step: the run descends the expected matching
+    distance over random view pairs, which the test estimates itself (Barlow Twins SGD by hand, the same 4 draws of
+    views for the initial and the final set, each at the step size it was used with)."""
+    images = 10
+    config = {"iterations": 12, "batch_syn": images, "experts": {"num_experts": 1}, "max_start_epoch": 1,
+              "experts_dir": str(tmp_path / "experts")}
+    distilled = ssdd.distill("mtt-ssl", "synthetic", teacher=tiny_teacher, budget=images, preset="tiny",
+                             config=config, out=tmp_path / "run", device="cpu", progress=False)
+    store = ExpertStore(tmp_path / "experts", 1)
+    recorded = distilled.metadata["config"]["settings"]
+    steps = recorded["syn_steps"]
+    network = build_student(PRESET_ARCH, PRESET_ARGS, recorded["experts"]["projection_dim"], (3, 32, 32), seed=0)
+    start, target = store.params(0, 0), store.params(0, 2)
+
+    def objective(x: torch.Tensor, lr: float) -> float:
+        distances = []
+        for draw in range(4):
+            gen = make_generator(100 + draw)
+            batches = [(x.float(), two_views_by_hand(images, gen)) for _ in range(steps)]
+            distances.append(distance_ratio(ssl_sgd_by_hand(network, start, batches, lr), start, target))
+        return sum(distances) / len(distances)
+
+    rows = torch.tensor(distilled.metadata["initial_indices"])
+    assert torch.equal(rows, torch.randperm(N_SOURCE, generator=make_generator(0))[:images])  # seeded random init
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-2]
+    before = objective(real_images(distilled.pixel_space, rows), recorded["init_lr"])
+    after = objective(distilled.tensors["images"], last["syn_lr"])
+    assert after < 0.99 * before, (before, after)
+    assert "learned_lr" not in distilled.tensors and distilled.target_kind == "representation"
+    teacher = load_teacher(tiny_teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(distilled.tensors["targets"], teacher(distilled.tensors["images"]),
+                                   rtol=1e-4, atol=1e-5)
+    assert distilled.byte_count == images * (3 * 32 * 32 + teacher.feature_dim) * 4
+
+
+def test_mtt_ssl_settings_name_what_is_wrong() -> None:
+    with pytest.raises(ConfigError) as info:
+        MTTSSLSettings(init="high-loss")
+    assert one_line(info.value) == "mtt-ssl starts from random real images (init: random), not 'high-loss'"
+    with pytest.raises(ConfigError) as info:
+        MTTSSLSettings(ssl="byol")
+    assert one_line(info.value) == "ssl must be one of barlow-twins, simclr, got 'byol'"
 
 
 def test_mtt_refuses_a_high_loss_init() -> None:

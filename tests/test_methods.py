@@ -105,8 +105,8 @@ def test_unknown_method_names_the_known_ones(tiny_teacher: Path) -> None:
         METHODS.get("krr-sd")
     message = one_line(info.value)
     assert "unknown method 'krr-sd'" in message and "Did you mean krr-st" in message
-    assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, paa, scdd, sre2l." in message
-    with pytest.raises(UnknownNameError, match="unknown method .nope.. Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, paa, scdd, sre2l"):
+    assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in message
+    with pytest.raises(UnknownNameError, match="unknown method .nope.. Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l"):
         Distillation(DistillConfig(method="nope", teacher=str(tiny_teacher), images=2, device="cpu"), None)
 
 
@@ -585,7 +585,7 @@ def test_a_refused_budget_keeps_the_existing_folder_and_its_files(tiny_teacher: 
 def test_cli_unknown_method(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = user_error(capsys, ["distill", "--method", "nope", "--teacher", str(tiny_teacher), "--images", "2",
                                "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
-    assert "unknown method 'nope'" in line and "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, paa, scdd, sre2l." in line
+    assert "unknown method 'nope'" in line and "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in line
 
 
 def test_cli_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_path: Path,

@@ -148,12 +148,10 @@ class DMSSL(Method):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
-    @torch.no_grad()
     def distilled_set(self) -> DistilledSet:
         images = self.images.detach()
-        teacher = self.context.teacher
-        targets = torch.cat([teacher(batch.to(self.context.device)).float().cpu() for batch in images.split(256)])
         dtype = self.budget.torch_dtype
+        targets = self.context.teacher.represent(images)
         return DistilledSet({"images": images.cpu().to(dtype), "targets": targets.to(dtype)}, self.pixel_space,
                             "representation", "dm-ssl",
                             {"initial_indices": self.initial_indices.tolist(),

@@ -12,6 +12,10 @@ size are learned by SGD with momentum; the step size is stored with the set and 
   teacher features, or from random images (``init: random``).
 * **MTT**: experts are classifiers trained with cross-entropy on the labels; the set is images with fixed hard
   labels, class-balanced, initialised from random real images of each class.
+* **MTT-SSL**: the naive self-supervised version MKDT reports as failing: experts and the unrolled student train
+  with a self-supervised loss (``ssl``: Barlow Twins by default) between two augmented views of each batch, from
+  random real images; only the images are learned, and the set stores the teacher's representations of them
+  (no step size: it was learned for another loss), so the ``linear`` protocol evaluates it like MKDT.
 
 Experts are trained into ``experts_dir`` (default: ``experts/`` in the run folder) before the first iteration when
 missing, or beforehand with ``ssdd experts``; either way, finished experts are never trained again.
@@ -32,10 +36,11 @@ from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
 from ssdd.io import read_metadata
-from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, make_network,
-                                       matching_loss, train_experts, unrolled_sgd)
+from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, expert_outputs,
+                                       is_self_supervised, make_network, matching_loss, train_experts, unrolled_sgd)
 from ssdd.selection import select_random, select_top_loss
 from ssdd.teachers.features import teacher_features
+from ssdd.teachers.losses import SSL_LOSSES
 
 INITS = ("high-loss", "random")
 
@@ -77,9 +82,11 @@ class MatchingSettings:
 
 def trajectory_data(loss: str, context: DistillContext) -> tuple[PixelSpace, torch.Tensor, torch.Tensor]:
     """The pixel space, the normalised source images (CPU) and what the experts fit: the teacher's features for
-    ``mse`` (MKDT), the labels for ``ce`` (MTT)."""
+    ``mse`` (MKDT), the labels for ``ce`` (MTT), nothing (an (N, 0) tensor) for a self-supervised loss."""
     source, teacher = context.source, context.teacher
-    if loss == "mse":
+    if is_self_supervised(loss):
+        targets = torch.zeros(len(source), 0)
+    elif loss == "mse":
         if teacher is None:
             raise ConfigError("experts that regress representations need a teacher (--teacher PATH)")
         targets = teacher_features(teacher, source, device=context.device).float().cpu()
@@ -118,7 +125,8 @@ def _check_experts(folder: Path, metadata: dict[str, Any], identity: dict[str, A
     if recorded != identity:
         raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; use another experts_dir")
     stored = metadata.get("settings", {})
-    for key in ("arch", "arch_args", "epochs", "lr", "momentum", "weight_decay", "batch_size"):
+    keys = ("arch", "arch_args", "epochs", "lr", "momentum", "weight_decay", "batch_size")
+    for key in keys + (("projection_dim",) if is_self_supervised(identity["method_loss"]) else ()):
         if stored.get(key) != getattr(settings.experts, key):
             raise ConfigError(f"the experts in {folder} have {key}={stored.get(key)!r}, these settings "
                               f"{getattr(settings.experts, key)!r}; use another experts_dir")
@@ -137,7 +145,7 @@ class TrajectoryMatching(Method):
         device = context.device
         self.pixel_space, self.real, self.real_targets = trajectory_data(self.loss, context)
         self.image_shape = tuple(self.real.shape[1:])
-        outputs = self.real_targets.shape[1] if self.loss == "mse" else context.source.num_classes
+        outputs = expert_outputs(self.loss, s.experts, self.real_targets)
         self.network = make_network(s.experts, outputs, self.image_shape, context.seed).to("meta")
         self.experts = prepare_experts(self.loss, s, context, s.experts_dir, self.real, self.real_targets,
                                        progress=context.progress)
@@ -287,3 +295,52 @@ class MTT(TrajectoryMatching):
             rows.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
         return torch.cat(rows)
 
+
+
+@dataclass
+class MTTSSLSettings(MatchingSettings):
+    """MTT-SSL's settings: those of trajectory matching with a self-supervised ``ssl`` loss, from random images."""
+
+    init: str = "random"
+    ssl: str = "barlow-twins"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "random":
+            raise ConfigError(f"mtt-ssl starts from random real images (init: random), not {self.init!r}")
+        if not is_self_supervised(self.ssl):
+            raise ConfigError(f"ssl must be one of {', '.join(SSL_LOSSES)}, got {self.ssl!r}")
+
+
+@METHODS.register("mtt-ssl")
+class MTTSSL(TrajectoryMatching):
+    """Trajectory matching with self-supervised experts; the set's targets are the teacher's view of its images."""
+
+    settings_class = MTTSSLSettings
+    target_kind = "representation"
+    learns_targets = False
+    name = "mtt-ssl"
+
+    @property
+    def loss(self) -> str:  # type: ignore[override]  # the experts' and the unroll's loss is a setting here
+        return self.settings.ssl
+
+    def plan_budget(self) -> int:
+        c, h, w = self.image_shape
+        m = self.budget.fit((c * h * w + self.context.teacher.feature_dim) * self.budget.bytes_per_value)
+        if m > self.real.shape[0]:
+            raise ConfigError(f"the budget asks for {m} images but {self.context.source.name} has {self.real.shape[0]}")
+        return m
+
+    def initial_indices(self) -> torch.Tensor:
+        return select_random(self.num_images, self.real.shape[0], self.context.seed)
+
+    def distilled_set(self) -> DistilledSet:
+        images = self.images.detach()
+        dtype = self.budget.torch_dtype
+        tensors = {"images": images.cpu().to(dtype), "targets": self.context.teacher.represent(images).to(dtype)}
+        metadata = {"initial_indices": self.initial_rows.tolist(), "init": self.settings.init, "ssl": self.settings.ssl,
+                    "targets": "the teacher's representations of the learned images",
+                    "experts": {"folder": str(self.experts.folder), "count": len(self.experts),
+                                "epochs": self.experts.epochs}}
+        return DistilledSet(tensors, self.pixel_space, self.target_kind, self.name, metadata)

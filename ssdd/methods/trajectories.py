@@ -1,5 +1,8 @@
 """Expert trajectories and differentiable unrolled training: the engine of trajectory matching (MKDT, MTT).
 
+* The loss of a training step (:func:`step_loss`) is supervised (``mse`` to representations, ``ce`` to labels) or
+  self-supervised (``barlow-twins``, ``simclr``) between two augmented views of the batch (:data:`SSL_VIEWS`, drawn
+  per image from the run's generator outside any recomputed region, so checkpointing replays the same views).
 * :func:`train_experts` trains K students from independent initialisations and stores every epoch's parameters,
   one safetensors file per expert (``expert_000.safetensors`` with ``epoch_00.<param>`` ...), written atomically
   when the expert is done, so an interrupted run resumes by skipping the experts already on disk.  With
@@ -18,7 +21,6 @@ instance-norm (``convnet3``) or norm-free architectures, as the papers do.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,14 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ssdd.data.augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ssdd.device import make_generator
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
-from ssdd.evaluation.training import LOSSES, batch_loss, build_student
+from ssdd.evaluation.training import batch_loss, build_student
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import Backbone
+from ssdd.teachers.losses import SSL_LOSSES
 
 Params = dict[str, torch.Tensor]
 
@@ -53,10 +57,46 @@ class ExpertSettings:
     weight_decay: float = 1e-4
     batch_size: int = 256
     parallel: int = 1  # experts trained at once (one vmapped computation)
+    projection_dim: int = 128  # outputs of a self-supervised expert's head (supervised ones: the targets' size)
 
     def __post_init__(self) -> None:
-        if min(self.num_experts, self.epochs, self.batch_size, self.parallel) < 1 or self.lr <= 0:
-            raise ConfigError("experts: num_experts, epochs, batch_size and parallel must be >= 1 and lr > 0")
+        if min(self.num_experts, self.epochs, self.batch_size, self.parallel, self.projection_dim) < 1 or self.lr <= 0:
+            raise ConfigError("experts: num_experts, epochs, batch_size, parallel and projection_dim must be >= 1 "
+                              "and lr > 0")
+
+
+EXPERT_LOSSES = ("mse", "ce", *SSL_LOSSES)
+SSL_VIEWS = DSAConfig(strategy="color_crop_flip", mode="all")  # each view of a self-supervised step, per image
+Views = tuple[DSAParams, DSAParams]
+
+
+def is_self_supervised(loss: str) -> bool:
+    return loss in SSL_LOSSES
+
+
+def expert_outputs(loss: str, settings: ExpertSettings, targets: torch.Tensor) -> int:
+    """The size of an expert's output: the targets' dimension (``mse``), the number of classes (``ce``), or the
+    projection's (self-supervised)."""
+    if loss == "mse":
+        return targets.shape[1]
+    if loss == "ce":
+        return int(targets.max()) + 1
+    return settings.projection_dim
+
+
+def draw_views(loss: str, n: int, generator: torch.Generator, device: torch.device | str) -> Views | None:
+    """Two independent augmentations of ``n`` images for a self-supervised ``loss``; None for a supervised one."""
+    if not is_self_supervised(loss):
+        return None
+    return sample_dsa_params(n, SSL_VIEWS, generator, device), sample_dsa_params(n, SSL_VIEWS, generator, device)
+
+
+def step_loss(forward: Any, x: torch.Tensor, y: torch.Tensor, loss: str, views: Views | None) -> torch.Tensor:
+    """One training step's loss: ``loss`` of ``forward(x)`` against ``y``, or, with ``views``, the self-supervised
+    ``loss`` between ``forward`` of the two augmented views of ``x`` (``y`` unused)."""
+    if views is None:
+        return batch_loss(forward(x), y, loss, 1.0)
+    return SSL_LOSSES[loss]()(forward(apply_dsa(x, views[0])), forward(apply_dsa(x, views[1])))
 
 
 def expert_file(folder: Path, index: int) -> Path:
@@ -113,15 +153,18 @@ def train_experts(
     progress: bool = True,
 ) -> ExpertStore:
     """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
-    ``targets``, ``ce`` to labels) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
+    ``targets``, ``ce`` to labels, or a self-supervised loss on two views, ``targets`` unused) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
     ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding).  Under torchrun the
     blocks of ``parallel`` experts are dealt round-robin to the processes, each writing its own experts' files."""
-    if loss not in LOSSES:
-        raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+    if loss not in EXPERT_LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(EXPERT_LOSSES)}")
+    if is_self_supervised(loss) and settings.parallel > 1:
+        raise ConfigError(f"{loss} experts train one at a time (settings.experts.parallel: 1); the vmapped path "
+                          "takes supervised losses only")
     folder = Path(folder)
     device = torch.device(device)
     todo = [k for k in range(settings.num_experts) if not expert_file(folder, k).exists()]
-    num_outputs = targets.shape[1] if loss == "mse" else int(targets.max()) + 1
+    num_outputs = expert_outputs(loss, settings, targets)
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
@@ -166,7 +209,8 @@ def _train_alone(models: list[Backbone], generators: list[torch.Generator], sett
         order = torch.randperm(images.shape[0], generator=generator)
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
-            value = batch_loss(model(images[idx].to(device)), targets[idx].to(device), loss, 1.0)
+            views = draw_views(loss, idx.numel(), generator, device)
+            value = step_loss(model, images[idx].to(device), targets[idx].to(device), loss, views)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -215,12 +259,11 @@ def unrolled_sgd(
     loss: str,
     generator: torch.Generator,
     checkpointed: bool = False,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Params:
-    """``steps`` SGD steps of ``network`` from ``start`` on mini-batches of (``images``, ``targets``), every step
-    differentiable in the images, targets, ``lr`` and ``start``.  Batches walk through random permutations of the
-    set (a new one when it is used up).  ``checkpointed`` recomputes each step's activations in the backward pass
-    instead of keeping them (less memory, one more forward per step)."""
+    """``steps`` SGD steps of ``network`` from ``start`` on mini-batches of (``images``, ``targets``) with ``loss``
+    (:func:`step_loss`), every step differentiable in the images, targets, ``lr`` and ``start``.  Batches walk
+    through random permutations of the set (a new one when it is used up).  ``checkpointed`` recomputes each step's
+    activations in the backward pass instead of keeping them (less memory, one more forward per step)."""
     names = list(start)
     template = network if next(iter(network.parameters())).device.type == "meta" else copy.deepcopy(network).to("meta")
     params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in start.values()]
@@ -229,12 +272,12 @@ def unrolled_sgd(
     order = torch.randperm(n, generator=generator)
     used = 0
 
-    def one_step(idx: torch.Tensor, step_lr: torch.Tensor, *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = images[idx]
-        if augment is not None:
-            x = augment(x)
-        out = functional_call(template, dict(zip(names, current)), (x,))
-        value = batch_loss(out, targets[idx], loss, 1.0)
+    def one_step(idx: torch.Tensor, step_lr: torch.Tensor, views: Views | None,
+                 *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return functional_call(template, dict(zip(names, current)), (x,))
+
+        value = step_loss(forward, images[idx], targets[idx], loss, views)
         grads = torch.autograd.grad(value, current, create_graph=True)
         return tuple(p - step_lr * g for p, g in zip(current, grads))
 
@@ -243,10 +286,11 @@ def unrolled_sgd(
             order, used = torch.randperm(n, generator=generator), 0
         idx = order[used : used + batch].to(images.device)
         used += batch
+        views = draw_views(loss, batch, generator, images.device)
         if checkpointed:
-            params = list(checkpoint(one_step, idx, lr, *params, use_reentrant=False))
+            params = list(checkpoint(one_step, idx, lr, views, *params, use_reentrant=False))
         else:
-            params = list(one_step(idx, lr, *params))
+            params = list(one_step(idx, lr, views, *params))
     return dict(zip(names, params))
 
 

@@ -53,6 +53,12 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.features(x)
 
+    @torch.no_grad()
+    def represent(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Features (N, d) on the CPU of float images already normalised in the teacher's pixel space (a set's)."""
+        device = next(self.backbone.parameters()).device
+        return torch.cat([self(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
+
     def encode(self, images: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
         """Features (N, d) on the CPU of uint8 images (N, C, H, W)."""
         from ssdd.data.transforms import convert_images
