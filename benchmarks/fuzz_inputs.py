@@ -19,9 +19,9 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the JSON table here (e.g. docs/results/reliability-fuzz.json)")
     args = parser.parse_args()
+    from ssdd.environment import environment
+
+    where = environment(torch.device("cpu"))  # before the run: the commit whose code is tested
     with tempfile.TemporaryDirectory() as scratch:  # the tests' isolation: no cache or data root of the user's
         os.environ["SSDD_CACHE_DIR"] = str(Path(scratch) / "cache")
         os.environ["SSDD_DATA_ROOT"] = str(Path(scratch) / "data")
@@ -78,9 +81,7 @@ def main() -> None:
                   f"{row['accepted']} accepted intact)  {row['seconds']} s", flush=True)
     total = {"tried": sum(r["tried"] for r in table.values()), "handled": sum(r["handled"] for r in table.values())}
     command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/fuzz_inputs.py", *sys.argv[1:]])
-    from ssdd.environment import environment
-
-    report = {"command": command, "environment": environment(torch.device("cpu")), "examples_per_category": args.examples,
+    report = {"command": command, "environment": where, "examples_per_category": args.examples,
               "seed": args.seed, "total": total, "categories": table}
     text = json.dumps(report, indent=2)
     print(text)
