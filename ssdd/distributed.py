@@ -115,6 +115,26 @@ def average_gradients(tensors: list[torch.Tensor], current: World | None = None)
             tensor.grad.div_(current.size)
 
 
+def sum_over_processes(tensor: torch.Tensor, current: World | None = None) -> torch.Tensor:
+    """The elementwise sum of ``tensor`` over the processes, detached (``tensor`` itself for one process)."""
+    current = current or world()
+    if current.size == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def broadcast_object(obj: Any, current: World | None = None) -> Any:
+    """The main process's ``obj`` on every process (what the others pass is ignored)."""
+    current = current or world()
+    if current.size == 1:
+        return obj
+    box = [obj if current.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_processes(value: float, current: World | None = None) -> float:
     """The mean of ``value`` over the processes (``value`` for one process)."""
     current = current or world()

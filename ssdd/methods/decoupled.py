@@ -10,7 +10,11 @@ Both distil in three stages, each resumable:
    cross-entropy to its class + ``r_bn`` x the distance of every BatchNorm layer's batch statistics to its running
    statistics (the first layer weighted ``first_bn_weight``: 10 for SC-DD), under random shifts of up to ``jitter``
    pixels and flips, by Adam (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range
-   after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.
+   after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.  Under
+   torchrun the classes are dealt to the processes: each forwards its own classes' images, the BatchNorm statistics
+   are those of the whole batch (summed over the processes), the gradients are summed, and every process applies
+   the same Adam step to the whole batch, so the images are the single process's and a checkpoint resumes with any
+   number of processes.
 3. **Relabel**: the squeeze model's logits of the recovered images are stored as soft labels (counted in the byte
    budget) with the ``temperature`` at which the ``supervised`` protocol matches them (KL, T^2-scaled).
 """
@@ -31,11 +35,12 @@ from torch import nn
 from ssdd.config import to_dict
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
+from ssdd.distributed import broadcast_object, shard, sum_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
-from ssdd.models import Backbone
+from ssdd.models import Backbone, create_model
 from ssdd.probes import fit_logistic_regression
 from ssdd.teachers.artefact import load_network, save_network
 from ssdd.teachers.features import teacher_features
@@ -44,30 +49,45 @@ SQUEEZE_FILE = "squeeze.safetensors"
 
 
 class BatchNormStatistics:
-    """Forward hooks on every ``BatchNorm2d`` of a network that keep the batch mean and (biased) variance of each
-    layer's input, and the recovery loss that pulls them towards the layer's running statistics."""
+    """Forward hooks on every ``BatchNorm2d`` of a network that keep each layer's input, and the recovery loss that
+    pulls the batch mean and (biased) variance of those inputs towards the layer's running statistics.  Under
+    several processes the batch is the union of every process's: the statistics are summed over the processes,
+    and each process's gradient is that of its own images."""
 
     def __init__(self, network: nn.Module):
         self.layers = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
             raise ConfigError("recovering images from BatchNorm statistics needs a network with BatchNorm layers")
-        self.batch: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.layers)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _hook(self, index: int):  # noqa: ANN202 - a forward hook
         def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].float()
-            self.batch[index] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+            self.inputs[index] = inputs[0].float()
         return keep
+
+    @staticmethod
+    def _over_processes(local: torch.Tensor) -> torch.Tensor:
+        """The sum of ``local`` over the processes, differentiable through this process's part only."""
+        return local + (sum_over_processes(local) - local).detach()
+
+    def statistics(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole batch's per-channel mean and biased variance at layer ``index``.  The variance is taken around
+        the detached mean: the mean's own gradient contribution, -2 sum(x - mean) d mean / dx, is zero."""
+        x = self.inputs[index]
+        if x is None:
+            raise ConfigError("no forward pass has been recorded yet")
+        count = float(sum_over_processes(torch.tensor(float(x.numel() // x.shape[1]))))
+        mean = self._over_processes(x.sum(dim=(0, 2, 3))) / count
+        centred = x - mean.detach().view(1, -1, 1, 1)
+        return mean, self._over_processes(centred.pow(2).sum(dim=(0, 2, 3))) / count
 
     def loss(self, first_weight: float = 1.0) -> torch.Tensor:
         """sum_l w_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) of the last forward pass
         (w_1 = ``first_weight``, the others 1)."""
         total = torch.zeros(())
-        for i, (layer, stats) in enumerate(zip(self.layers, self.batch)):
-            if stats is None:
-                raise ConfigError("no forward pass has been recorded yet")
-            mean, var = stats
+        for i, layer in enumerate(self.layers):
+            mean, var = self.statistics(i)
             term = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
             total = total + (first_weight if i == 0 else 1.0) * term
         return total
@@ -118,6 +138,7 @@ class Recover(Method):
     """Squeeze once, then recover one image per class per images-per-class index, then relabel."""
 
     settings_class = RecoverSettings
+    splits_over_processes = True
     name: ClassVar[str]
 
     def __init__(self, settings: RecoverSettings, context: DistillContext, budget: Budget):
@@ -126,6 +147,11 @@ class Recover(Method):
         if source.num_classes < 2:
             raise ConfigError(f"{self.name} recovers class-conditional images; {source.name} has no labels")
         self.classes = source.num_classes
+        self.world = world()
+        if self.world.size > self.classes:
+            raise ConfigError(f"{self.name} deals its {self.classes} classes to the processes; run at most "
+                              f"{self.classes} processes, not {self.world.size}")
+        self.own = torch.tensor([c for _, c in shard(list(range(self.classes)), self.world)], device=context.device)
         self.image_shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
         c, h, w = self.image_shape  # the budget is checked before anything is trained
         self.ipc = images_per_class(budget, (c * h * w + self.classes) * budget.bytes_per_value, self.classes, self.name)
@@ -150,6 +176,17 @@ class Recover(Method):
                 "squeeze_settings": to_dict(self.settings.squeeze)}
 
     def squeeze_model(self) -> tuple[Backbone, PixelSpace]:
+        """The main process's squeeze model (from the run folder, or made now and saved there) on every process."""
+        made = self.main_squeeze_model() if self.world.is_main else None
+        spec, state, pixel_space = broadcast_object(
+            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None, self.world)
+        if made is not None:
+            return made
+        model = create_model(**spec)
+        model.load_state_dict(state)
+        return model.to(self.context.device), pixel_space
+
+    def main_squeeze_model(self) -> tuple[Backbone, PixelSpace]:
         """The squeeze model from the run folder, or made now (and saved there)."""
         ctx = self.context
         identity = json.loads(json.dumps(self.squeeze_identity()))  # as it reads back from the file
@@ -190,14 +227,17 @@ class Recover(Method):
             self.optimizer = torch.optim.Adam([self.current], lr=s.lr, betas=(0.5, 0.9))
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * iteration / s.iterations))
-        x = self.jittered(self.current)
+        x = self.jittered(self.current)[self.own]  # this process's classes (all of them for one process)
         out = self.model(x).float()
-        ce = F.cross_entropy(out, self.labels)
-        bn = self.statistics.loss(s.first_bn_weight)
+        ce = F.cross_entropy(out, self.labels[self.own], reduction="sum") / self.classes
+        bn = self.statistics.loss(s.first_bn_weight)  # of the whole batch
         loss = ce + s.r_bn * bn
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.current.grad = sum_over_processes(self.current.grad, self.world)  # zero outside each one's classes
         self.optimizer.step()
+        ce = sum_over_processes(ce.detach(), self.world)
+        loss = ce + s.r_bn * bn
         with torch.no_grad():
             self.current.copy_(torch.maximum(torch.minimum(self.current, self.high), self.low))
         if iteration == s.iterations - 1:
