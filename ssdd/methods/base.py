@@ -140,6 +140,25 @@ class Method(abc.ABC):
         """The current set, cast to the budget's storage dtype."""
 
 
+class ImageLearningMethod(Method):
+    """A method whose whole state is one learned image tensor (``self.images``), its optimiser (``self.optimizer``)
+    and one generator (``self.generator``), which subclasses create."""
+
+    images: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 
 

@@ -24,7 +24,7 @@ from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.evaluation.training import build_student
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method
+from ssdd.methods.base import METHODS, Budget, DistillContext, ImageLearningMethod
 from ssdd.methods.labelled import ClassBalancedImages
 from ssdd.selection import select_random
 
@@ -99,7 +99,7 @@ class DMSSLSettings(DMSettings):
 
 
 @METHODS.register("dm-ssl")
-class DMSSL(Method):
+class DMSSL(ImageLearningMethod):
     """Distribution matching without labels; the set's targets are the teacher's representations of its images."""
 
     settings_class = DMSSLSettings
@@ -137,16 +137,6 @@ class DMSSL(Method):
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.item()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
 
     def distilled_set(self) -> DistilledSet:
         images = self.images.detach()

@@ -12,10 +12,10 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import Budget, DistillContext, Method, images_per_class
+from ssdd.methods.base import Budget, DistillContext, ImageLearningMethod, images_per_class
 
 
-class ClassBalancedImages(Method):
+class ClassBalancedImages(ImageLearningMethod):
     """Base of methods that learn ``ipc`` images per class with fixed hard labels.
 
     The settings must have ``lr_images`` and ``momentum``. Subclasses implement :meth:`step`, using
@@ -65,16 +65,6 @@ class ClassBalancedImages(Method):
 
     def new_network_seed(self) -> int:
         return draw_seed(self.generator)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images.detach().cpu(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
 
     def distilled_set(self) -> DistilledSet:
         dtype = self.budget.torch_dtype
