@@ -10,6 +10,11 @@ reused when the suite runs again with the same settings, so a suite killed halfw
     <out>/<suite>/evaluations/<eval>/results.*   the evaluation's combined results (json, md, png)
     <out>/<suite>/stages.json                    wall time and peak memory of every stage that ran
     <out>/<suite>/report.md                      environment, commands, tables, plots, grids, time and memory
+
+Under ``torchrun`` every process takes part: the teacher trains data-parallel, sets whose method splits its steps
+(the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, the other sets are dealt round-robin
+and each is made by one process alone, and each evaluation's cells are dealt over the processes. Process 0 writes
+the report; the output folder must be visible to every process (one machine, or a filesystem the nodes share).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 
 import yaml
 
-from ssdd.config import deep_update, from_dict, list_presets, preset_dict, to_dict
+from ssdd.config import deep_update, from_dict, list_presets, preset_dict, read_yaml, to_dict
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
+from ssdd.distributed import alone, barrier, gather_objects, shard, world
 from ssdd.environment import PeakMemory, environment
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
@@ -33,7 +39,7 @@ from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.report import markdown_tables
 from ssdd.io import atomic_write_text
-from ssdd.methods import DistillConfig, Distillation
+from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import method_settings, resolved_config
 from ssdd.runs import RunDir
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
@@ -93,11 +99,20 @@ def suites() -> list[str]:
     return list_presets("bench")
 
 
-def load_suite(name: str) -> Suite:
-    """The shipped suite ``name``."""
-    if name not in suites():
-        raise ConfigError(f"unknown suite {name!r}; known suites: {', '.join(suites())}")
-    return from_dict(Suite, preset_dict("bench", name), where=f"suite {name}")
+def suite_name(suite: str) -> str:
+    """The report folder's name for ``suite``: a shipped suite's name, or a suite file's name without ``.yaml``."""
+    return Path(suite).stem if suite.endswith((".yaml", ".yml")) else suite
+
+
+def load_suite(suite: str) -> Suite:
+    """The shipped suite named ``suite``, or the suite written in the YAML file ``suite`` (same keys)."""
+    if suite.endswith((".yaml", ".yml")):
+        if not Path(suite).is_file():
+            raise ConfigError(f"suite file {suite} does not exist")
+        return from_dict(Suite, read_yaml(suite), where=f"suite {suite}")
+    if suite not in suites():
+        raise ConfigError(f"unknown suite {suite!r}; known suites: {', '.join(suites())}, or a suite's YAML file")
+    return from_dict(Suite, preset_dict("bench", suite), where=f"suite {suite}")
 
 
 @dataclass
@@ -116,16 +131,17 @@ class BenchOptions:
 class BenchRun:
     """One suite run into ``out/<suite>``: every stage reused when its artefact exists with the same settings."""
 
-    def __init__(self, suite_name: str, out: str | Path, options: BenchOptions | None = None):
-        self.name = suite_name
-        self.suite = load_suite(suite_name)
+    def __init__(self, suite: str, out: str | Path, options: BenchOptions | None = None):
+        self.name = suite_name(suite)
+        self.suite = load_suite(suite)
         self.options = options or BenchOptions()
-        self.folder = Path(out) / suite_name
+        self.folder = Path(out) / self.name
+        self.world = world()
         self.device = resolve_device(self.options.device)
         known = set(self.suite.sets) | {b for e in self.suite.evaluations.values() for b in e.baselines}
         unknown = sorted(set(self.options.methods or []) - known)
         if unknown:
-            raise ConfigError(f"--methods names {', '.join(unknown)}, which suite {suite_name} does not run; "
+            raise ConfigError(f"--methods names {', '.join(unknown)}, which suite {self.name} does not run; "
                               f"it runs {', '.join(sorted(known))}")
         self.stages_path = self.folder / "stages.json"
         self.stages: dict[str, dict] = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
@@ -134,11 +150,19 @@ class BenchRun:
     def _keep(self, name: str) -> bool:
         return self.options.methods is None or name in self.options.methods
 
+    def _say(self, line: str) -> None:
+        if self.world.is_main:
+            print(line)
+
     def _record(self, stage: str, seconds: float, peak: int | None) -> None:
         self.stages[stage] = {"seconds": round(seconds, 1), "peak_memory_bytes": peak,
                               "device": environment(self.device)["device"]}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.stages_path, json.dumps(self.stages, indent=2))
+        self._write_stages()
+
+    def _write_stages(self) -> None:
+        if self.world.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.stages_path, json.dumps(self.stages, indent=2))
 
     def _timed(self, stage: str, work):  # noqa: ANN001, ANN202 - any callable, its result
         started = time.monotonic()
@@ -150,10 +174,12 @@ class BenchRun:
     def run(self) -> Path:
         """Run (or continue) every stage, then write the report; returns the path of ``report.md``."""
         stages = 1 + len(self.suite.sets) + len(self.suite.evaluations)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        print(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups)")
+        if self.world.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        processes = f", {self.world.size} processes" if self.world.size > 1 else ""
+        self._say(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups{processes})")
         teacher = self.teacher()
-        sets = {name: self.distilled(name, teacher) for name in self.suite.sets if self._keep(name)}
+        sets = self.sets(teacher)
         results = {name: self.evaluation(name, stage, teacher, sets) for name, stage in self.suite.evaluations.items()}
         return self.report(sets, results)
 
@@ -185,32 +211,61 @@ class BenchRun:
         config = self.teacher_config()
         if (folder / TEACHER_FILE).exists():
             _check_same(folder, config, "teacher")
-            print(f"[bench] teacher: reusing {folder / TEACHER_FILE}")
+            self._say(f"[bench] teacher: reusing {folder / TEACHER_FILE}")
         else:
-            print(f"[bench] teacher: training {config.ssl} {config.arch}, {config.epochs} epochs on "
-                  f"{config.train_images or 'all'} {config.dataset} images")
+            self._say(f"[bench] teacher: training {config.ssl} {config.arch}, {config.epochs} epochs on "
+                      f"{config.train_images or 'all'} {config.dataset} images")
             self._timed("teacher", lambda: train_teacher(config, folder, resume=True, progress=self.options.progress))
+            barrier(self.world)  # process 0 writes the teacher that every process loads
         self.commands.append(f"ssdd teacher --config {shlex.quote(str(folder / 'config.yaml'))} --out "
                              f"{shlex.quote(str(folder))}")
         return load_teacher(folder, device=self.device)
 
-    def distilled(self, name: str, teacher: Teacher) -> DistilledSet:
-        folder = self.folder / "sets" / name
-        config = self.set_config(name)
+    def sets(self, teacher: Teacher) -> dict[str, DistilledSet]:
+        """Make (or reuse) the suite's sets. Several processes make a set whose method splits its steps together
+        and deal the other sets among themselves, each made by one process alone; every process then reads every
+        set from disk."""
+        names = [name for name in self.suite.sets if self._keep(name)]
+        configs = {name: self.set_config(name) for name in names}
+        together = [n for n in names if self.world.size == 1 or METHODS.get(configs[n].method).splits_over_processes]
+        dealt = [n for n in names if n not in together]
+        before = dict(self.stages)
+        for _, name in shard(dealt, self.world):
+            with alone():
+                self.distilled(name, configs[name], teacher, progress=self.options.progress and self.world.is_main)
+        for part in gather_objects({k: v for k, v in self.stages.items() if before.get(k) != v}, self.world):
+            self.stages.update(part)  # the dealt sets' times, measured by the process that made each
+        self._write_stages()
+        made = {name: self.distilled(name, configs[name], teacher, self.options.progress) for name in together}
+        barrier(self.world)  # every set is on disk
+        sets = {name: made[name] if name in made and self.world.size == 1 else load_distilled(self._set_folder(name))
+                for name in names}
+        for name in names:
+            self.commands.append(f"ssdd distill --config {shlex.quote(str(self._set_folder(name) / 'config.yaml'))} "
+                                 f"--out {shlex.quote(str(self._set_folder(name)))}")
+        return sets
+
+    def _set_folder(self, name: str) -> Path:
+        return self.folder / "sets" / name
+
+    def distilled(self, name: str, config: DistillConfig, teacher: Teacher, progress: bool) -> DistilledSet:
+        """Set ``name`` made with ``config`` (reused when its folder holds it with the same settings), with its
+        ``grid.png``."""
+        folder = self._set_folder(name)
+        current = world()
         if (folder / SET_FILE).exists():
             _check_same(folder, resolved_config(config), f"set {name}")
-            print(f"[bench] set {name}: reusing {folder / SET_FILE}")
+            self._say(f"[bench] set {name}: reusing {folder / SET_FILE}")
             distilled = load_distilled(folder)
         else:
-            print(f"[bench] set {name}: distilling with {config.method}")
+            who = f" on process {self.world.rank}" if self.world.size > 1 and current.size == 1 else ""
+            print(f"[bench] set {name}: distilling with {config.method}{who}")
             distilled = self._timed(f"set {name}", lambda: Distillation(
-                config, folder, resume=True, progress=self.options.progress, teacher=teacher).run())
-        if not (folder / "grid.png").exists():
+                config, folder, resume=True, progress=progress, teacher=teacher).run())
+        if current.is_main and not (folder / "grid.png").exists():
             from ssdd.show import save_grid
 
             save_grid(distilled, folder / "grid.png", max_images=64)
-        self.commands.append(f"ssdd distill --config {shlex.quote(str(folder / 'config.yaml'))} --out "
-                             f"{shlex.quote(str(folder))}")
         return distilled
 
     def evaluation(self, name: str, stage: EvaluationStage, teacher: Teacher,
@@ -228,12 +283,13 @@ class BenchRun:
         for entry in names + baselines:
             cells += self._entry(folder, name, entry, config, None if entry in SETLESS else budget, sets.get(entry),
                                  teacher)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         command = _evaluate_command(folder, names, baselines, budget, self.folder)
         self.commands.append(command)
-        if cells:
-            write_report(folder, cells, config, environment(self.device), command=command)
+        if self.world.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+            if cells:
+                write_report(folder, cells, config, environment(self.device), command=command)
         return cells
 
     def _budget(self, stage: EvaluationStage, covered: list[str], sets: dict[str, DistilledSet], teacher: Teacher,
@@ -259,20 +315,24 @@ class BenchRun:
         if path.exists():
             record = json.loads(path.read_text())
             if {k: record.get(k) for k in key} == key:
-                print(f"[bench] {evaluation} / {entry}: reusing {path}")
+                self._say(f"[bench] {evaluation} / {entry}: reusing {path}")
                 return [Cell.from_dict(c) for c in record["cells"]]
-        print(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
+        self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
         cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
             sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
             names=names))
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({**key, "cells": [c.to_dict() for c in cells]}, indent=2))
+        if self.world.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({**key, "cells": [c.to_dict() for c in cells]}, indent=2))
         return cells
 
     def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
-        """Write ``report.md``: environment, commands, one table and plot per evaluation, the sets with their grids,
-        and the time and peak memory of every stage."""
+        """Write ``report.md`` (process 0; the others return its path): environment, commands, one table and plot per
+        evaluation, the sets with their grids, and the time and peak memory of every stage."""
+        path = self.folder / "report.md"
+        if not self.world.is_main:
+            return path
         env = environment(self.device)
         options = [f"--{k} {','.join(map(str, v))}" for k, v in
                    (("methods", self.options.methods), ("targets", self.options.targets), ("seeds", self.options.seeds))
@@ -304,7 +364,6 @@ class BenchRun:
             distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
             lines.append(f"| {stage} | {_duration(record['seconds'])} | {_duration(distill)} | "
                          f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} | {record['device']} |")
-        path = self.folder / "report.md"
         atomic_write_text(path, "\n".join(lines) + "\n")
         atomic_write_text(self.folder / "report.json", json.dumps(
             {"suite": self.name, "environment": env, "stages": self.stages,
@@ -326,8 +385,6 @@ def _check_same(folder: Path, config: Any, what: str) -> None:
                           f"({', '.join(changed)}); delete the folder or use another --out")
 
 
-
-
 def _evaluate_command(folder: Path, names: list[str], baselines: list[str], budget: int | None, root: Path) -> str:
     parts = ["ssdd evaluate", *(shlex.quote(f"{n}={root / 'sets' / n}") for n in names)]
     if baselines:
@@ -342,8 +399,11 @@ def _evaluate_command(folder: Path, names: list[str], baselines: list[str], budg
 def run_suite(suite: str, out: str | Path, data_root: str | None = None, device: str = "auto", progress: bool = True,
               methods: list[str] | None = None, targets: list[str] | None = None,
               seeds: list[int] | None = None) -> Path:
-    """Run (or continue) benchmark ``suite`` into ``out/<suite>``; returns the path of its ``report.md``."""
+    """Run (or continue) benchmark ``suite`` (a shipped suite's name or a suite file) into ``out/<suite>``; returns
+    the path of its ``report.md``."""
     options = BenchOptions(data_root, device, progress, methods, targets, seeds)
-    report = BenchRun(suite, out, options).run()
-    print(report.read_text())
+    run = BenchRun(suite, out, options)
+    report = run.run()
+    if run.world.is_main:
+        print(report.read_text())
     return report

@@ -224,7 +224,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ssdd.bench import run_suite
+    from ssdd.distributed import init_from_env
 
+    init_from_env(args.device or "auto")  # under torchrun: sets and evaluation cells dealt over the processes
     run_suite(args.suite, args.out, data_root=args.data_root, device=args.device or "auto",
               progress=not args.no_progress, methods=_csv(args.methods), targets=_csv(args.targets),
               seeds=_csv(args.seeds, int))
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="run a benchmark suite end to end and write a report")
-    p.add_argument("--suite", required=True, help=f"suite name ({', '.join(list_presets('bench'))})")
+    p.add_argument("--suite", required=True, help=f"a shipped suite ({', '.join(list_presets('bench'))}) or a suite's YAML file")
     p.add_argument("--out", default="runs/bench", help="parent of the report folder <out>/<suite> (default runs/bench)")
     p.add_argument("--methods", help="comma-separated sets and baselines to run (default: all of the suite's)")
     p.add_argument("--targets", help="comma-separated target datasets, replacing every evaluation's")
@@ -336,10 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     finished = False
     try:
-        if args.command == "bench":
-            from ssdd.distributed import refuse_several_processes
-
-            refuse_several_processes(args.command)
         status = func(args)
         finished = True
         return status

@@ -1,4 +1,4 @@
-"""Device selection and explicit random generators."""
+"""Device selection, batches moved to the device, and explicit random generators."""
 
 from __future__ import annotations
 
@@ -44,6 +44,47 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if enabled and (device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def device_batches(data: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``data`` (first dimension) on ``device``.
+
+    From the CPU to a CUDA device each batch travels through one of two page-locked (pinned) staging buffers and is
+    copied on a side stream, issued before the previous batch is handed out, so the copy of batch i + 1 overlaps the
+    work on batch i; anywhere else each batch is a plain slice moved with ``.to``.
+    """
+    device = torch.device(device)
+    starts = range(0, data.shape[0], batch_size)
+    if device.type != "cuda" or data.device.type != "cpu":
+        for start in starts:
+            yield data[start : start + batch_size].to(device)
+        return
+    stream = torch.cuda.Stream(device)
+    staging = [torch.empty((batch_size, *data.shape[1:]), dtype=data.dtype, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+
+    def send(index: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        slot, chunk = index % 2, data[starts[index] : starts[index] + batch_size]
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the copy that last read this buffer has finished
+        buffer = staging[slot][: chunk.shape[0]]
+        buffer.copy_(chunk)
+        with torch.cuda.stream(stream):
+            batch = buffer.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        copied[slot] = event
+        return batch, event
+
+    pending = send(0) if len(starts) else None
+    for index in range(len(starts)):
+        batch, event = pending
+        if index + 1 < len(starts):
+            pending = send(index + 1)
+        current = torch.cuda.current_stream(device)
+        current.wait_event(event)
+        batch.record_stream(current)  # allocated on the side stream, used on the current one
+        yield batch
 
 
 @contextlib.contextmanager

@@ -9,7 +9,10 @@ that splits into independent items is dealt round-robin with :func:`shard` and c
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +21,9 @@ import torch.distributed as dist
 from ssdd.errors import ConfigError
 
 T = TypeVar("T")
+TIMEOUT_VARIABLE = "SSDD_PROCESS_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 720.0  # processes wait this long for each other (ssdd bench: a whole distillation)
+_alone = False  # inside alone(): this process works as if it were the only one
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,9 @@ class World:
 
 
 def world() -> World:
-    """The current world: the process group's when one is initialised, else a single process."""
-    if dist.is_available() and dist.is_initialized():
+    """The current world: the process group's when one is initialised (and not inside :func:`alone`), else a
+    single process."""
+    if not _alone and dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return World()
 
@@ -58,8 +65,33 @@ def init_from_env(device: str = "auto") -> World:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes()))
     return world()
+
+
+def timeout_minutes() -> float:
+    """How long a process waits for the others at a collective before the run fails: ``SSDD_PROCESS_TIMEOUT_MINUTES``
+    or 12 hours (``ssdd bench`` deals whole distillations to processes, and the others wait for the slowest)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={value!r} is not a positive number of minutes")
+    return minutes
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within this block the process works as a single process: :func:`world` is one process, so the work inside
+    neither shards nor waits for the others (``ssdd bench`` gives each process whole distillations this way)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def leave(finished: bool) -> None:
@@ -71,14 +103,6 @@ def leave(finished: bool) -> None:
     if finished:
         dist.barrier()
     dist.destroy_process_group()
-
-
-def refuse_several_processes(command: str) -> None:
-    """Commands that do not shard yet refuse to run as several processes (each would repeat all the work and
-    write the same files)."""
-    if launched_size() > 1:
-        raise ConfigError(f"ssdd {command} does not split its work over processes yet; run it as one process "
-                          "(without torchrun), or use ssdd evaluate, which does")
 
 
 def shard(items: list[T], current: World | None = None) -> list[tuple[int, T]]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.data.transforms import PixelSpace
+from ssdd.device import device_batches
 
 
 @torch.no_grad()
@@ -20,9 +21,8 @@ def extract_features(
 ) -> torch.Tensor:
     """Features (N, d) of uint8 images, normalised into ``pixel_space`` batch by batch, returned on the CPU."""
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = pixel_space.normalize(images[start : start + batch_size].to(device))
-        out.append(encoder(x).float().flatten(1).cpu())
+    for batch in device_batches(images, batch_size, device):
+        out.append(encoder(pixel_space.normalize(batch)).float().flatten(1).cpu())
     return torch.cat(out)
 
 

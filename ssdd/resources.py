@@ -40,6 +40,18 @@ def ensure_fits(needed: int, what: str, device: torch.device | str, advice: str)
                             f"{torch.device(device).type}; {advice}")
 
 
+def on_device_if_it_fits(tensor: torch.Tensor, device: torch.device | str, share: float = 0.25) -> torch.Tensor:
+    """``tensor`` moved to a GPU ``device`` when it takes at most ``share`` of the memory free there, so batches
+    drawn from it are indexed on the GPU instead of copied from the host each step; otherwise ``tensor`` as it is."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device == device:
+        return tensor
+    free = available_bytes(device)
+    if free is None or tensor.numel() * tensor.element_size() > share * free:
+        return tensor
+    return tensor.to(device)
+
+
 def out_of_memory_message(exc: BaseException) -> str | None:
     """The one-line message for an allocator failure (CUDA out of memory, or a CPU allocation refused), else None."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):

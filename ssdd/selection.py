@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssdd.device import make_generator
+from ssdd.device import device_batches, make_generator
 from ssdd.errors import ConfigError
 
 
@@ -67,7 +67,7 @@ def per_image_mse(model: torch.nn.Module, images: torch.Tensor, targets: torch.T
     """MSE of ``model``'s outputs against ``targets`` for each image (averaged over the target dimension)."""
     model.eval()
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        pred = model(images[start : start + batch_size].to(device)).float().cpu()
+    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+        pred = model(batch).float().cpu()
         out.append(F.mse_loss(pred, targets[start : start + batch_size], reduction="none").mean(1))
     return torch.cat(out)

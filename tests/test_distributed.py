@@ -1,10 +1,11 @@
-"""Several processes (torch.distributed, gloo on CPU): work dealt round-robin, a 2-process evaluation that gives
-the serial results, and clear refusals for what does not split yet."""
+"""Several processes (torch.distributed, gloo on CPU): work dealt round-robin, 2-process evaluations and suites that
+give the serial results, and clear refusals for what does not split yet."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import one_line, user_error
+from helpers import one_line
 from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, shard, world
 from ssdd.errors import ConfigError
@@ -92,12 +93,86 @@ def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp
     assert record["cells"] == serial
 
 
-def test_a_command_that_does_not_split_refuses_several_processes(capsys: pytest.CaptureFixture[str],
-                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    line = user_error(capsys, ["bench", "--suite", "tiny", "--out", str(tmp_path)])
-    assert "ssdd bench does not split its work over processes yet" in line and "torchrun" in line
-    assert not any(tmp_path.iterdir())
+BENCH_SUITE = """
+teacher: {preset: tiny}
+sets:
+  paa: {preset: paa/tiny}
+  herding: {preset: coreset/tiny}
+  dmssl: {preset: dm-ssl/tiny}
+evaluations:
+  linear: {preset: tiny, config: {seeds: [0]}, baselines: [none]}
+"""
+
+
+def _set_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "distilled.safetensors"))
+
+
+def _bench_cells(folder: Path) -> dict[tuple[str, float], list[float]]:
+    record = json.loads((folder / "report.json").read_text())
+    return {(c["entry"], c["fraction"]): c["accuracies"] for c in record["evaluations"]["linear"]}
+
+
+def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -> None:
+    """Two processes: the PAA set made by both (its real batches shared), the two other sets dealt one to each
+    process (bit-identical to the serial run's), every evaluation cell as serial, one report."""
+    import subprocess
+    import sys
+
+    from ssdd.bench import run_suite
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(BENCH_SUITE)
+    one_thread(lambda: run_suite(str(suite), tmp_path / "serial", device="cpu", progress=False))
+    serial, two = tmp_path / "serial" / "suite", tmp_path / "two" / "suite"
+    two.mkdir(parents=True)
+    shutil.copytree(serial / "teacher", two / "teacher")  # the teacher's data-parallel run is tested on its own
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               "--master_port", str(free_port()), "-m", "ssdd", "bench", "--suite", str(suite),
+                               "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress"],
+                              env=env, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("# ssdd bench: suite") == 1  # one report, printed by process 0
+    assert "set herding: distilling with coreset on process 0" in launched.stdout
+    assert "set dmssl: distilling with dm-ssl on process 1" in launched.stdout
+    for name in ("herding", "dmssl"):
+        made, reference = _set_tensors(two / "sets" / name), _set_tensors(serial / "sets" / name)
+        assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in made), name
+    paa, reference = _set_tensors(two / "sets" / "paa"), _set_tensors(serial / "sets" / "paa")
+    for key, tensor in reference.items():  # 30 Adam steps on shares of the real batch summed in another order
+        assert float((paa[key] - tensor).abs().max()) <= 5e-3 * float(tensor.abs().max()), key  # measured <= 1.5e-3
+    cells, serial_cells = _bench_cells(two), _bench_cells(serial)
+    assert cells.keys() == serial_cells.keys() == {(e, f) for e in ("paa", "herding", "dmssl", "none")
+                                                   for f in (0.1, 1.0)}
+    assert {k: v for k, v in cells.items() if k[0] != "paa"} == {k: v for k, v in serial_cells.items()
+                                                                  if k[0] != "paa"}
+    stages = json.loads((two / "stages.json").read_text())
+    assert {"set paa", "set herding", "set dmssl"} <= set(stages)  # the dealt sets' times reach process 0
+    assert all((two / "sets" / name / "grid.png").is_file() for name in ("paa", "herding", "dmssl"))
+
+
+def test_alone_makes_a_process_a_world_of_its_own() -> None:
+    from ssdd.distributed import alone
+
+    assert world() == World()
+    with alone():
+        assert world() == World() and shard(list("ab")) == [(0, "a"), (1, "b")]
+    assert world() == World()
+
+
+def test_a_bad_process_timeout_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.distributed import timeout_minutes
+
+    monkeypatch.setenv("SSDD_PROCESS_TIMEOUT_MINUTES", "90")
+    assert timeout_minutes() == 90.0
+    for value in ("soon", "0", "-5"):
+        monkeypatch.setenv("SSDD_PROCESS_TIMEOUT_MINUTES", value)
+        with pytest.raises(ConfigError) as info:
+            timeout_minutes()
+        assert one_line(info.value) == f"SSDD_PROCESS_TIMEOUT_MINUTES={value!r} is not a positive number of minutes"
 
 
 def test_a_half_described_world_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

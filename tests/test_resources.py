@@ -95,3 +95,16 @@ def test_other_runtime_errors_still_raise(monkeypatch: pytest.MonkeyPatch, tmp_p
     with pytest.raises(RuntimeError, match="a bug"):
         main(["distill", "--method", "krr-st", "--preset", "tiny", "--teacher", str(tiny_teacher), "--device", "cpu",
               "--out", str(tmp_path / "out")])
+
+
+def test_a_tensor_stays_where_it_is_on_a_cpu() -> None:
+    data = torch.zeros(4, 3)
+    assert resources.on_device_if_it_fits(data, "cpu") is data
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tensor_moves_to_a_gpu_only_when_it_takes_at_most_its_share_of_the_free_memory() -> None:
+    data = torch.zeros(4, 3)
+    assert resources.on_device_if_it_fits(data, "cuda").device.type == "cuda"
+    too_small = (data.numel() * data.element_size() - 1) / resources.available_bytes("cuda")
+    assert resources.on_device_if_it_fits(data, "cuda", share=too_small) is data

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
-from ssdd.device import autocast, make_generator, seeded
+from ssdd.device import autocast, device_batches, make_generator, seeded
 from ssdd.errors import ConfigError, check_finite
 from ssdd.models import Backbone, create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
@@ -151,7 +151,6 @@ def top1(model: Backbone, images: torch.Tensor, labels: torch.Tensor, device: to
     """Top-1 accuracy (%) of ``model``'s head on normalised images."""
     model.eval()
     correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        out = model(images[start : start + batch_size].to(device))
-        correct += (out.argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
+    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+        correct += (model(batch).argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
     return 100.0 * correct / images.shape[0]

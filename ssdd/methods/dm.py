@@ -26,6 +26,7 @@ from ssdd.errors import ConfigError
 from ssdd.evaluation.training import build_student
 from ssdd.methods.base import METHODS, Budget, DistillContext, ImageLearningMethod
 from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_random
 
 
@@ -110,7 +111,8 @@ class DMSSL(ImageLearningMethod):
         self.pixel_space = teacher.pixel_space
         self.image_shape = teacher.input_shape
         c, h, w = self.image_shape
-        self.real = self.pixel_space.normalize(source.converted(channels=c, size=h).images.float().div(255.0))
+        self.real = on_device_if_it_fits(
+            self.pixel_space.normalize(source.converted(channels=c, size=h).images.float().div(255.0)), context.device)
         count = budget.fit((c * h * w + teacher.feature_dim) * budget.bytes_per_value)
         if count > len(source):
             raise ConfigError(f"the budget asks for {count} images but {source.name} has {len(source)}")

@@ -13,6 +13,7 @@ from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import Budget, DistillContext, ImageLearningMethod, images_per_class
+from ssdd.resources import on_device_if_it_fits
 
 
 class ClassBalancedImages(ImageLearningMethod):
@@ -33,7 +34,7 @@ class ClassBalancedImages(ImageLearningMethod):
         self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
         shape = teacher.input_shape if teacher is not None else source.image_shape
         images = source.converted(channels=shape[0], size=shape[1]).images
-        self.real = self.pixel_space.normalize(images.float().div(255.0))
+        self.real = on_device_if_it_fits(self.pixel_space.normalize(images.float().div(255.0)), context.device)
         self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
         c, h, w = shape
         self.ipc = images_per_class(budget, c * h * w * budget.bytes_per_value + 8, self.classes, name)  # int64 labels

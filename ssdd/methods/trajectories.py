@@ -32,12 +32,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
-from ssdd.device import make_generator
+from ssdd.device import device_batches, make_generator
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.evaluation.training import batch_loss, build_student
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import Backbone
+from ssdd.resources import on_device_if_it_fits
 from ssdd.teachers.losses import SSL_LOSSES
 
 Params = dict[str, torch.Tensor]
@@ -163,6 +164,7 @@ def train_experts(
                           "takes supervised losses only")
     folder = Path(folder)
     device = torch.device(device)
+    images, targets = on_device_if_it_fits(images, device), on_device_if_it_fits(targets, device)
     todo = [k for k in range(settings.num_experts) if not expert_file(folder, k).exists()]
     num_outputs = expert_outputs(loss, settings, targets)
     n = images.shape[0]
@@ -311,8 +313,8 @@ def expert_loss_scores(store: ExpertStore, network: torch.nn.Module, images: tor
     for k in range(len(store)):
         params = store.params(k, epoch, device)
         with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
-                out = functional_call(template, params, (images[start : start + batch_size].to(device),)).float()
+            for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+                out = functional_call(template, params, (batch,)).float()
                 err = (out.cpu() - targets[start : start + batch_size].float()) ** 2
                 scores[start : start + batch_size] += err.mean(1)
     return scores / len(store)

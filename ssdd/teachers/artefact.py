@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
+from ssdd.device import device_batches
 from ssdd.errors import ArtefactError, SsddError
 from ssdd.probes import extract_features
 from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
@@ -57,7 +58,7 @@ class Teacher(nn.Module):
     def represent(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Features (N, d) on the CPU of float images already normalised in the teacher's pixel space (a set's)."""
         device = next(self.backbone.parameters()).device
-        return torch.cat([self(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
+        return torch.cat([self(batch).float().cpu() for batch in device_batches(images, batch_size, device)])
 
     def encode(self, images: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
         """Features (N, d) on the CPU of uint8 images (N, C, H, W)."""

@@ -8,9 +8,10 @@ flowing back to each rank's own rows), so a multi-process run computes the loss 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ssdd.distributed import world
 
 
 def _full_precision(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,8 +23,8 @@ def _full_precision(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def gather_batch(z: torch.Tensor) -> torch.Tensor:
-    """All rows of ``z`` from every rank (a no-op without an initialised process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """All rows of ``z`` from every rank (a no-op for a single process)."""
+    if world().size == 1:
         return z
     from torch.distributed.nn.functional import all_gather
 

@@ -1,0 +1,32 @@
+"""``ssdd.device.device_batches``: the batches are exactly the consecutive slices, on the device asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssdd.device import device_batches
+
+
+def _data(n: int) -> torch.Tensor:
+    return torch.arange(n * 3 * 2 * 2, dtype=torch.uint8).reshape(n, 3, 2, 2)
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (8, 4), (3, 8), (0, 4)])
+def test_batches_are_the_consecutive_slices(n: int, batch_size: int) -> None:
+    data = _data(n)
+    batches = list(device_batches(data, batch_size, "cpu"))
+    assert [b.shape[0] for b in batches] == [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    assert all(torch.equal(b, data[i * batch_size : (i + 1) * batch_size]) for i, b in enumerate(batches))
+    if n:
+        assert torch.equal(torch.cat(batches), data)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging path needs a CUDA device")
+def test_cuda_batches_through_pinned_staging_are_the_slices() -> None:
+    data = _data(1000)
+    batches = []
+    for batch in device_batches(data, 96, "cuda"):
+        assert batch.device.type == "cuda"
+        batches.append(batch.float() * 1)  # work on each batch while the next one is copied
+    assert torch.equal(torch.cat(batches).cpu(), data.float())
