@@ -195,6 +195,41 @@ def full_objective(network: torch.nn.Module, distilled: DistilledSet, real: tupl
                                     distilled.tensors["targets"].double(), features.double(), 1e-6))
 
 
+def test_high_loss_init_starts_from_the_images_the_students_fit_worst(
+        tiny_teacher: Path, real: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.methods import krr_base
+
+    scores = torch.randperm(N_SOURCE, generator=torch.Generator().manual_seed(5)).float()
+    asked = []
+
+    def fake_scores(source, features, teacher, settings, seed, device):  # noqa: ANN001, ANN202 - the real signature
+        asked.append((len(source), tuple(features.shape), settings.num_experts, seed))
+        return scores
+
+    monkeypatch.setattr(krr_base, "high_loss_scores", fake_scores)
+    config = tiny_config(tiny_teacher, settings={"steps": 1, "lr_images": 0.0, "lr_targets": 0.0, "init": "high-loss",
+                                                 "high_loss": {"num_experts": 2}})
+    distilled = run(config)
+    worst = sorted(range(N_SOURCE), key=lambda i: -float(scores[i]))[:6]  # the 6 highest scores, by hand
+    assert sorted(distilled.metadata["initial_indices"]) == sorted(worst)
+    assert asked == [(N_SOURCE, (N_SOURCE, FEATURE_DIM), 2, config.seed)]
+    chosen = torch.tensor(distilled.metadata["initial_indices"])
+    torch.testing.assert_close(distilled.tensors["images"], real[0][chosen], rtol=0, atol=1e-6)
+    torch.testing.assert_close(distilled.tensors["targets"], real[1][chosen], rtol=0, atol=0)
+
+
+def test_an_unknown_init_and_frepo_with_high_loss_are_clear_errors() -> None:
+    from ssdd.methods.frepo import FRePoSettings
+    from ssdd.methods.krr_st import KRRSTSettings
+
+    with pytest.raises(ConfigError) as info:
+        KRRSTSettings(init="best")
+    assert one_line(info.value) == "init must be one of random, high-loss, got 'best'"
+    with pytest.raises(ConfigError) as info:
+        FRePoSettings(init="high-loss")
+    assert one_line(info.value) == "frepo starts from class-balanced random real images (init: random), not 'high-loss'"
+
+
 def test_krr_st_lowers_its_outer_objective_and_a_zero_lr_control_does_not(
         tiny_teacher: Path, real: tuple[torch.Tensor, torch.Tensor]) -> None:
     control, network = frozen_run(tiny_teacher, 0.0, 0.0)

@@ -39,6 +39,8 @@ class FRePoSettings(KernelRidgeSettings):
         super().__post_init__()
         if self.real_augment not in ("crop-flip", "none"):
             raise ConfigError(f"frepo augments real batches by crop-flip or none, got {self.real_augment!r}")
+        if self.init != "random":
+            raise ConfigError(f"frepo starts from class-balanced random real images (init: random), not {self.init!r}")
 
 
 class LabelledBatches:

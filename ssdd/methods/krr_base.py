@@ -24,15 +24,18 @@ import torch
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator
-from ssdd.distributed import average_gradients, mean_over_processes, world
+from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
+from ssdd.evaluation.baselines import HighLossSettings, high_loss_scores
 from ssdd.methods.base import Budget, DistillContext, Method
 from ssdd.methods.krr import krr_outer_loss
 from ssdd.methods.pool import ModelPool, PoolSettings
+from ssdd.selection import select_random, select_top_loss
 from ssdd.teachers.features import crop_flip_copies, teacher_features
 
 REAL_AUGMENTATIONS = ("crop-flip", "none", "views")
+INITIALISATIONS = ("random", "high-loss")
 
 
 @dataclass
@@ -50,8 +53,12 @@ class KernelRidgeSettings:
     real_augment: str = "crop-flip"  # crop-flip (4 px) | none | views (a random predefined view per image)
     teacher_copies: int = 8  # cached crop+flip copies of the source; 0: run the teacher on every real batch
     amp: bool = True  # bf16 autocast for the pool networks where native; the KRR solve stays float32
+    init: str = "random"  # the real images the set starts from: random | high-loss (those students fit worst)
+    high_loss: HighLossSettings = field(default_factory=HighLossSettings)  # the students of init: high-loss
 
     def __post_init__(self) -> None:
+        if self.init not in INITIALISATIONS:
+            raise ConfigError(f"init must be one of {', '.join(INITIALISATIONS)}, got {self.init!r}")
         if self.real_augment not in REAL_AUGMENTATIONS:
             raise ConfigError(f"real_augment must be one of {', '.join(REAL_AUGMENTATIONS)}, got {self.real_augment!r}")
         if self.lr_schedule not in ("linear", "constant"):
@@ -135,6 +142,20 @@ class KernelRidgeMethod(Method):
         self.pool = ModelPool(settings.pool, self.feature_dim, self.image_shape, context.seed + 1, context.device)
         self.generator = make_generator(context.seed + 2)
         self._optimizer: torch.optim.Optimizer | None = None
+
+    def initial_selection(self, count: int) -> torch.Tensor:
+        """Indices of the ``count`` source images the set starts from: a seeded random subset, or (``init:
+        high-loss``, MKDT's selection) those that students trained one epoch to regress the teacher fit worst,
+        chosen by process 0 for every process."""
+        ctx = self.context
+        if self.settings.init == "random":
+            return select_random(count, len(ctx.source), ctx.seed)
+        chosen = None
+        if world().is_main:
+            features = teacher_features(ctx.teacher, ctx.source, device=ctx.device)
+            scores = high_loss_scores(ctx.source, features, ctx.teacher, self.settings.high_loss, ctx.seed, ctx.device)
+            chosen = select_top_loss(scores, count)
+        return broadcast_object(chosen)
 
     def target_space(self, context: DistillContext) -> tuple[PixelSpace, tuple[int, int, int], int]:
         """The pixel space and image shape of the set and the dimension of its targets: the teacher's."""

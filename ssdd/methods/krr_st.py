@@ -19,7 +19,6 @@ from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, Budget, DistillContext
 from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
-from ssdd.selection import select_random
 from ssdd.teachers.features import teacher_features
 
 
@@ -41,7 +40,7 @@ class KRRST(KernelRidgeMethod):
         self.num_images = budget.count(c * h * w + teacher.feature_dim)
         if self.num_images > len(source):
             raise ConfigError(f"the budget asks for {self.num_images} images but {source.name} has {len(source)}")
-        chosen = select_random(self.num_images, len(source), context.seed)
+        chosen = self.initial_selection(self.num_images)
         images = self.real.images[chosen.to(self.real.images.device)].float().div(255.0)
         targets = teacher_features(teacher, source, device=context.device)[chosen].float()
         self.learn(settings.lr_images, images=teacher.pixel_space.normalize(images))

@@ -146,7 +146,7 @@ class PAA(KernelRidgeMethod):
             raise ConfigError(f"basis_size {s.basis_size} is larger than the images ({h}x{w})")
         self.spending = self.plan_budget(budget, len(source))
         m = self.num_images = self.spending["images"]
-        chosen = select_random(m, len(source), context.seed)
+        chosen = self.initial_selection(m)
         self.initial_indices = chosen
         real = teacher.pixel_space.normalize(self.real.images[chosen.to(self.real.images.device)].float().div(255.0))
         if self.real.mode == "views":
