@@ -47,6 +47,7 @@ from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
 TIMING_HEADING = "## Time and peak memory of each stage"
+REUSE_IGNORES = ("device", "data_root", "checkpoint_minutes", "log_every", "compile")  # change nothing a stage makes
 
 
 @dataclass
@@ -254,9 +255,14 @@ class BenchRun:
         folder = self._set_folder(name)
         current = world()
         if (folder / SET_FILE).exists():
-            _check_same(folder, resolved_config(config), f"set {name}")
-            self._say(f"[bench] set {name}: reusing {folder / SET_FILE}")
+            # the teacher by its fingerprint, not its path: a suite folder may be moved
+            _check_same(folder, resolved_config(config), f"set {name}", ignore=("teacher",))
             distilled = load_distilled(folder)
+            made_with = (distilled.metadata.get("teacher") or {}).get("fingerprint")
+            if made_with is not None and made_with != teacher.fingerprint:
+                raise ConfigError(f"the set {name} in {folder} was made with another teacher than the suite's "
+                                  f"({made_with} vs {teacher.fingerprint}); delete the folder or use another --out")
+            self._say(f"[bench] set {name}: reusing {folder / SET_FILE}")
         else:
             who = f" on process {self.world.rank}" if self.world.size > 1 and current.size == 1 else ""
             print(f"[bench] set {name}: distilling with {config.method}{who}")
@@ -377,9 +383,10 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-def _check_same(folder: Path, config: Any, what: str) -> None:
-    """Refuse to reuse an artefact made with other settings than the suite's (where it ran does not count)."""
-    changed = RunDir(folder).differences(config, ignore=("device", "data_root", "checkpoint_minutes", "log_every"))
+def _check_same(folder: Path, config: Any, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to reuse an artefact made with other settings than the suite's (where and how fast it ran do not
+    count: a teacher trained before ``compile`` existed is reused)."""
+    changed = RunDir(folder).differences(config, ignore=REUSE_IGNORES + ignore)
     if changed:
         raise ConfigError(f"the {what} in {folder} was made with other settings than this suite's "
                           f"({', '.join(changed)}); delete the folder or use another --out")

@@ -133,6 +133,35 @@ def test_a_set_made_with_other_settings_is_refused(tmp_path: Path, uninterrupted
     assert "set paa" in message and "settings.steps" in message and "delete the folder or use another --out" in message
 
 
+def test_a_teacher_recorded_without_an_execution_setting_is_reused(tmp_path: Path, uninterrupted: Path) -> None:
+    import yaml
+
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    path = tmp_path / "tiny" / "teacher" / "config.yaml"
+    recorded = yaml.safe_load(path.read_text())
+    del recorded["compile"]  # a teacher trained before the setting existed
+    recorded["device"], recorded["checkpoint_minutes"] = "cuda", 99.0
+    path.write_text(yaml.safe_dump(recorded))
+    before = (tmp_path / "tiny" / "teacher" / "teacher.safetensors").read_bytes()
+    report = _run(tmp_path)  # the moved folder: every stage reused
+    assert (tmp_path / "tiny" / "teacher" / "teacher.safetensors").read_bytes() == before
+    assert _comparable(report) == _comparable(uninterrupted / "report.md")
+
+
+def test_a_set_made_with_another_teacher_is_refused(tmp_path: Path, uninterrupted: Path) -> None:
+    from ssdd.distilled import load_distilled
+
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    path = tmp_path / "tiny" / "sets" / "paa" / "distilled.safetensors"
+    distilled = load_distilled(path)
+    distilled.metadata["teacher"]["fingerprint"] = "0" * 16
+    distilled.save(path)
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path)
+    message = one_line(info.value)
+    assert "set paa" in message and "another teacher" in message and "0" * 16 in message
+
+
 def test_unknown_suite_and_methods_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     line = user_error(capsys, ["bench", "--suite", "nosuch", "--out", str(tmp_path)])
     assert "nosuch" in line and "quickstart" in line and "cifar10-cpu" in line
