@@ -47,7 +47,6 @@ from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
 TIMING_HEADING = "## Time and peak memory of each stage"
-REUSE_IGNORES = ("device", "data_root", "checkpoint_minutes", "log_every", "compile")  # change nothing a stage makes
 
 
 @dataclass
@@ -386,7 +385,7 @@ def _duration(seconds: float | None) -> str:
 def _check_same(folder: Path, config: Any, what: str, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to reuse an artefact made with other settings than the suite's (where and how fast it ran do not
     count: a teacher trained before ``compile`` existed is reused)."""
-    changed = RunDir(folder).differences(config, ignore=REUSE_IGNORES + ignore)
+    changed = RunDir(folder).differences(config, ignore=ignore)  # runs.EXECUTION_SETTINGS never count
     if changed:
         raise ConfigError(f"the {what} in {folder} was made with other settings than this suite's "
                           f"({', '.join(changed)}); delete the folder or use another --out")

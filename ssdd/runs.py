@@ -18,6 +18,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "run.log"
 CHECKPOINT_FILE = "checkpoint.pt"
+# settings that change where and how fast a run goes, never what it makes: they may differ at any depth when a run
+# resumes or a finished artefact is reused
+EXECUTION_SETTINGS = ("device", "data_root", "checkpoint_minutes", "log_every", "compile")
 
 
 class RunDir:
@@ -82,12 +85,13 @@ class RunDir:
 
     def differences(self, config: Any, ignore: tuple[str, ...] = ()) -> list[str]:
         """The (dotted) keys in which ``config`` differs from the recorded one, except ``ignore`` and what lies
-        below it; every key when nothing is recorded."""
+        below it and the :data:`EXECUTION_SETTINGS` at any depth; every key when nothing is recorded."""
         config_path = self.path / CONFIG_FILE
         previous = _flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
         current = _flatten(to_dict(config))
         return sorted(k for k in set(previous) | set(current)
-                      if not any(k == i or k.startswith(i + ".") for i in ignore) and previous.get(k) != current.get(k))
+                      if not any(k == i or k.startswith(i + ".") for i in ignore)
+                      and k.rsplit(".", 1)[-1] not in EXECUTION_SETTINGS and previous.get(k) != current.get(k))
 
     def log(self, message: str) -> None:
         self.logger.info(message)

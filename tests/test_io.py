@@ -322,6 +322,7 @@ def test_load_checkpoint_truncated(tmp_path: Path) -> None:
 @dataclass
 class Sub:
     lr: float = 0.1
+    compile: bool = False
 
 
 @dataclass
@@ -357,7 +358,7 @@ def test_run_start_writes_config(tmp_path: Path, close_run_logs: list) -> None:
     import yaml
 
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert written == {"steps": 5, "seed": 0, "device": "cpu", "sizes": [1, 2], "sub": {"lr": 0.01}}
+    assert written == {"steps": 5, "seed": 0, "device": "cpu", "sizes": [1, 2], "sub": {"lr": 0.01, "compile": False}}
     run.log("hello world")
     for handler in run.logger.handlers:
         handler.flush()
@@ -394,11 +395,24 @@ def test_resume_with_changed_config_names_the_key(tmp_path: Path, close_run_logs
 
 
 def test_resume_ignore_allows_listed_keys(tmp_path: Path, close_run_logs: list) -> None:
-    new_run(tmp_path / "run", close_run_logs).start(RunCfg(device="cpu"))
-    new_run(tmp_path / "run", close_run_logs).start(RunCfg(device="cuda"), resume=True, ignore=("device",))
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=10))
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=20), resume=True, ignore=("steps",))
     with pytest.raises(ConfigError) as excinfo:
-        new_run(tmp_path / "run", close_run_logs).start(RunCfg(device="mps", seed=1), resume=True, ignore=("device",))
+        new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=30, seed=1), resume=True, ignore=("steps",))
     artefact_error(excinfo, "seed")
+
+
+def test_execution_settings_never_count_at_any_depth(tmp_path: Path, close_run_logs: list) -> None:
+    import yaml
+
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg(device="cpu"))
+    path = tmp_path / "run" / "config.yaml"
+    recorded = yaml.safe_load(path.read_text())
+    del recorded["sub"]["compile"]  # recorded before the setting existed
+    path.write_text(yaml.safe_dump(recorded))
+    run = new_run(tmp_path / "run", close_run_logs)
+    assert run.differences(RunCfg(device="cuda", sub=Sub(compile=True))) == []
+    assert run.differences(RunCfg(device="cuda", sub=Sub(lr=0.5, compile=True))) == ["sub.lr"]
 
 
 def test_start_without_resume_overwrites_config(tmp_path: Path, close_run_logs: list) -> None:

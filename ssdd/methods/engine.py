@@ -35,9 +35,9 @@ from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
 
 
-# settings a resumed run may change: where it runs, how it reports, and the learning rates (the way out of a
-# diverged run is to resume from the last good checkpoint at a lower rate)
-RESUMABLE_CHANGES = ("device", "checkpoint_minutes", "log_every", "monitor", "settings.lr_images", "settings.lr_targets")
+# settings a resumed run may change besides runs.EXECUTION_SETTINGS: how it monitors, and the learning rates (the
+# way out of a diverged run is to resume from the last good checkpoint at a lower rate)
+RESUMABLE_CHANGES = ("monitor", "settings.lr_images", "settings.lr_targets")
 
 
 WORKING_COPIES = 4  # a distilled tensor, its gradient and Adam's two moments
