@@ -164,7 +164,12 @@ def test_a_set_made_with_another_teacher_is_refused(tmp_path: Path, uninterrupte
 
 def test_unknown_suite_and_methods_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     line = user_error(capsys, ["bench", "--suite", "nosuch", "--out", str(tmp_path)])
-    assert "nosuch" in line and "quickstart" in line and "cifar10-cpu" in line
+    assert "nosuch" in line and "quickstart" in line and "cifar10-cpu" in line and "YAML file" in line
+    line = user_error(capsys, ["bench", "--suite", str(tmp_path / "mine.yaml"), "--out", str(tmp_path)])
+    assert line == f"ssdd: error: suite file {tmp_path / 'mine.yaml'} does not exist"
+    (tmp_path / "bad.yaml").write_text("sets: {a: {preset: paa/tiny}}\nevaluations: {e: {sets: [b]}}\n")
+    line = user_error(capsys, ["bench", "--suite", str(tmp_path / "bad.yaml"), "--out", str(tmp_path)])
+    assert line == f"ssdd: error: suite {tmp_path / 'bad.yaml'}: evaluation e names sets the suite does not make: b"
     line = user_error(capsys, ["bench", "--suite", "tiny", "--methods", "paa,mkdt", "--out", str(tmp_path)])
     assert "mkdt" in line and "none, paa, random" in line
     assert not (tmp_path / "tiny").exists()
