@@ -271,6 +271,28 @@ def test_selection_baselines_spend_the_sets_budget_on_real_images(name: str, tea
     assert torch.equal(baseline.tensors["targets"], features[idx])
 
 
+def test_high_loss_scores_are_computed_once_per_teacher_source_settings_and_seed(
+        tiny_teacher: Path, source, features: torch.Tensor, tmp_path: Path,  # noqa: ANN001
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ssdd.evaluation import baselines
+
+    shutil.copy(tiny_teacher, tmp_path / tiny_teacher.name)
+    teacher = load_teacher(tmp_path / tiny_teacher.name)  # its own cache folder
+    trained = []
+    compute = baselines._train_and_score
+    monkeypatch.setattr(baselines, "_train_and_score", lambda *args: trained.append(args[4]) or compute(*args))
+    first = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
+    again = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
+    assert trained == [0] and torch.equal(first, again) and first.shape == (N_SOURCE,)
+    other_seed = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 1, CPU)
+    wider = HighLossSettings(**{**FAST_HIGH_LOSS.__dict__, "num_experts": 2})
+    baselines.high_loss_scores(source, features, teacher, wider, 0, CPU)
+    assert trained == [0, 1, 0] and not torch.equal(first, other_seed)
+    assert len(list((tmp_path / "features").glob("high-loss-*.safetensors"))) == 3
+
+
 def test_random_baseline_budget_floors_to_whole_pairs(teacher: Teacher, source, features: torch.Tensor,  # noqa: ANN001
                                                       real20: DistilledSet) -> None:
     pair = (IMAGE_VALUES + teacher.feature_dim) * 4

@@ -12,20 +12,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet, images_for_budget
-from ssdd.errors import ConfigError
+from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
+from ssdd.io import load_tensors, save_tensors
 from ssdd.teachers.artefact import Teacher
+from ssdd.teachers.features import derived_cache_path
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
 LABELLED_BASELINES = ("random", "herding")  # under the supervised protocol: class-balanced, hard labels
 SETLESS = ("none", "teacher")  # baselines that are a network, not a set built from the source
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +63,35 @@ def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor
 
 def high_loss_scores(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
                      seed: int, device: torch.device) -> torch.Tensor:
-    """Per-image MSE of ``num_experts`` students trained ``epochs`` epoch(s) to regress the teacher, averaged."""
+    """Per-image MSE of ``num_experts`` students trained ``epochs`` epoch(s) to regress the teacher, averaged.
+
+    Deterministic given the teacher, the source, the settings, the seed and the kind of device, so the scores are
+    cached beside the teacher's feature cache and computed once (they cost minutes of training on a CPU)."""
+    path = high_loss_cache_path(teacher, source, settings, seed, torch.device(device))
+    if path is not None and path.exists():
+        try:
+            tensors, meta = load_tensors(path)
+            if meta.get("teacher") == teacher.fingerprint and meta.get("dataset") == source.fingerprint:
+                return tensors["scores"]
+        except (ArtefactError, KeyError):
+            log.warning("high-loss cache %s is unreadable; recomputing", path)
+    scores = _train_and_score(source, features, teacher, settings, seed, device)
+    if path is not None:
+        save_tensors(path, {"scores": scores}, {"kind": "high-loss-scores", "teacher": teacher.fingerprint,
+                                                "dataset": source.fingerprint, "settings": asdict(settings),
+                                                "seed": seed})
+    return scores
+
+
+def high_loss_cache_path(teacher: Teacher, source: ImageDataset, settings: HighLossSettings, seed: int,
+                         device: torch.device) -> Path | None:
+    """Where the high-loss scores of ``source`` are cached (None for a teacher not loaded from a file)."""
+    spec = json.dumps({"settings": asdict(settings), "seed": seed, "device": device.type}, sort_keys=True)
+    return derived_cache_path(teacher, source, hashlib.sha1(spec.encode()).hexdigest()[:12], prefix="high-loss-")
+
+
+def _train_and_score(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
+                     seed: int, device: torch.device) -> torch.Tensor:
     images = teacher.pixel_space.normalize(source.images)
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, cosine=False)
     scores = torch.zeros(len(source))

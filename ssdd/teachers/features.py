@@ -42,10 +42,16 @@ def crop_flip_copies(num_images: int, copies: int, seed: int) -> list[tuple[torc
 def feature_cache_path(teacher: Teacher, dataset: ImageDataset, views: Sequence[str] | None,
                        augmented: int = 0, seed: int = 0, crop_flip: int = 0) -> Path | None:
     """Where the features of ``dataset`` under ``views`` are cached (None for a teacher not loaded from a file)."""
+    return derived_cache_path(teacher, dataset, _views_key(views, augmented, seed, crop_flip))
+
+
+def derived_cache_path(teacher: Teacher, dataset: ImageDataset, key: str, prefix: str = "") -> Path | None:
+    """Where something computed deterministically from ``teacher`` and ``dataset`` (told apart by ``key``, a hash
+    of how it was computed) is cached: the teacher's feature folder. None for a teacher not loaded from a file."""
     if teacher.path is None:
         return None
-    key = _views_key(views, augmented, seed, crop_flip)
-    return teacher.path.parent / FEATURES_DIR / f"{dataset.name.replace(':', '_').replace('/', '_')}-{dataset.split}-{dataset.fingerprint}-{key}.safetensors"
+    name = f"{prefix}{dataset.name.replace(':', '_').replace('/', '_')}-{dataset.split}-{dataset.fingerprint}-{key}"
+    return teacher.path.parent / FEATURES_DIR / f"{name}.safetensors"
 
 
 def teacher_features(
