@@ -16,6 +16,9 @@ No reference code exists; every choice below is a setting, and the defaults are 
   teacher's view targets at initialisation and then learned in the outer loop with everything else; ``post``: free
   view targets are learned and the MLPs are fitted to them after distillation; ``stored``: the view targets are
   stored as they are (no networks).
+* **Initialisation** (``init``, shared with KRR-ST): the M images (and their views' targets) start from a seeded
+  random subset of the source, or with ``high-loss`` from the M images that students trained one epoch to regress
+  the teacher fit worst (MKDT's selection; ``high_loss`` sets the students; the scores are cached).
 * **Budget**: the set stores bases, coefficients and approximation weights; M (``images``) is the largest number of
   images that fits the byte budget for the given U and V (or is given and checked), so comparisons with KRR-ST are
   at equal bytes.  The artefact records how the bytes were spent.
