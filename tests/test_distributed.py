@@ -96,7 +96,7 @@ def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp
 BENCH_SUITE = """
 teacher: {preset: tiny}
 sets:
-  paa: {preset: paa/tiny}
+  paa: {preset: paa/tiny, config: {monitor: {every: -1}, settings: {steps: 10}}}
   herding: {preset: coreset/tiny}
   dmssl: {preset: dm-ssl/tiny}
 evaluations:
@@ -142,8 +142,8 @@ def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -
         made, reference = _set_tensors(two / "sets" / name), _set_tensors(serial / "sets" / name)
         assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in made), name
     paa, reference = _set_tensors(two / "sets" / "paa"), _set_tensors(serial / "sets" / "paa")
-    for key, tensor in reference.items():  # 30 Adam steps on shares of the real batch summed in another order
-        assert float((paa[key] - tensor).abs().max()) <= 5e-3 * float(tensor.abs().max()), key  # measured <= 1.5e-3
+    for key, tensor in reference.items():  # 10 Adam steps on shares of the real batch summed in another order
+        assert float((paa[key] - tensor).abs().max()) <= 5e-3 * float(tensor.abs().max()), key  # 30 steps: <= 1.5e-3
     cells, serial_cells = _bench_cells(two), _bench_cells(serial)
     assert cells.keys() == serial_cells.keys() == {(e, f) for e in ("paa", "herding", "dmssl", "none")
                                                    for f in (0.1, 1.0)}
