@@ -24,8 +24,8 @@ from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet, images_for_budget
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
-from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
 from ssdd.io import load_tensors, save_tensors
+from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
 from ssdd.teachers.artefact import Teacher
 from ssdd.teachers.features import derived_cache_path
 
