@@ -40,7 +40,7 @@ from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.report import markdown_tables
 from ssdd.io import atomic_write_text
 from ssdd.methods import METHODS, DistillConfig, Distillation
-from ssdd.methods.engine import method_settings, resolved_config
+from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.runs import RunDir
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
 
@@ -210,7 +210,7 @@ class BenchRun:
         folder = self.folder / "teacher"
         config = self.teacher_config()
         if (folder / TEACHER_FILE).exists():
-            _check_same(folder, config, "teacher")
+            _check_same(folder, config, "teacher", defaults=TeacherConfig())
             self._say(f"[bench] teacher: reusing {folder / TEACHER_FILE}")
         else:
             self._say(f"[bench] teacher: training {config.ssl} {config.arch}, {config.epochs} epochs on "
@@ -255,7 +255,8 @@ class BenchRun:
         current = world()
         if (folder / SET_FILE).exists():
             # the teacher by its fingerprint, not its path: a suite folder may be moved
-            _check_same(folder, resolved_config(config), f"set {name}", ignore=("teacher",))
+            _check_same(folder, resolved_config(config), f"set {name}", ignore=("teacher",),
+                        defaults=default_config(config.method))
             distilled = load_distilled(folder)
             made_with = (distilled.metadata.get("teacher") or {}).get("fingerprint")
             if made_with is not None and made_with != teacher.fingerprint:
@@ -382,10 +383,10 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-def _check_same(folder: Path, config: Any, what: str, ignore: tuple[str, ...] = ()) -> None:
+def _check_same(folder: Path, config: Any, what: str, ignore: tuple[str, ...] = (), defaults: Any = None) -> None:
     """Refuse to reuse an artefact made with other settings than the suite's (where and how fast it ran do not
-    count: a teacher trained before ``compile`` existed is reused)."""
-    changed = RunDir(folder).differences(config, ignore=ignore)  # runs.EXECUTION_SETTINGS never count
+    count, nor settings added since it was made that keep their ``defaults``)."""
+    changed = RunDir(folder).differences(config, ignore=ignore, defaults=defaults)
     if changed:
         raise ConfigError(f"the {what} in {folder} was made with other settings than this suite's "
                           f"({', '.join(changed)}); delete the folder or use another --out")

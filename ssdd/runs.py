@@ -42,9 +42,11 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE
 
-    def start(self, config: Any, resume: bool = False, ignore: tuple[str, ...] = ()) -> None:
+    def start(self, config: Any, resume: bool = False, ignore: tuple[str, ...] = (), defaults: Any = None) -> None:
         """Create the folder and record ``config``; ``ignore`` lists keys allowed to differ on resume (dotted
-        for nested keys, e.g. ``settings.lr_images``; a key also covers everything below it)."""
+        for nested keys, e.g. ``settings.lr_images``; a key also covers everything below it); ``defaults`` (a config
+        of the same shape at its default values) lets a run recorded before a setting existed resume while that
+        setting keeps its default."""
         config_path = self.path / CONFIG_FILE
         self.created_folder = not self.path.exists()
         self.created_config = not config_path.exists()
@@ -54,14 +56,14 @@ class RunDir:
         if resume and config_path.exists():
             previous = _flatten(yaml.safe_load(config_path.read_text()) or {})
             current = _flatten(resolved)
-            changed = self.differences(resolved, ignore)
+            changed = self.differences(resolved, ignore, defaults)
             if changed:
                 raise ConfigError(
                     f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)}); "
                     "use the same settings or a new --out"
                 )
             allowed_changes = [f"resumed with {k} = {current.get(k)!r} (was {previous.get(k)!r})"
-                               for k in self.differences(resolved)]
+                               for k in self.differences(resolved, defaults=defaults)]
         atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
         handler = logging.FileHandler(self.path / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -83,14 +85,17 @@ class RunDir:
         if self.created_folder and not any(self.path.iterdir()):
             self.path.rmdir()
 
-    def differences(self, config: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    def differences(self, config: Any, ignore: tuple[str, ...] = (), defaults: Any = None) -> list[str]:
         """The (dotted) keys in which ``config`` differs from the recorded one, except ``ignore`` and what lies
-        below it and the :data:`EXECUTION_SETTINGS` at any depth; every key when nothing is recorded."""
+        below it, the :data:`EXECUTION_SETTINGS` at any depth, and keys the record lacks (settings added since)
+        whose value is the one in ``defaults``; every key when nothing is recorded."""
         config_path = self.path / CONFIG_FILE
         previous = _flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
         current = _flatten(to_dict(config))
+        default = _flatten(to_dict(defaults)) if defaults is not None and previous else {}
+        added_at_default = {k for k, v in current.items() if k not in previous and k in default and default[k] == v}
         return sorted(k for k in set(previous) | set(current)
-                      if not any(k == i or k.startswith(i + ".") for i in ignore)
+                      if not any(k == i or k.startswith(i + ".") for i in ignore) and k not in added_at_default
                       and k.rsplit(".", 1)[-1] not in EXECUTION_SETTINGS and previous.get(k) != current.get(k))
 
     def log(self, message: str) -> None:

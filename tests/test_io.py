@@ -415,6 +415,27 @@ def test_execution_settings_never_count_at_any_depth(tmp_path: Path, close_run_l
     assert run.differences(RunCfg(device="cuda", sub=Sub(lr=0.5, compile=True))) == ["sub.lr"]
 
 
+def test_a_setting_added_since_the_record_counts_only_away_from_its_default(tmp_path: Path,
+                                                                          close_run_logs: list) -> None:
+    import yaml
+
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg())
+    path = tmp_path / "run" / "config.yaml"
+    recorded = yaml.safe_load(path.read_text())
+    del recorded["seed"]  # recorded before the setting existed
+    path.write_text(yaml.safe_dump(recorded))
+    run = new_run(tmp_path / "run", close_run_logs)
+    assert run.differences(RunCfg(), defaults=RunCfg()) == []
+    assert run.differences(RunCfg(seed=3), defaults=RunCfg()) == ["seed"]
+    assert run.differences(RunCfg()) == ["seed"]  # without defaults nothing is known about the missing key
+    run.start(RunCfg(), resume=True, defaults=RunCfg())
+    with pytest.raises(ConfigError) as excinfo:
+        new_run(tmp_path / "run2", close_run_logs).start(RunCfg())
+        (tmp_path / "run2" / "config.yaml").write_text(yaml.safe_dump(recorded))
+        new_run(tmp_path / "run2", close_run_logs).start(RunCfg(seed=3), resume=True, defaults=RunCfg())
+    artefact_error(excinfo, "seed")
+
+
 def test_start_without_resume_overwrites_config(tmp_path: Path, close_run_logs: list) -> None:
     new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=1))
     new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=2))

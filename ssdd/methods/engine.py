@@ -96,6 +96,11 @@ def resolved_config(config: DistillConfig) -> dict[str, Any]:
     return {**to_dict(config), "settings": to_dict(method_settings(config.method, config.settings))}
 
 
+def default_config(method: str) -> dict[str, Any]:
+    """The recorded form of a run of ``method`` at every default (what a setting added since a run started is)."""
+    return resolved_config(DistillConfig(method=method))
+
+
 def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher | None = None,
                    source: ImageDataset | None = None) -> tuple[Teacher | None, ImageDataset]:
     """The teacher and source a run of ``config`` works from (loaded unless given), checked to belong together."""
@@ -145,7 +150,8 @@ class Distillation:
         self.checkpoints = RunDir(out) if out is not None else None  # read by every process when resuming
         self.run_dir = self.checkpoints if self.world.is_main else None  # written by process 0 only
         if self.run_dir is not None:
-            self.run_dir.start(resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES)
+            self.run_dir.start(resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES,
+                               defaults=default_config(config.method))
         log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
         context = DistillContext(source, teacher, self.device, config.seed, log,
                                  self.run_dir.path if self.run_dir is not None else None, progress)

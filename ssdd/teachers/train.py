@@ -219,7 +219,7 @@ class _TeacherTraining:
         cfg = self.config
         main = self.world.is_main  # only process 0 writes, monitors and shows progress
         if main:
-            self.run_dir.start(cfg, resume=self.resume, ignore=("lr",))
+            self.run_dir.start(cfg, resume=self.resume, ignore=("lr",), defaults=TeacherConfig())
         if self.resume and (state := self.run_dir.load_checkpoint()) is not None:
             self.load_state(state)
             if main:
