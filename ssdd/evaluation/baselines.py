@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,17 +21,15 @@ import torch
 
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet, images_for_budget
-from ssdd.errors import ArtefactError, ConfigError
+from ssdd.errors import ConfigError
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
-from ssdd.io import load_tensors, save_tensors
 from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
 from ssdd.teachers.artefact import Teacher
-from ssdd.teachers.features import derived_cache_path
+from ssdd.teachers.features import derived_cache_path, read_cached, write_cached
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
 LABELLED_BASELINES = ("random", "herding")  # under the supervised protocol: class-balanced, hard labels
 SETLESS = ("none", "teacher")  # baselines that are a network, not a set built from the source
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,18 +65,11 @@ def high_loss_scores(source: ImageDataset, features: torch.Tensor, teacher: Teac
     Deterministic given the teacher, the source, the settings, the seed and the kind of device, so the scores are
     cached beside the teacher's feature cache and computed once (they cost minutes of training on a CPU)."""
     path = high_loss_cache_path(teacher, source, settings, seed, torch.device(device))
-    if path is not None and path.exists():
-        try:
-            tensors, meta = load_tensors(path)
-            if meta.get("teacher") == teacher.fingerprint and meta.get("dataset") == source.fingerprint:
-                return tensors["scores"]
-        except (ArtefactError, KeyError):
-            log.warning("high-loss cache %s is unreadable; recomputing", path)
-    scores = _train_and_score(source, features, teacher, settings, seed, device)
-    if path is not None:
-        save_tensors(path, {"scores": scores}, {"kind": "high-loss-scores", "teacher": teacher.fingerprint,
-                                                "dataset": source.fingerprint, "settings": asdict(settings),
-                                                "seed": seed})
+    scores = read_cached(path, "scores", teacher, source)
+    if scores is None:
+        scores = _train_and_score(source, features, teacher, settings, seed, device)
+        write_cached(path, "scores", scores, teacher, source,
+                     {"kind": "high-loss-scores", "settings": asdict(settings), "seed": seed})
     return scores
 
 

@@ -45,6 +45,27 @@ def feature_cache_path(teacher: Teacher, dataset: ImageDataset, views: Sequence[
     return derived_cache_path(teacher, dataset, _views_key(views, augmented, seed, crop_flip))
 
 
+def read_cached(path: Path | None, name: str, teacher: Teacher, dataset: ImageDataset) -> torch.Tensor | None:
+    """Tensor ``name`` cached at ``path`` for ``teacher`` and ``dataset``; None when absent, made for another
+    teacher or dataset, or unreadable (then recomputed, with a warning)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        tensors, meta = load_tensors(path)
+        if meta.get("teacher") == teacher.fingerprint and meta.get("dataset") == dataset.fingerprint:
+            return tensors[name]
+    except (ArtefactError, KeyError):
+        log.warning("cache %s is unreadable; recomputing", path)
+    return None
+
+
+def write_cached(path: Path | None, name: str, tensor: torch.Tensor, teacher: Teacher, dataset: ImageDataset,
+                 info: dict) -> None:
+    """Cache ``tensor`` as ``name`` at ``path`` (nothing when None), recording the teacher, dataset and ``info``."""
+    if path is not None:
+        save_tensors(path, {name: tensor}, {**info, "teacher": teacher.fingerprint, "dataset": dataset.fingerprint})
+
+
 def derived_cache_path(teacher: Teacher, dataset: ImageDataset, key: str, prefix: str = "") -> Path | None:
     """Where something computed deterministically from ``teacher`` and ``dataset`` (told apart by ``key``, a hash
     of how it was computed) is cached: the teacher's feature folder. None for a teacher not loaded from a file."""
@@ -75,13 +96,9 @@ def teacher_features(
       ``crop_flip_copies(N, k, seed)`` (so a method can rebuild any copied image); stacked after the others.
     """
     path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip) if use_cache else None
-    if path is not None and path.exists():
-        try:
-            tensors, meta = load_tensors(path)
-            if meta.get("teacher") == teacher.fingerprint and meta.get("dataset") == dataset.fingerprint:
-                return tensors["features"]
-        except (ArtefactError, KeyError):
-            log.warning("feature cache %s is unreadable; recomputing", path)
+    cached = read_cached(path, "features", teacher, dataset)
+    if cached is not None:
+        return cached
     copies = max(1, len(views or ()) + augmented + crop_flip)
     ensure_fits(2 * copies * len(dataset) * teacher.feature_dim * 4,  # the blocks and their stacked copy
                 f"{copies} x {len(dataset)} teacher features of dimension {teacher.feature_dim}", "cpu",
@@ -109,9 +126,7 @@ def teacher_features(
             out.append(extract_features(teacher, x, teacher.pixel_space, batch_size, device or "cpu"))
         blocks.append(torch.cat(out))
     features = teacher.encode(images, batch_size=batch_size, device=device) if not blocks else torch.stack(blocks)
-    if path is not None:
-        save_tensors(path, {"features": features}, {"kind": "teacher-features", "teacher": teacher.fingerprint,
-                                                    "dataset": dataset.fingerprint, "views": list(views or []),
-                                                    "augmented": augmented, "seed": seed,
-                                                    "crop_flip": crop_flip})
+    write_cached(path, "features", features, teacher, dataset,
+                 {"kind": "teacher-features", "views": list(views or []), "augmented": augmented, "seed": seed,
+                  "crop_flip": crop_flip})
     return features
