@@ -10,6 +10,7 @@ what the code does (with a large ridge, letting lambda move gives a visibly diff
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -316,3 +317,11 @@ def test_ridge_solve_error_names_the_largest_jitter_it_tried() -> None:
     with pytest.raises(FloatingPointError) as info:
         ridge_solve(kernel, torch.ones(2, 1, dtype=F64), 0.0)
     assert f"jitter {1e5 * EPS64:.3g}" in str(info.value), str(info.value)
+
+
+def test_ridge_solve_names_a_kernel_with_non_finite_entries_and_the_setting_to_lower() -> None:
+    kernel = torch.tensor([[1.0, math.inf], [math.inf, 1.0]], dtype=F64)
+    with pytest.raises(FloatingPointError) as info:
+        ridge_solve(kernel, torch.ones(2, 1, dtype=F64), 1e-6)
+    assert str(info.value) == ("KRR: the kernel has non-finite entries, so a network's features overflowed "
+                               "(the kernel-ridge family: lower settings.pool.lr)")

@@ -380,6 +380,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint(
     assert not (tmp_path / DISTILLED_FILE).exists()
 
 
+def test_a_diverging_pool_stops_the_run_with_one_line_naming_the_setting(tiny_teacher: Path, tmp_path: Path) -> None:
+    """The pool's online SGD blowing up (as FRePo's did on one-hot targets at lr 0.1) stops with the step, what
+    overflowed, the setting to lower and the last checkpoint, not a traceback from the Cholesky solve."""
+    with pytest.raises(NumericalError) as info:
+        run(tiny_config(tiny_teacher, checkpoint_minutes=0, settings={"pool": {"lr": 1e12}}), tmp_path)
+    message = one_line(info.value)
+    assert message.startswith("krr-st: step "), message
+    assert "lower settings.pool.lr" in message and f"is {tmp_path / 'checkpoint.pt'}" in message, message
+    assert not (tmp_path / DISTILLED_FILE).exists()
+
+
 def test_a_nan_loss_without_a_run_folder(tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nan_at(monkeypatch, 2)
     with pytest.raises(NumericalError) as info:

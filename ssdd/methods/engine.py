@@ -25,7 +25,7 @@ from ssdd.device import make_generator, resolve_device
 from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, SsddError, check_finite
+from ssdd.errors import ConfigError, NumericalError, SsddError, check_finite
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
@@ -214,7 +214,11 @@ class Distillation:
         last_checkpoint = time.monotonic()
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
         for step in range(start, total):
-            metrics = method.step(step)
+            try:
+                metrics = method.step(step)
+            except FloatingPointError as error:  # a method's own numerical failure, e.g. a kernel no jitter fixes
+                raise NumericalError(f"{cfg.method}: step {step + 1} failed: {error}; "
+                                     f"{self._recovery_advice(last_good)}") from None
             check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:

@@ -30,6 +30,9 @@ def ridge_solve(kernel: torch.Tensor, rhs: torch.Tensor, ridge: float, max_tries
     Returns the solution and how many times the jitter was raised (0 when the first factorisation held).
     """
     n = kernel.shape[0]
+    if not bool(torch.isfinite(kernel).all()):
+        raise FloatingPointError("KRR: the kernel has non-finite entries, so a network's features overflowed "
+                                 "(the kernel-ridge family: lower settings.pool.lr)")
     lam = ridge * torch.trace(kernel).detach()
     eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
     jitter = lam

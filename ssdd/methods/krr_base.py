@@ -15,6 +15,7 @@ outer loss (plus the member's own online step).
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,9 +237,12 @@ class KernelRidgeMethod(Method):
         self.optimizer.step()
         with autocast(self.context.device, s.amp):
             online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
-        drift = self.drift()
-        return {"loss": mean_over_processes(loss.item(), current), "online_loss": online, "member": member, "reinitialised": int(reinitialised),
-                **drift}
+        outer = mean_over_processes(loss.item(), current)
+        if math.isfinite(outer) and not math.isfinite(online):  # a non-finite outer loss is the engine's to report
+            raise FloatingPointError(f"the pool's online training loss became {online}; lower settings.pool.lr "
+                                     f"(now {s.pool.lr})")
+        return {"loss": outer, "online_loss": online, "member": member, "reinitialised": int(reinitialised),
+                **self.drift()}
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
