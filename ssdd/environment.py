@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ssdd.device import bf16_native_on_cpu
+
 
 def git_commit() -> str:
     """The checkout's short commit hash (with ``+dirty`` for uncommitted changes), or ``unknown``."""
@@ -23,9 +25,14 @@ def git_commit() -> str:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture, threads and whether ``amp`` runs in bf16 there (native bf16) or
+    stays float32, since the two give different numbers."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    if device.type == "cpu":
+        precision = "native bf16" if bf16_native_on_cpu() else "float32"
+        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {precision})"
+    return f"{device.type} ({platform.machine()})"
 
 
 def environment(device: torch.device) -> dict[str, str]:

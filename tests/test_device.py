@@ -1,6 +1,9 @@
-"""``ssdd.device.device_batches``: the batches are exactly the consecutive slices, on the device asked for."""
+"""``ssdd.device``: ``device_batches`` gives exactly the consecutive slices, on the device asked for; and the recorded
+device says whether amp ran in bf16."""
 
 from __future__ import annotations
+
+import platform
 
 import pytest
 import torch
@@ -30,3 +33,13 @@ def test_cuda_batches_through_pinned_staging_are_the_slices() -> None:
         assert batch.device.type == "cuda"
         batches.append(batch.float() * 1)  # work on each batch while the next one is copied
     assert torch.equal(torch.cat(batches).cpu(), data.float())
+
+
+def test_a_cpu_result_records_whether_amp_ran_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command gives different numbers in bf16 and in float32, so the recorded device says which."""
+    from ssdd import environment
+
+    for native, shown in ((True, "native bf16"), (False, "float32")):
+        monkeypatch.setattr(environment, "bf16_native_on_cpu", lambda native=native: native)
+        name = environment.device_name(torch.device("cpu"))
+        assert name == f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {shown})"

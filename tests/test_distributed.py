@@ -96,7 +96,7 @@ def test_two_process_evaluation_gives_the_serial_results(tiny_teacher: Path, tmp
 BENCH_SUITE = """
 teacher: {preset: tiny}
 sets:
-  paa: {preset: paa/tiny, config: {monitor: {every: -1}, settings: {steps: 10}}}
+  paa: {preset: paa/tiny, config: {monitor: {every: -1}, settings: {steps: 10, amp: false}}}  # float32 on any CPU
   herding: {preset: coreset/tiny}
   dmssl: {preset: dm-ssl/tiny}
 evaluations:
@@ -294,7 +294,8 @@ def test_a_two_process_teacher_checkpoint_resumes_in_one_process(tmp_path: Path)
 def _krr_config(teacher: str) -> DistillConfig:
     return resolve_config(DistillConfig, "distill", "krr-st/tiny", overrides={
         "teacher": teacher, "device": "cpu", "monitor": {"every": -1},
-        "settings": {"steps": 1, "real_batch": 32, "teacher_copies": 0, "real_augment": "none"}})
+        "settings": {"steps": 1, "real_batch": 32, "teacher_copies": 0, "real_augment": "none",
+                     "amp": False}})  # float32 everywhere: bf16 (on CPUs that have it) would swamp the comparison
 
 
 def _krr_step(teacher: str) -> dict[str, dict[str, torch.Tensor]]:
