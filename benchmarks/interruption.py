@@ -150,13 +150,22 @@ class Outcome:
     killed_at: str | None = None
 
 
-def _temporaries(root: Path, pid: int, target: str = "") -> set[str]:
-    """The temporary files process ``pid`` is writing under ``root`` (of names starting with ``target``)."""
+def _scan(root: Path, pid: int, target: str = "") -> tuple[set[str], dict[str, int]]:
+    """The temporary files process ``pid`` is writing under ``root`` (of names starting with ``target``), and the
+    modification times of the finished files named ``target``."""
     suffix = f"{TEMPORARY}{pid}"
-    found = set()
+    temporaries, finished = set(), {}
     for folder, _, names in os.walk(root):
-        found.update(os.path.join(folder, n) for n in names if n.endswith(suffix) and n.startswith(target))
-    return found
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(suffix) and name.startswith(target):
+                temporaries.add(path)
+            elif target and name == target:
+                try:
+                    finished[path] = os.stat(path).st_mtime_ns
+                except FileNotFoundError:  # replaced between the listing and the stat
+                    continue
+    return temporaries, finished
 
 
 def _file_count(root: Path) -> int:
@@ -168,17 +177,27 @@ def run(argv: list[str], root: Path, moment: Moment | None = None, log: str = "r
     under ``root``; kill the group with SIGKILL at ``moment`` (None: let it finish)."""
     with open(root / "logs" / f"{log}.out", "wb") as output:
         files_before = _file_count(root)
+        target = moment.target if moment is not None else ""
+        landed = _scan(root, 0, target)[1]  # the finished target files before the run
         started = time.monotonic()
         process = subprocess.Popen([sys.executable, "-m", "ssdd", *argv], env={**os.environ, **ssdd_dirs(root)},
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         seen: set[str] = set()
-        writes, first_write, killed, killed_at = 0, None, False, None
+        writes, pending, first_write, killed, killed_at = 0, 0, None, False, None
         mark = 0.0 if moment is not None and moment.write == 0 else None  # when the moment's write appeared
         try:
             while process.poll() is None:
                 now = time.monotonic() - started
-                current = _temporaries(root, process.pid, moment.target if moment is not None else "")
+                current, finished = _scan(root, process.pid, target)
                 writes += len(current - seen)
+                pending += len(current - seen)  # temporaries seen whose finished file has not landed yet
+                for path, mtime in finished.items():
+                    if landed.get(path) != mtime:  # a write of the target finished
+                        if pending:
+                            pending -= 1
+                        else:  # too fast for the watcher to see its temporary file: still a write
+                            writes += 1
+                landed = finished
                 if first_write is None and (current - seen or _file_count(root) > files_before):
                     first_write = now
                 seen = current
