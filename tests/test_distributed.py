@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from helpers import one_line
 from ssdd.config import resolve_config
-from ssdd.distributed import World, gather_objects, init_from_env, shard, world
+from ssdd.distributed import World, gather_objects, init_from_env, leave, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.methods import Distillation, DistillConfig
@@ -72,7 +72,7 @@ def _worker(rank: int, size: int, port: int, teacher: str, cache: str, out: str)
     done = gather_objects(len(shard(list(range(4)), current)), current)
     if current.is_main:
         Path(out).write_text(json.dumps({"cells": cells, "jobs_per_rank": done}))
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 def test_shard_deals_round_robin_and_covers_every_item_once() -> None:
@@ -231,7 +231,7 @@ def _ddp_gradient_worker(rank: int, size: int, port: int, loss_name: str, out: s
     SSL_LOSSES[loss_name]()(*z.chunk(2)).backward()
     if current.is_main:
         torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, out)
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 @pytest.mark.parametrize("loss_name", ["barlow-twins", "simclr"])
@@ -270,7 +270,7 @@ def _teacher_worker(rank: int, size: int, port: int, out: str, cache: str) -> No
     except Stop:
         pass
     dist.barrier()
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 def _teacher_config() -> TeacherConfig:
@@ -312,7 +312,7 @@ def _krr_worker(rank: int, size: int, port: int, teacher: str, cache: str, out: 
     every_rank = gather_objects(_krr_step(teacher), current)
     if current.is_main:
         torch.save(every_rank, out)
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 def test_a_distributed_krr_st_step_is_the_single_process_step(tiny_teacher: Path, tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def _experts_worker(rank: int, size: int, port: int, out: str) -> None:
     counts = gather_objects(len(trained))
     if rank == 0:
         (Path(out) / "counts.json").write_text(json.dumps({"counts": counts, "experts": len(store)}))
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 def test_two_processes_share_the_experts_and_train_the_serial_ones(tmp_path: Path) -> None:
@@ -414,7 +414,7 @@ def _scdd_worker(rank: int, size: int, port: int, teacher: str, cache: str, out:
     every_rank = gather_objects(images if images is None else images.clone(), current)
     if current.is_main:
         torch.save(every_rank, Path(out) / "images.pt")
-    dist.destroy_process_group()
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
 
 
 def test_two_process_recovery_gives_the_serial_images_and_resumes_in_one_process(tiny_teacher: Path,
