@@ -126,8 +126,8 @@ def ssdd_dirs(root: Path) -> dict[str, str]:
 @dataclass(frozen=True)
 class Moment:
     """When to kill a run: ``delay`` seconds after the ``write``-th temporary file it writes (of a name starting
-    with ``target``) appeared, i.e. during that write when ``delay`` is 0; ``write`` 0: ``delay`` seconds after it
-    started."""
+    with ``target``) appeared, i.e. during that write when ``delay`` is 0 (a write too fast for the watcher to see
+    its temporary counts when its finished file lands); ``write`` 0: ``delay`` seconds after it started."""
 
     delay: float = 0.0
     write: int = 0
@@ -189,8 +189,9 @@ def run(argv: list[str], root: Path, moment: Moment | None = None, log: str = "r
             while process.poll() is None:
                 now = time.monotonic() - started
                 current, finished = _scan(root, process.pid, target)
-                writes += len(current - seen)
-                pending += len(current - seen)  # temporaries seen whose finished file has not landed yet
+                appeared = current - seen
+                writes += len(appeared)
+                pending += len(appeared)  # temporaries seen whose finished file has not landed yet
                 for path, mtime in finished.items():
                     if landed.get(path) != mtime:  # a write of the target finished
                         if pending:
@@ -198,7 +199,7 @@ def run(argv: list[str], root: Path, moment: Moment | None = None, log: str = "r
                         else:  # too fast for the watcher to see its temporary file: still a write
                             writes += 1
                 landed = finished
-                if first_write is None and (current - seen or _file_count(root) > files_before):
+                if first_write is None and (appeared or _file_count(root) > files_before):
                     first_write = now
                 seen = current
                 if moment is not None and mark is None and writes >= moment.write:
