@@ -154,6 +154,29 @@ def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -
     assert all((two / "sets" / name / "grid.png").is_file() for name in ("paa", "herding", "dmssl"))
 
 
+def _threads() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def _leave_worker(rank: int, size: int, port: int, out: str) -> None:
+    join(rank, size, port)
+    import torch.distributed.nn  # noqa: F401 - as torch._dynamo does on first use, after the group exists
+    joined = _threads()
+    gather_objects(torch.full((3,), float(rank)))  # a collective whose work holds Python-owned tensors
+    leave(finished=True)
+    Path(out, f"{rank}.json").write_text(json.dumps({"joined": joined, "left": _threads()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through /proc")
+def test_leaving_releases_the_group_and_its_threads_before_the_interpreter_exits(tmp_path: Path) -> None:
+    # a group kept alive past leave() kept its gloo threads, which aborted the process at exit now and then
+    # ("terminate called without an active exception"): a thread released a finished work while Python shut down
+    mp.spawn(_leave_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        counts = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert counts["left"] < counts["joined"], counts
+
+
 def test_alone_makes_a_process_a_world_of_its_own() -> None:
     from ssdd.distributed import alone
 
