@@ -286,9 +286,9 @@ class BenchRun:
             raise ConfigError(f"evaluation {name}: the baselines take the bytes of set {covered[0]}, which is not made "
                               "yet; run the suite with it first (or without --methods)")
         cells: list[Cell] = []
-        for entry in names + baselines:
-            cells += self._entry(folder, name, entry, config, None if entry in SETLESS else budget, sets.get(entry),
-                                 teacher)
+        for entry in names + baselines:  # a set's entry does not depend on the baselines' budget
+            drawn = entry in baselines and entry not in SETLESS
+            cells += self._entry(folder, name, entry, config, budget if drawn else None, sets.get(entry), teacher)
         command = _evaluate_command(folder, names, baselines, budget, self.folder)
         self.commands.append(command)
         if self.world.is_main:
@@ -320,7 +320,9 @@ class BenchRun:
                "set": None if distilled is None else distilled.metadata.get("created")}
         if path.exists():
             record = json.loads(path.read_text())
-            if {k: record.get(k) for k in key} == key:
+            # a set's cells do not depend on the baselines' budget (older records of a set's entry hold it)
+            compared = [k for k in key if not (k == "budget_bytes" and distilled is not None)]
+            if all(record.get(k) == key[k] for k in compared):
                 self._say(f"[bench] {evaluation} / {entry}: reusing {path}")
                 return [Cell.from_dict(c) for c in record["cells"]]
         self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")

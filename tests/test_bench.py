@@ -105,6 +105,23 @@ def test_methods_filter_reports_only_the_chosen_rows_and_reuses_the_rest(tmp_pat
     assert "--methods none" in report.read_text()
 
 
+def test_a_sets_entry_is_reused_whatever_the_baselines_budget(tmp_path: Path, uninterrupted: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    path = tmp_path / "tiny/evaluations/linear/paa.json"
+    record = json.loads(path.read_text())
+    assert record["budget_bytes"] is None  # a set's cells are keyed without the baselines' budget
+    path.write_text(json.dumps({**record, "budget_bytes": 12345}))  # as older records held it
+    suite = load_suite("tiny")
+    suite.evaluations["linear"].bytes = 2 * json.loads(
+        (tmp_path / "tiny/evaluations/linear/random.json").read_text())["budget_bytes"]
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    evaluated: list[list[str]] = []
+    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: evaluated.append(k["names"] + k["baselines"]) or [])
+    _run(tmp_path)
+    assert evaluated == [["random"]]  # the baseline is drawn again at the new budget; paa and none are reused
+
+
 def test_baseline_without_its_set_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:
     shutil.copytree(uninterrupted, tmp_path / "tiny")
     shutil.rmtree(tmp_path / "tiny/sets")
