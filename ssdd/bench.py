@@ -253,6 +253,7 @@ class BenchRun:
         ``grid.png``."""
         folder = self._set_folder(name)
         current = world()
+        who = f" on process {self.world.rank}" if self.world.size > 1 and current.size == 1 else ""
         if (folder / SET_FILE).exists():
             # the teacher by its fingerprint, not its path: a suite folder may be moved
             _check_same(folder, resolved_config(config), f"set {name}", ignore=("teacher",),
@@ -262,10 +263,11 @@ class BenchRun:
             if made_with is not None and made_with != teacher.fingerprint:
                 raise ConfigError(f"the set {name} in {folder} was made with another teacher than the suite's "
                                   f"({made_with} vs {teacher.fingerprint}); delete the folder or use another --out")
-            self._say(f"[bench] set {name}: reusing {folder / SET_FILE}")
+            if current.is_main:  # process 0, or the process a dealt set was dealt to
+                print(f"[bench] set {name}: reusing {folder / SET_FILE}{who}")
         else:
-            who = f" on process {self.world.rank}" if self.world.size > 1 and current.size == 1 else ""
-            print(f"[bench] set {name}: distilling with {config.method}{who}")
+            if current.is_main:
+                print(f"[bench] set {name}: distilling with {config.method}{who}")
             distilled = self._timed(f"set {name}", lambda: Distillation(
                 config, folder, resume=True, progress=progress, teacher=teacher).run())
         if current.is_main and not (folder / "grid.png").exists():

@@ -130,14 +130,24 @@ def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -
     two.mkdir(parents=True)
     shutil.copytree(serial / "teacher", two / "teacher")  # the teacher's data-parallel run is tested on its own
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                "--master_port", str(free_port()), "-m", "ssdd", "bench", "--suite", str(suite),
                                "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress"],
                               env=env, capture_output=True, text=True)
+
+    launched = launch()
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.count("# ssdd bench: suite") == 1  # one report, printed by process 0
+    assert launched.stdout.count("set paa: distilling with paa") == 1  # made by both, said by process 0
     assert "set herding: distilling with coreset on process 0" in launched.stdout
     assert "set dmssl: distilling with dm-ssl on process 1" in launched.stdout
+    again = launch()
+    assert again.returncode == 0, again.stderr
+    for line in ("set paa: reusing", "set herding: reusing", "set dmssl: reusing"):
+        assert again.stdout.count(line) == 1, line
+    assert "dmssl/distilled.safetensors on process 1" in again.stdout
     for name in ("herding", "dmssl"):
         made, reference = _set_tensors(two / "sets" / name), _set_tensors(serial / "sets" / name)
         assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in made), name
