@@ -15,6 +15,8 @@ Under ``torchrun`` every process takes part: the teacher trains data-parallel, s
 (the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, the other sets are dealt round-robin
 and each is made by one process alone, and each evaluation's cells are dealt over the processes. Process 0 writes
 the report; the output folder must be visible to every process (one machine, or a filesystem the nodes share).
+Separate runs with different ``--methods`` may share one folder at the same time: ``stages.json`` is changed under a
+lock, and each run's ``report.md`` covers its own part.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ssdd.evaluation import EvaluationConfig, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.report import markdown_tables
-from ssdd.io import atomic_write_text
+from ssdd.io import atomic_write_text, locked
 from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.runs import RunDir
@@ -145,6 +147,7 @@ class BenchRun:
                               f"it runs {', '.join(sorted(known))}")
         self.stages_path = self.folder / "stages.json"
         self.stages: dict[str, dict] = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
+        self.ran: set[str] = set()  # the stages this run timed (its processes together)
         self.commands: list[str] = []
 
     def _keep(self, name: str) -> bool:
@@ -157,12 +160,18 @@ class BenchRun:
     def _record(self, stage: str, seconds: float, peak: int | None) -> None:
         self.stages[stage] = {"seconds": round(seconds, 1), "peak_memory_bytes": peak,
                               "device": environment(self.device)["device"]}
+        self.ran.add(stage)
         self._write_stages()
 
     def _write_stages(self) -> None:
+        """Write the stages this run timed into ``stages.json``, keeping what another run into the same folder (other
+        ``--methods`` at the same time) wrote there meanwhile."""
         if self.world.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.stages_path, json.dumps(self.stages, indent=2))
+            with locked(self.folder / ".stages.lock"):
+                on_disk = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
+                self.stages = {**on_disk, **{k: self.stages[k] for k in self.ran}}
+                atomic_write_text(self.stages_path, json.dumps(self.stages, indent=2))
 
     def _timed(self, stage: str, work):  # noqa: ANN001, ANN202 - any callable, its result
         started = time.monotonic()
@@ -229,12 +238,12 @@ class BenchRun:
         configs = {name: self.set_config(name) for name in names}
         together = [n for n in names if self.world.size == 1 or METHODS.get(configs[n].method).splits_over_processes]
         dealt = [n for n in names if n not in together]
-        before = dict(self.stages)
         for _, name in shard(dealt, self.world):
             with alone():
                 self.distilled(name, configs[name], teacher, progress=self.options.progress and self.world.is_main)
-        for part in gather_objects({k: v for k, v in self.stages.items() if before.get(k) != v}, self.world):
+        for part in gather_objects({k: self.stages[k] for k in self.ran}, self.world):
             self.stages.update(part)  # the dealt sets' times, measured by the process that made each
+            self.ran.update(part)
         self._write_stages()
         made = {name: self.distilled(name, configs[name], teacher, self.options.progress) for name in together}
         barrier(self.world)  # every set is on disk

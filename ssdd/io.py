@@ -7,6 +7,7 @@ renames it over ``NAME``, so an interrupted run leaves either the old file or th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -61,6 +62,20 @@ def _running(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block, so processes that read,
+    change and write one file do so one at a time; the system releases it when its holder dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

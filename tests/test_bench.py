@@ -138,6 +138,25 @@ def test_changed_seeds_evaluate_again(tmp_path: Path, uninterrupted: Path, monke
     assert seen == [[3]]
 
 
+def test_two_runs_into_one_folder_keep_each_others_stage_times(tmp_path: Path, uninterrupted: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs with other --methods at the same time (e.g. one per core): the second's writes must not put back the
+    stage records it read before the first one finished."""
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: [])
+    first, second = (BenchRun("tiny", tmp_path, BenchOptions(device="cpu", progress=False, methods=[m], seeds=[3]))
+                     for m in ("none", "random"))  # both started: each read stages.json as the whole run left it
+    first.run()
+    second.run()
+    stages = json.loads((tmp_path / "tiny/stages.json").read_text())
+    old = json.loads((uninterrupted / "stages.json").read_text())
+    for entry, run in (("none", first), ("random", second)):
+        stage = f"evaluation linear / {entry}"
+        assert stages[stage] == run.stages[stage] != old[stage], stage  # each run's new time, not the old one
+    assert stages["set paa"] == old["set paa"]
+    assert "| evaluation linear / none |" in (tmp_path / "tiny/report.md").read_text()  # the first run's row
+
+
 def test_a_set_made_with_other_settings_is_refused(tmp_path: Path, uninterrupted: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copytree(uninterrupted, tmp_path / "tiny")

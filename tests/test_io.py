@@ -8,6 +8,8 @@ import logging
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ssdd.io import (
     atomic_write_text,
     load_checkpoint,
     load_tensors,
+    locked,
     read_metadata,
     save_checkpoint,
     save_tensors,
@@ -496,3 +499,20 @@ def test_run_logger_does_not_propagate(tmp_path: Path, close_run_logs: list, cap
     with caplog.at_level(logging.INFO):
         run.log("private")
     assert "private" not in caplog.text
+
+
+def test_locked_excludes_another_process_until_released(tmp_path: Path) -> None:
+    lock = tmp_path / "sub" / ".lock"
+    probe = ("import fcntl, sys\n"
+             "with open(sys.argv[1], 'a') as fh:\n"
+             "    try:\n        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "    except BlockingIOError:\n        sys.exit(3)\n")
+
+    def other_process_gets_it() -> bool:
+        code = subprocess.run([sys.executable, "-c", probe, str(lock)], check=False).returncode
+        assert code in (0, 3)
+        return code == 0
+
+    with locked(lock):
+        assert not other_process_gets_it()
+    assert other_process_gets_it()
