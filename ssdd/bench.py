@@ -182,7 +182,7 @@ class BenchRun:
 
     def run(self) -> Path:
         """Run (or continue) every stage, then write the report; returns the path of ``report.md``."""
-        stages = 1 + len(self.suite.sets) + len(self.suite.evaluations)
+        stages = 1 + sum(map(self._keep, self.suite.sets)) + len(self.suite.evaluations)  # --methods narrows the sets
         if self.world.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
         processes = f", {self.world.size} processes" if self.world.size > 1 else ""

@@ -95,10 +95,12 @@ def test_killed_and_resumed_suite_gives_the_same_report(tmp_path: Path, uninterr
 
 
 def test_methods_filter_reports_only_the_chosen_rows_and_reuses_the_rest(tmp_path: Path, uninterrupted: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     shutil.copytree(uninterrupted, tmp_path / "tiny")
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("nothing should be evaluated again"))
     report = _run(tmp_path, methods=["none"])
+    assert "(2 stage groups)" in capsys.readouterr().out  # the teacher and the evaluation: no set is kept
     record = json.loads((tmp_path / "tiny/report.json").read_text())
     assert {c["entry"] for c in record["evaluations"]["linear"]} == {"none"}
     assert "| none |" in report.read_text() and "| paa |" not in report.read_text()
