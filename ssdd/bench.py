@@ -39,6 +39,7 @@ from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
+from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
 from ssdd.evaluation.report import markdown_tables
 from ssdd.io import atomic_write_text, locked
 from ssdd.methods import METHODS, DistillConfig, Distillation
@@ -62,12 +63,14 @@ class Stage:
 @dataclass
 class EvaluationStage(Stage):
     """One evaluation: an ``evaluate`` preset and overrides, the suite's sets it covers (all when unset) and its
-    baselines, at the first set's bytes or at ``images`` / ``bytes`` when given."""
+    baselines, at the first set's bytes or at ``images`` / ``bytes`` when given; ``expect``: the orderings of its
+    entries that the report checks."""
 
     sets: list[str] | None = None
     baselines: list[str] = field(default_factory=list)
     images: int | None = None
     bytes: int | None = None
+    expect: Expectation | None = None
 
 
 @dataclass
@@ -90,6 +93,13 @@ class Suite:
             bad = sorted(set(stage.baselines) - set(BASELINES))
             if bad:
                 raise ConfigError(f"evaluation {name}: unknown baseline(s) {', '.join(bad)}; use {', '.join(BASELINES)}")
+            if stage.expect is not None:
+                entries = [*(stage.sets if stage.sets is not None else self.sets), *stage.baselines]
+                named = {e for o in stage.expect.parsed(f"evaluations.{name}.expect") for e in (o.above, o.below)}
+                strangers = sorted(named - set(entries))
+                if strangers:
+                    raise ConfigError(f"evaluation {name}: its expected orderings name {', '.join(strangers)}, which "
+                                      f"it does not evaluate; its entries are {', '.join(entries)}")
 
 
 def _stage(cls: type[Stage], value: Any, where: str) -> Stage:
@@ -363,11 +373,16 @@ class BenchRun:
                   "## Commands", "", "```bash", " ".join([f"ssdd bench --suite {self.name} --out "
                                                           f"{shlex.quote(str(self.folder.parent))}", *options]),
                   "# the same stages one by one:", *self.commands, "```", ""]
+        verdicts = {name: judge(self.suite.evaluations[name].expect, cells) for name, cells in results.items()
+                    if self.suite.evaluations[name].expect is not None}
         for name, cells in results.items():
             if not cells:
                 continue
             lines += [f"## Evaluation `{name}`", "", markdown_tables(cells),
                       f"![{name}](evaluations/{name}/results.png)", ""]
+            if verdicts.get(name):
+                lines += ["### Expected orderings", "", markdown_verdicts(verdicts[name]), ""]
+                print(f"[bench] {name}: expected orderings, {summary(verdicts[name])}")
         if sets:
             lines += ["## Distilled sets", "", "| set | method | images | views | bytes |", "| --- | --- | --- | --- | --- |"]
             lines += [f"| {name} | {d.method} | {d.num_images} | {len(d.views)} | {d.byte_count:,} |"
@@ -386,7 +401,8 @@ class BenchRun:
         atomic_write_text(path, "\n".join(lines) + "\n")
         atomic_write_text(self.folder / "report.json", json.dumps(
             {"suite": self.name, "environment": env, "stages": self.stages,
-             "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()}}, indent=2))
+             "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()},
+             "expectations": {n: [v.to_dict() for v in vs] for n, vs in verdicts.items()}}, indent=2))
         return path
 
 

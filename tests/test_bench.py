@@ -61,6 +61,16 @@ def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
     for row in ("| paa |", "| none |", "| random |", "![paa](sets/paa/grid.png)", "ssdd distill --config",
                 "ssdd evaluate paa=", "--baselines none,random", TIMING_HEADING):
         assert row in report, row
+    # the tiny suite expects paa >= none and random >= none: judged from the table's own means, per label fraction
+    means = {(c["entry"], c["fraction"]): c["mean"] for c in cells}
+    verdicts = record["expectations"]["linear"]
+    assert sorted((v["ordering"], v["fraction"]) for v in verdicts) == sorted(
+        (o, f) for o in ("paa >= none", "random >= none") for f in (0.1, 1.0))
+    for v in verdicts:
+        left, right = v["ordering"].split(" >= ")
+        assert (v["left"], v["right"]) == (means[left, v["fraction"]], means[right, v["fraction"]])
+        assert v["outcome"] == ("fails" if v["left"] < v["right"] else "holds")  # one seed: no noise
+    assert "### Expected orderings" in report and "| paa >= none | convnet | synthetic |" in report
     # the random baseline was drawn at the paa set's bytes, and the command says so
     paa_bytes = json.loads((uninterrupted / "evaluations/linear/random.json").read_text())["budget_bytes"]
     assert f"--bytes {paa_bytes}" in report and f"{paa_bytes:,}" in report
@@ -217,6 +227,17 @@ def test_suite_naming_a_set_it_does_not_make_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         bench.Suite(sets={"paa": {"preset": "paa/tiny"}}, evaluations={"linear": {"sets": ["pa"]}})
     assert "pa" in one_line(info.value) and "does not make" in str(info.value)
+
+
+def test_an_expected_ordering_of_an_entry_not_evaluated_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        bench.Suite(sets={"paa": {"preset": "paa/tiny"}}, evaluations={"linear": {
+            "baselines": ["random"], "expect": {"orderings": ["paa > random", "mkdt > random"]}}})
+    assert one_line(info.value) == ("evaluation linear: its expected orderings name mkdt, which it does not evaluate; "
+                                    "its entries are paa, random")
+    with pytest.raises(ConfigError) as info:
+        bench.Suite(sets={"paa": {"preset": "paa/tiny"}}, evaluations={"linear": {"expect": {"orderings": ["paa"]}}})
+    assert "evaluations.linear.expect.orderings[0]: 'paa' is not an ordering" in one_line(info.value)
 
 
 @pytest.mark.parametrize("name", suites())
