@@ -34,7 +34,7 @@ from ssdd.config import deep_update, from_dict, list_presets, preset_dict, read_
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import alone, barrier, gather_objects, shard, world
-from ssdd.environment import PeakMemory, environment
+from ssdd.environment import PeakMemory, combined_environment, environment
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
@@ -159,6 +159,7 @@ class BenchRun:
         self.stages: dict[str, dict] = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
         self.ran: set[str] = set()  # the stages this run timed (its processes together)
         self.commands: list[str] = []
+        self.computed_with: dict[str, dict[str, str]] = {}  # per evaluation: where its entries' cells were computed
 
     def _keep(self, name: str) -> bool:
         return self.options.methods is None or name in self.options.methods
@@ -307,16 +308,20 @@ class BenchRun:
             raise ConfigError(f"evaluation {name}: the baselines take the bytes of set {covered[0]}, which is not made "
                               "yet; run the suite with it first (or without --methods)")
         cells: list[Cell] = []
+        environments: dict[str, dict[str, str]] = {}
         for entry in names + baselines:  # a set's entry does not depend on the baselines' budget
             drawn = entry in baselines and entry not in SETLESS
-            cells += self._entry(folder, name, entry, config, budget if drawn else None, sets.get(entry), teacher)
+            entry_cells, environments[entry] = self._entry(folder, name, entry, config, budget if drawn else None,
+                                                           sets.get(entry), teacher)
+            cells += entry_cells
+        self.computed_with[name] = combined_environment(environments)
         command = _evaluate_command(folder, names, baselines, budget, self.folder)
         self.commands.append(command)
         if self.world.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
             if cells:
-                write_report(folder, cells, config, environment(self.device), command=command)
+                write_report(folder, cells, config, self.computed_with[name], command=command)
         return cells
 
     def _budget(self, stage: EvaluationStage, covered: list[str], sets: dict[str, DistilledSet], teacher: Teacher,
@@ -335,7 +340,9 @@ class BenchRun:
         return load_distilled(path).byte_count if path.exists() else None
 
     def _entry(self, folder: Path, evaluation: str, entry: str, config: EvaluationConfig, budget: int | None,
-               distilled: DistilledSet | None, teacher: Teacher) -> list[Cell]:
+               distilled: DistilledSet | None, teacher: Teacher) -> tuple[list[Cell], dict[str, str]]:
+        """The entry's cells (reused from its record when the settings match) and the environment that computed
+        them."""
         path = folder / f"{entry}.json"
         key = {"config": to_dict(config), "budget_bytes": budget,
                "set": None if distilled is None else distilled.metadata.get("created")}
@@ -345,16 +352,21 @@ class BenchRun:
             compared = [k for k in key if not (k == "budget_bytes" and distilled is not None)]
             if all(record.get(k) == key[k] for k in compared):
                 self._say(f"[bench] {evaluation} / {entry}: reusing {path}")
-                return [Cell.from_dict(c) for c in record["cells"]]
+                # records written before entries kept their environment: the device the stage's timing names
+                ran = self.stages.get(f"evaluation {evaluation} / {entry}", {}).get("device", "not recorded")
+                return ([Cell.from_dict(c) for c in record["cells"]],
+                        record.get("environment") or {"device": ran, "commit": "not recorded"})
         self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
         cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
             sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
             names=names))
+        env = environment(self.device)
         if self.world.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({**key, "cells": [c.to_dict() for c in cells]}, indent=2))
-        return cells
+            atomic_write_text(path, json.dumps({**key, "environment": env, "cells": [c.to_dict() for c in cells]},
+                                               indent=2))
+        return cells, env
 
     def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
         """Write ``report.md`` (process 0; the others return its path): environment, commands, one table and plot per
@@ -369,7 +381,8 @@ class BenchRun:
         lines = [f"# ssdd bench: {self.name}", ""]
         if self.suite.description:
             lines += [self.suite.description.strip(), ""]
-        lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+        lines += ["This run's environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + " (each evaluation "
+                  "names where its entries were computed; each stage's device is in the last table).", "",
                   "## Commands", "", "```bash", " ".join([f"ssdd bench --suite {self.name} --out "
                                                           f"{shlex.quote(str(self.folder.parent))}", *options]),
                   "# the same stages one by one:", *self.commands, "```", ""]
@@ -378,7 +391,8 @@ class BenchRun:
         for name, cells in results.items():
             if not cells:
                 continue
-            lines += [f"## Evaluation `{name}`", "", markdown_tables(cells),
+            computed = ", ".join(f"{k} {v}" for k, v in self.computed_with[name].items())
+            lines += [f"## Evaluation `{name}`", "", f"Computed with: {computed}.", "", markdown_tables(cells),
                       f"![{name}](evaluations/{name}/results.png)", ""]
             if verdicts.get(name):
                 lines += ["### Expected orderings", "", markdown_verdicts(verdicts[name]), ""]
@@ -402,6 +416,7 @@ class BenchRun:
         atomic_write_text(self.folder / "report.json", json.dumps(
             {"suite": self.name, "environment": env, "stages": self.stages,
              "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()},
+             "computed_with": self.computed_with,
              "expectations": {n: [v.to_dict() for v in vs] for n, vs in verdicts.items()}}, indent=2))
         return path
 

@@ -46,6 +46,20 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
+def combined_environment(environments: dict[str, dict[str, str]]) -> dict[str, str]:
+    """One environment for results computed in several (``{name: environment}``): a key whose value differs names
+    its values with the results that had each, e.g. ``{"commit": "dd60dad (dm-ssl, none); eb0bacd (teacher)"}``."""
+    keys = dict.fromkeys(k for env in environments.values() for k in env)
+    out = {}
+    for key in keys:
+        by_value: dict[str, list[str]] = {}
+        for name, env in environments.items():
+            by_value.setdefault(env.get(key, "not recorded"), []).append(name)
+        out[key] = next(iter(by_value)) if len(by_value) == 1 else "; ".join(
+            f"{value} ({', '.join(names)})" for value, names in by_value.items())
+    return out
+
+
 class PeakMemory:
     """Peak memory of the code run inside ``with PeakMemory(device) as peak:``, in ``peak.bytes`` afterwards.
 

@@ -61,6 +61,9 @@ def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
     for row in ("| paa |", "| none |", "| random |", "![paa](sets/paa/grid.png)", "ssdd distill --config",
                 "ssdd evaluate paa=", "--baselines none,random", TIMING_HEADING):
         assert row in report, row
+    # one run computed every entry: its environment, as each entry recorded it
+    entry_env = json.loads((uninterrupted / "evaluations/linear/none.json").read_text())["environment"]
+    assert record["computed_with"]["linear"] == entry_env and set(entry_env) >= {"device", "torch", "commit"}
     # the tiny suite expects paa >= none and random >= none: judged from the table's own means, per label fraction
     means = {(c["entry"], c["fraction"]): c["mean"] for c in cells}
     verdicts = record["expectations"]["linear"]
@@ -132,6 +135,30 @@ def test_a_sets_entry_is_reused_whatever_the_baselines_budget(tmp_path: Path, un
     monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: evaluated.append(k["names"] + k["baselines"]) or [])
     _run(tmp_path)
     assert evaluated == [["random"]]  # the baseline is drawn again at the new budget; paa and none are reused
+
+
+def test_the_report_names_where_each_reused_entry_was_computed(tmp_path: Path, uninterrupted: Path) -> None:
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    evaluations = tmp_path / "tiny/evaluations/linear"
+    here = json.loads((evaluations / "paa.json").read_text())["environment"]
+    none = json.loads((evaluations / "none.json").read_text())
+    (evaluations / "none.json").write_text(json.dumps({**none, "environment": {**here, "commit": "abc1234"}}))
+    random = json.loads((evaluations / "random.json").read_text())
+    del random["environment"]  # a record from before entries kept theirs: the stage's device stands in
+    (evaluations / "random.json").write_text(json.dumps(random))
+    stages = json.loads((tmp_path / "tiny/stages.json").read_text())
+    stages["evaluation linear / random"]["device"] = "elsewhere"
+    (tmp_path / "tiny/stages.json").write_text(json.dumps(stages))
+
+    report = _run(tmp_path).read_text()
+    computed = (f"device {here['device']} (paa, none); elsewhere (random), "
+                f"torch {here['torch']} (paa, none); not recorded (random), "
+                f"python {here['python']} (paa, none); not recorded (random), "
+                f"commit {here['commit']} (paa); abc1234 (none); not recorded (random).")
+    assert f"Computed with: {computed}" in report
+    assert f"Environment: {computed}" in (evaluations / "results.md").read_text()
+    recorded = json.loads((evaluations / "results.json").read_text())["environment"]
+    assert recorded["commit"] == f"{here['commit']} (paa); abc1234 (none); not recorded (random)"
 
 
 def test_baseline_without_its_set_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:
