@@ -13,7 +13,7 @@ reused when the suite runs again with the same settings, so a suite killed halfw
 
 Under ``torchrun`` every process takes part: the teacher trains data-parallel, sets whose method splits its steps
 (the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, the other sets are dealt round-robin
-and each is made by one process alone, and each evaluation's cells are dealt over the processes. Process 0 writes
+and each is made by one process alone (those still to make dealt first), and each evaluation's cells are dealt over the processes. Process 0 writes
 the report; the output folder must be visible to every process (one machine, or a filesystem the nodes share).
 Separate runs with different ``--methods`` may share one folder at the same time: ``stages.json`` is changed under a
 lock, and each run's ``report.md`` covers its own part.
@@ -33,7 +33,7 @@ import yaml
 from ssdd.config import deep_update, from_dict, list_presets, preset_dict, read_yaml, to_dict
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
-from ssdd.distributed import alone, barrier, gather_objects, shard, world
+from ssdd.distributed import alone, barrier, broadcast_object, gather_objects, shard, world
 from ssdd.environment import PeakMemory, combined_environment, environment
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
@@ -248,7 +248,10 @@ class BenchRun:
         names = [name for name in self.suite.sets if self._keep(name)]
         configs = {name: self.set_config(name) for name in names}
         together = [n for n in names if self.world.size == 1 or METHODS.get(configs[n].method).splits_over_processes]
-        dealt = [n for n in names if n not in together]
+        # the sets still to make first, so that round-robin spreads them over the processes (reusing one costs
+        # nothing); process 0 decides, as another process may look after process 0 has made one
+        dealt = broadcast_object(sorted((n for n in names if n not in together),
+                                        key=lambda n: (self._set_folder(n) / SET_FILE).exists()), self.world)
         for _, name in shard(dealt, self.world):
             with alone():
                 self.distilled(name, configs[name], teacher, progress=self.options.progress and self.world.is_main)

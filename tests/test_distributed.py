@@ -148,6 +148,11 @@ def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -
     for line in ("set paa: reusing", "set herding: reusing", "set dmssl: reusing"):
         assert again.stdout.count(line) == 1, line
     assert "dmssl/distilled.safetensors on process 1" in again.stdout
+    shutil.rmtree(two / "sets" / "dmssl")  # the only set to make is dealt first: to process 0, herding's reuse to 1
+    remade = launch()
+    assert remade.returncode == 0, remade.stderr
+    assert "set dmssl: distilling with dm-ssl on process 0" in remade.stdout
+    assert "herding/distilled.safetensors on process 1" in remade.stdout
     for name in ("herding", "dmssl"):
         made, reference = _set_tensors(two / "sets" / name), _set_tensors(serial / "sets" / name)
         assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in made), name
