@@ -40,7 +40,7 @@ from ssdd.evaluation import EvaluationConfig, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
-from ssdd.evaluation.report import markdown_tables
+from ssdd.evaluation.report import markdown_tables, plot_against_budget
 from ssdd.io import atomic_write_text, locked
 from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import default_config, method_settings, resolved_config
@@ -160,6 +160,7 @@ class BenchRun:
         self.ran: set[str] = set()  # the stages this run timed (its processes together)
         self.commands: list[str] = []
         self.computed_with: dict[str, dict[str, str]] = {}  # per evaluation: where its entries' cells were computed
+        self.budgets: dict[str, int | None] = {}  # per evaluation: the bytes its drawn baselines were given
 
     def _keep(self, name: str) -> bool:
         return self.options.methods is None or name in self.options.methods
@@ -318,6 +319,7 @@ class BenchRun:
                                                            sets.get(entry), teacher)
             cells += entry_cells
         self.computed_with[name] = combined_environment(environments)
+        self.budgets[name] = budget
         command = _evaluate_command(folder, names, baselines, budget, self.folder)
         self.commands.append(command)
         if self.world.is_main:
@@ -371,6 +373,19 @@ class BenchRun:
                                                indent=2))
         return cells, env
 
+    def budget_points(self, sets: dict[str, DistilledSet],
+                      results: dict[str, list[Cell]]) -> list[tuple[str, int, Cell]]:
+        """(series, bytes, cell) of every cell that has a budget: a set's under its method at its bytes, a drawn
+        baseline's under its name at its evaluation's budget (``none``, ``teacher`` and ``full`` have none)."""
+        points = []
+        for name, cells in results.items():
+            for cell in cells:
+                if cell.entry in sets:
+                    points.append((sets[cell.entry].method, sets[cell.entry].byte_count, cell))
+                elif cell.entry not in SETLESS and cell.entry != "full" and self.budgets.get(name) is not None:
+                    points.append((cell.entry, self.budgets[name], cell))
+        return points
+
     def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
         """Write ``report.md`` (process 0; the others return its path): environment, commands, one table and plot per
         evaluation, the sets with their grids, and the time and peak memory of every stage."""
@@ -400,6 +415,12 @@ class BenchRun:
             if verdicts.get(name):
                 lines += ["### Expected orderings", "", markdown_verdicts(verdicts[name]), ""]
                 print(f"[bench] {name}: expected orderings, {summary(verdicts[name])}")
+        points = self.budget_points(sets, results)
+        if any(len({size for name, size, _ in points if name == series}) > 1 for series, _, _ in points):
+            plot_against_budget(points, self.folder / "budget.png")
+            lines += ["## Accuracy against budget", "", "Each set at its bytes (a line per method), each baseline at "
+                      "the bytes it was drawn at; evaluations of one protocol share the axes.", "",
+                      "![accuracy against budget](budget.png)", ""]
         if sets:
             lines += ["## Distilled sets", "", "| set | method | images | views | bytes |", "| --- | --- | --- | --- | --- |"]
             lines += [f"| {name} | {d.method} | {d.num_images} | {len(d.views)} | {d.byte_count:,} |"

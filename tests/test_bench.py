@@ -12,7 +12,9 @@ import pytest
 import ssdd.bench as bench
 from ssdd.bench import TIMING_HEADING, BenchOptions, BenchRun, load_suite, run_suite, suites
 from ssdd.config import merge
+from ssdd.distilled import load_distilled
 from ssdd.errors import ConfigError
+from ssdd.evaluation import Cell
 from ssdd.methods.engine import method_settings
 
 from helpers import one_line, user_error
@@ -48,6 +50,7 @@ def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
                  "evaluations/linear/paa.json", "evaluations/linear/none.json", "evaluations/linear/random.json"):
         path = uninterrupted / name
         assert path.is_file() and path.stat().st_size > 0, name
+    assert not (uninterrupted / "budget.png").exists()  # one budget: nothing to plot against it
     record = json.loads((uninterrupted / "report.json").read_text())
     cells = record["evaluations"]["linear"]
     # the tiny suite: sets paa, baselines none and random; label fractions 0.1 and 1.0; one seed
@@ -159,6 +162,33 @@ def test_the_report_names_where_each_reused_entry_was_computed(tmp_path: Path, u
     assert f"Environment: {computed}" in (evaluations / "results.md").read_text()
     recorded = json.loads((evaluations / "results.json").read_text())["environment"]
     assert recorded["commit"] == f"{here['commit']} (paa); abc1234 (none); not recorded (random)"
+
+
+BUDGET_SUITE = """
+teacher: {preset: tiny}
+sets:
+  small: {preset: krr-st/tiny, config: {images: 10}}
+  large: {preset: krr-st/tiny, config: {images: 20}}
+evaluations:
+  at-small: {preset: tiny, config: {seeds: [0]}, sets: [small], baselines: [none, random]}
+  at-large: {preset: tiny, config: {seeds: [0]}, sets: [large], baselines: [random]}
+"""
+
+
+def test_a_suite_that_varies_the_budget_plots_accuracy_against_bytes(tmp_path: Path) -> None:
+    suite = tmp_path / "budget.yaml"
+    suite.write_text(BUDGET_SUITE)
+    run = BenchRun(str(suite), tmp_path, BenchOptions(device="cpu", progress=False))
+    report = run.run().read_text()
+    assert "## Accuracy against budget" in report and "![accuracy against budget](budget.png)" in report
+    assert (tmp_path / "budget/budget.png").stat().st_size > 0
+    sets = {n: load_distilled(tmp_path / "budget/sets" / n) for n in ("small", "large")}
+    assert sets["large"].byte_count == 2 * sets["small"].byte_count  # 20 images and targets instead of 10
+    record = json.loads((tmp_path / "budget/report.json").read_text())
+    results = {name: [Cell.from_dict(c) for c in cells] for name, cells in record["evaluations"].items()}
+    points = {(series, size, cell.entry, cell.fraction) for series, size, cell in run.budget_points(sets, results)}
+    assert points == {(series, sets[at].byte_count, entry, f) for at in ("small", "large") for f in (0.1, 1.0)
+                      for series, entry in (("krr-st", at), ("random", "random"))}  # `none` has no bytes
 
 
 def test_baseline_without_its_set_is_a_clear_error(tmp_path: Path, uninterrupted: Path) -> None:

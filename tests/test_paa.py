@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,24 @@ def test_given_images_beyond_the_source_are_refused(tiny_teacher: Path) -> None:
         method_of(config)
     message = one_line(info.value)
     assert "400" in message and str(N_SOURCE) in message
+
+
+def test_a_budget_beyond_the_source_says_what_stays_unused(tiny_teacher: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # images = 40: 163840 values, 2879 images would fit (see above) but the source has 320
+    config = paa_config(tiny_teacher, settings={"approx_steps": 2})
+    config.images = 40
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.paa"):
+        method = method_of(config)
+    unused = method.spending["unused_bytes"]
+    assert unused == 163840 * 4 - (71704 + 320 * 32) * 4
+    assert caplog.messages == [f"PAA: the budget holds 2879 images but the source has {N_SOURCE}; {unused:,} of its "
+                               f"{163840 * 4:,} bytes stay unused"]
+    caplog.clear()
+    config.images = 20  # 319 images fit: no warning
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.paa"):
+        method_of(config)
+    assert caplog.messages == []
 
 
 def test_budget_errors(tiny_teacher: Path) -> None:

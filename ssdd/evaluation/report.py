@@ -95,6 +95,36 @@ def plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_against_budget(points: list[tuple[str, int, Cell]], path: Path) -> None:
+    """Accuracy against bytes: one panel per (protocol, architecture) and target column, a line with std error bars
+    per series (a method, or a baseline drawn at several budgets), bytes on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys((c.protocol, c.arch) for _, _, c in points))
+    columns = list(dict.fromkeys(_column(c) for _, _, c in points))
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.4 * len(columns), 3.0 * len(rows)), squeeze=False)
+    for (protocol, arch), row in zip(rows, axes):
+        for column, ax in zip(columns, row):
+            here = [(series, size, c) for series, size, c in points
+                    if (c.protocol, c.arch) == (protocol, arch) and _column(c) == column]
+            for series in dict.fromkeys(series for series, _, _ in here):
+                line = sorted((size, c.mean, c.std) for name, size, c in here if name == series)
+                sizes, means, stds = zip(*line)
+                ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=2, label=series)
+            ax.set_xscale("log")
+            ax.set_title(f"{protocol}, {arch}: {column}", fontsize="small")
+            ax.set_xlabel("bytes")
+            ax.set_ylabel("top-1 (%)")
+    axes[0, 0].legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig, environment: dict[str, Any],
                  command: str | None = None) -> Path:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``folder``; returns the markdown path."""

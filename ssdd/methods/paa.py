@@ -35,6 +35,7 @@ No reference code exists; every choice below is a setting, and the defaults are 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,8 @@ from ssdd.methods.base import METHODS, Budget, DistillContext
 from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.selection import select_random
 from ssdd.teachers.features import teacher_features
+
+log = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("pca", "random", "none")
 APPROXIMATIONS = ("joint", "post", "stored")
@@ -211,8 +214,12 @@ class PAA(KernelRidgeMethod):
         m = min(s.images or most, available)
         b = budget.bytes_per_value
         spent = {name: v * b for name, v in fixed.items()} | {name: m * v * b for name, v in per_image.items()}
+        unused = total * b - sum(spent.values())
+        if m < (s.images or most):
+            log.warning("PAA: the budget holds %d images but the source has %d; %s of its %s bytes stay unused",
+                        most, available, f"{unused:,}", f"{total * b:,}")
         return {"images": m, "budget_bytes": total * b, **{f"{k}_bytes": v for k, v in spent.items()},
-                "unused_bytes": total * b - sum(spent.values())}
+                "unused_bytes": unused}
 
     # ---- initialisation -----------------------------------------------------------------------------------------
 
