@@ -11,19 +11,26 @@ reused when the suite runs again with the same settings, so a suite killed halfw
     <out>/<suite>/stages.json                    wall time and peak memory of every stage that ran
     <out>/<suite>/report.md                      environment, commands, tables, plots, grids, time and memory
 
-Under ``torchrun`` every process takes part: the teacher trains data-parallel, sets whose method splits its steps
-(the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, the other sets are dealt round-robin
-and each is made by one process alone (those still to make dealt first), and each evaluation's cells are dealt over the processes. Process 0 writes
-the report; the output folder must be visible to every process (one machine, or a filesystem the nodes share).
+Under ``torchrun`` every process takes part: the teacher trains data-parallel; the other sets still to make and the
+baselines' entries that need no set form a queue from which each process takes the next job and does it alone
+(so a process that finished does not wait while another makes a long set); then the sets whose method splits its
+steps (the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, and the remaining entries' cells
+are dealt over the processes. Process 0 writes the report; the output folder must be visible to every process (one
+machine, or a filesystem the nodes share).
 Separate runs with different ``--methods`` may share one folder at the same time: ``stages.json`` is changed under a
 lock, and each run's ``report.md`` covers its own part.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shlex
+import socket
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,7 @@ import yaml
 from ssdd.config import deep_update, from_dict, list_presets, preset_dict, read_yaml, to_dict
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
-from ssdd.distributed import alone, barrier, broadcast_object, gather_objects, shard, world
+from ssdd.distributed import alone, barrier, broadcast_object, gather_objects, world
 from ssdd.environment import PeakMemory, combined_environment, environment
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate, write_report
@@ -41,7 +48,7 @@ from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
 from ssdd.evaluation.report import markdown_tables, plot_against_budget
-from ssdd.io import atomic_write_text, locked
+from ssdd.io import atomic_write_text, locked, process_running
 from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.runs import RunDir
@@ -243,24 +250,30 @@ class BenchRun:
         return load_teacher(folder, device=self.device)
 
     def sets(self, teacher: Teacher) -> dict[str, DistilledSet]:
-        """Make (or reuse) the suite's sets. Several processes make a set whose method splits its steps together
-        and deal the other sets among themselves, each made by one process alone; every process then reads every
-        set from disk."""
+        """Make (or reuse) the suite's sets. Several processes make a set whose method splits its steps together;
+        the other sets still to make are queued with the baselines' entries that need no set, and each process
+        takes the next job from the queue and does it alone until none is left, so that no process idles while
+        another makes a long set. Every process then reads every set from disk."""
         names = [name for name in self.suite.sets if self._keep(name)]
         configs = {name: self.set_config(name) for name in names}
         together = [n for n in names if self.world.size == 1 or METHODS.get(configs[n].method).splits_over_processes]
-        # the sets still to make first, so that round-robin spreads them over the processes (reusing one costs
-        # nothing); process 0 decides, as another process may look after process 0 has made one
-        dealt = broadcast_object(sorted((n for n in names if n not in together),
-                                        key=lambda n: (self._set_folder(n) / SET_FILE).exists()), self.world)
-        for _, name in shard(dealt, self.world):
+        queued: list[str] = []
+        if self.world.size > 1:  # process 0 decides, as another process may look after process 0 has made one
+            queued = broadcast_object([n for n in names if n not in together
+                                       and not (self._set_folder(n) / SET_FILE).exists()], self.world)
+        jobs = [("set", name) for name in queued] + (self._setless_entries(teacher) if queued else [])
+        for job in self._claimed(jobs):
             with alone():
-                self.distilled(name, configs[name], teacher, progress=self.options.progress and self.world.is_main)
+                if job[0] == "set":
+                    self.distilled(job[1], configs[job[1]], teacher, self.options.progress and self.world.is_main)
+                else:
+                    self._entry(*job[1:], distilled=None, teacher=teacher)
         for part in gather_objects({k: self.stages[k] for k in self.ran}, self.world):
-            self.stages.update(part)  # the dealt sets' times, measured by the process that made each
+            self.stages.update(part)  # the queued jobs' times, measured by the process that did each
             self.ran.update(part)
         self._write_stages()
-        made = {name: self.distilled(name, configs[name], teacher, self.options.progress) for name in together}
+        made = {name: self.distilled(name, configs[name], teacher, self.options.progress)
+                for name in names if name not in queued}
         barrier(self.world)  # every set is on disk
         sets = {name: made[name] if name in made and self.world.size == 1 else load_distilled(self._set_folder(name))
                 for name in names}
@@ -269,15 +282,58 @@ class BenchRun:
                                  f"--out {shlex.quote(str(self._set_folder(name)))}")
         return sets
 
+    def _setless_entries(self, teacher: Teacher) -> list[tuple]:
+        """The baselines' entries still to evaluate that need no set: ``_entry``'s leading arguments."""
+        jobs = []
+        for name, stage in self.suite.evaluations.items():
+            config = self.evaluation_config(name)
+            covered = stage.sets if stage.sets is not None else list(self.suite.sets)
+            budget = self._budget(stage, covered, {}, teacher, config)
+            folder = self.folder / "evaluations" / name
+            for entry in (b for b in stage.baselines if self._keep(b)):
+                drawn = None if entry in SETLESS else budget
+                if (entry in SETLESS or budget is not None) and _reusable(
+                        folder / f"{entry}.json", _entry_key(config, drawn, None)) is None:
+                    jobs.append(("entry", folder, name, entry, config, drawn))
+        return jobs
+
+    def _claimed(self, jobs: list[tuple]) -> Iterator[tuple]:
+        """This process's jobs: the next one not yet taken by any process, until none is left (a counter in the
+        suite folder, changed under a lock). Process 0's list is everyone's."""
+        if not jobs:
+            return
+        host = socket.gethostname()
+        if self.world.is_main:  # the counters that killed runs on this machine left (another run may share the folder)
+            for stale in self.folder.glob(f".queue-{glob.escape(host)}-*"):
+                if not process_running(int(stale.name.split("-")[-2])):
+                    stale.unlink(missing_ok=True)
+        jobs, name = broadcast_object((jobs, f".queue-{host}-{os.getpid()}-{uuid.uuid4().hex}"), self.world)
+        counter = self.folder / name
+        while True:
+            with locked(self.folder / ".queue.lock"):
+                taken = int(counter.read_text()) if counter.exists() else 0
+                if taken < len(jobs):
+                    atomic_write_text(counter, str(taken + 1))
+            if taken >= len(jobs):
+                break
+            yield jobs[taken]
+        barrier(self.world)  # every process has seen the queue empty: the counter may go
+        if self.world.is_main:
+            counter.unlink()
+
     def _set_folder(self, name: str) -> Path:
         return self.folder / "sets" / name
+
+    def _tell(self, line: str) -> None:
+        """Print ``line`` from process 0, or from the process doing a queued job alone (which it names)."""
+        if world().is_main:
+            print(line + (f" on process {self.world.rank}" if self.world.size > 1 and world().size == 1 else ""))
 
     def distilled(self, name: str, config: DistillConfig, teacher: Teacher, progress: bool) -> DistilledSet:
         """Set ``name`` made with ``config`` (reused when its folder holds it with the same settings), with its
         ``grid.png``."""
         folder = self._set_folder(name)
         current = world()
-        who = f" on process {self.world.rank}" if self.world.size > 1 and current.size == 1 else ""
         if (folder / SET_FILE).exists():
             # the teacher by its fingerprint, not its path: a suite folder may be moved
             _check_same(folder, resolved_config(config), f"set {name}", ignore=("teacher",),
@@ -287,11 +343,9 @@ class BenchRun:
             if made_with is not None and made_with != teacher.fingerprint:
                 raise ConfigError(f"the set {name} in {folder} was made with another teacher than the suite's "
                                   f"({made_with} vs {teacher.fingerprint}); delete the folder or use another --out")
-            if current.is_main:  # process 0, or the process a dealt set was dealt to
-                print(f"[bench] set {name}: reusing {folder / SET_FILE}{who}")
+            self._tell(f"[bench] set {name}: reusing {folder / SET_FILE}")
         else:
-            if current.is_main:
-                print(f"[bench] set {name}: distilling with {config.method}{who}")
+            self._tell(f"[bench] set {name}: distilling with {config.method}")
             distilled = self._timed(f"set {name}", lambda: Distillation(
                 config, folder, resume=True, progress=progress, teacher=teacher).run())
         if current.is_main and not (folder / "grid.png").exists():
@@ -349,25 +403,21 @@ class BenchRun:
         """The entry's cells (reused from its record when the settings match) and the environment that computed
         them."""
         path = folder / f"{entry}.json"
-        key = {"config": to_dict(config), "budget_bytes": budget,
-               "set": None if distilled is None else distilled.metadata.get("created")}
-        if path.exists():
-            record = json.loads(path.read_text())
-            # a set's cells do not depend on the baselines' budget (older records of a set's entry hold it)
-            compared = [k for k in key if not (k == "budget_bytes" and distilled is not None)]
-            if all(record.get(k) == key[k] for k in compared):
-                self._say(f"[bench] {evaluation} / {entry}: reusing {path}")
-                # records written before entries kept their environment: the device the stage's timing names
-                ran = self.stages.get(f"evaluation {evaluation} / {entry}", {}).get("device", "not recorded")
-                return ([Cell.from_dict(c) for c in record["cells"]],
-                        record.get("environment") or {"device": ran, "commit": "not recorded"})
-        self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
+        key = _entry_key(config, budget, distilled)
+        record = _reusable(path, key)
+        if record is not None:
+            self._tell(f"[bench] {evaluation} / {entry}: reusing {path}")
+            # records written before entries kept their environment: the device the stage's timing names
+            ran = self.stages.get(f"evaluation {evaluation} / {entry}", {}).get("device", "not recorded")
+            return ([Cell.from_dict(c) for c in record["cells"]],
+                    record.get("environment") or {"device": ran, "commit": "not recorded"})
+        self._tell(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
         cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
             sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
             names=names))
         env = environment(self.device)
-        if self.world.is_main:
+        if world().is_main:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({**key, "environment": env, "cells": [c.to_dict() for c in cells]},
                                                indent=2))
@@ -443,6 +493,22 @@ class BenchRun:
              "computed_with": self.computed_with,
              "expectations": {n: [v.to_dict() for v in vs] for n, vs in verdicts.items()}}, indent=2))
         return path
+
+
+def _entry_key(config: EvaluationConfig, budget: int | None, distilled: DistilledSet | None) -> dict[str, Any]:
+    """What an entry's cells depend on: the evaluation's settings, the baseline's budget, the set (its creation)."""
+    return {"config": to_dict(config), "budget_bytes": budget,
+            "set": None if distilled is None else distilled.metadata.get("created")}
+
+
+def _reusable(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry record at ``path`` if it was made with ``key``'s settings (a set's cells do not depend on the
+    baselines' budget, which older records of a set's entry hold), else None."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    compared = [k for k in key if not (k == "budget_bytes" and key["set"] is not None)]
+    return record if all(record.get(k) == key[k] for k in compared) else None
 
 
 def _duration(seconds: float | None) -> str:

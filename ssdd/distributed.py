@@ -76,7 +76,7 @@ def init_from_env(device: str = "auto") -> World:
 
 def timeout_minutes() -> float:
     """How long a process waits for the others at a collective before the run fails: ``SSDD_PROCESS_TIMEOUT_MINUTES``
-    or 12 hours (``ssdd bench`` deals whole distillations to processes, and the others wait for the slowest)."""
+    or 12 hours (``ssdd bench`` has processes make whole sets alone, and the others wait for the slowest)."""
     value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_MINUTES))
     try:
         minutes = float(value)

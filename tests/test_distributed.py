@@ -141,18 +141,27 @@ def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.count("# ssdd bench: suite") == 1  # one report, printed by process 0
     assert launched.stdout.count("set paa: distilling with paa") == 1  # made by both, said by process 0
-    assert "set herding: distilling with coreset on process 0" in launched.stdout
-    assert "set dmssl: distilling with dm-ssl on process 1" in launched.stdout
+    # the queue: the two other sets and the setless `none` entry, each done by one process alone
+    for line in ("set herding: distilling with coreset on process ", "set dmssl: distilling with dm-ssl on process ",
+                 "linear / none: linear protocol, seeds [0] on process "):
+        assert launched.stdout.count(line) == 1, line
     again = launch()
     assert again.returncode == 0, again.stderr
-    for line in ("set paa: reusing", "set herding: reusing", "set dmssl: reusing"):
+    for line in ("set paa: reusing", "set herding: reusing", "set dmssl: reusing", "linear / none: reusing"):
         assert again.stdout.count(line) == 1, line
-    assert "dmssl/distilled.safetensors on process 1" in again.stdout
-    shutil.rmtree(two / "sets" / "dmssl")  # the only set to make is dealt first: to process 0, herding's reuse to 1
+    assert "on process" not in again.stdout  # nothing to make: no queue
+    shutil.rmtree(two / "sets" / "dmssl")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = two / f".queue-{socket.gethostname()}-{ended.pid}-0f"  # left by a killed run on this machine
+    elsewhere = two / ".queue-another-host-1-0f"  # may belong to a live run on another node sharing the folder
+    stale.write_text("1")
+    elsewhere.write_text("1")
     remade = launch()
     assert remade.returncode == 0, remade.stderr
-    assert "set dmssl: distilling with dm-ssl on process 0" in remade.stdout
-    assert "herding/distilled.safetensors on process 1" in remade.stdout
+    for line in ("set dmssl: distilling with dm-ssl on process ", "linear / none: reusing", "set herding: reusing"):
+        assert remade.stdout.count(line) == 1, line  # the queue held only the set: `none` was evaluated already
+    assert list(two.glob(".queue-*")) == [elsewhere]  # this run's counter and the killed run's are gone
     for name in ("herding", "dmssl"):
         made, reference = _set_tensors(two / "sets" / name), _set_tensors(serial / "sets" / name)
         assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in made), name
