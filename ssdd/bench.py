@@ -17,6 +17,7 @@ baselines' entries that need no set form a queue from which each process takes t
 steps (the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, and the remaining entries' cells
 are dealt over the processes. Process 0 writes the report; the output folder must be visible to every process (one
 machine, or a filesystem the nodes share).
+
 Separate runs with different ``--methods`` may share one folder at the same time: ``stages.json`` is changed under a
 lock, and each run's ``report.md`` covers its own part.
 """
