@@ -136,6 +136,6 @@ def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig
     env = ", ".join(f"{k} {v}" for k, v in environment.items())
     header += [f"Environment: {env}.", ""]
     md = folder / "results.md"
-    atomic_write_text(md, "\n".join(header) + markdown_tables(cells) + "\n![results](results.png)\n")
+    atomic_write_text(md, "\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
     plot(cells, folder / "results.png")
     return md
