@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from ssdd.errors import ConfigError
 from ssdd.evaluation.evaluate import Cell
 
-OPERATORS = (">=", ">")
 HOLDS, WITHIN_NOISE, FAILS = "holds", "within noise", "fails"
 _ORDERING = re.compile(r"^\s*([\w.-]+)\s*(>=|>)\s*([\w.-]+)\s*$")
 
@@ -74,11 +73,6 @@ class Verdict:
     def noise(self) -> float:
         return math.hypot(self.above.std, self.below.std)
 
-    def to_dict(self) -> dict:
-        return {"ordering": str(self.ordering), "arch": self.arch, "target": self.target, "fraction": self.fraction,
-                "left": self.above.mean, "right": self.below.mean, "difference": self.difference,
-                "noise": self.noise, "outcome": self.outcome}
-
     @property
     def outcome(self) -> str:
         if self.difference < -self.noise:
@@ -86,6 +80,11 @@ class Verdict:
         if self.ordering.op == ">=" or self.difference > self.noise:
             return HOLDS
         return WITHIN_NOISE
+
+    def to_dict(self) -> dict:
+        return {"ordering": str(self.ordering), "arch": self.arch, "target": self.target, "fraction": self.fraction,
+                "left": self.above.mean, "right": self.below.mean, "difference": self.difference,
+                "noise": self.noise, "outcome": self.outcome}
 
 
 def judge(expectation: Expectation, cells: list[Cell]) -> list[Verdict]:
