@@ -174,8 +174,9 @@ class BenchRun:
         return self.options.methods is None or name in self.options.methods
 
     def _say(self, line: str) -> None:
-        if self.world.is_main:
-            print(line)
+        """Print ``line`` from process 0, or from the process doing a queued job alone (which it names)."""
+        if world().is_main:
+            print(line + (f" on process {self.world.rank}" if self.world.size > 1 and world().size == 1 else ""))
 
     def _record(self, stage: str, seconds: float, peak: int | None) -> None:
         self.stages[stage] = {"seconds": round(seconds, 1), "peak_memory_bytes": peak,
@@ -325,11 +326,6 @@ class BenchRun:
     def _set_folder(self, name: str) -> Path:
         return self.folder / "sets" / name
 
-    def _tell(self, line: str) -> None:
-        """Print ``line`` from process 0, or from the process doing a queued job alone (which it names)."""
-        if world().is_main:
-            print(line + (f" on process {self.world.rank}" if self.world.size > 1 and world().size == 1 else ""))
-
     def distilled(self, name: str, config: DistillConfig, teacher: Teacher, progress: bool) -> DistilledSet:
         """Set ``name`` made with ``config`` (reused when its folder holds it with the same settings), with its
         ``grid.png``."""
@@ -344,9 +340,9 @@ class BenchRun:
             if made_with is not None and made_with != teacher.fingerprint:
                 raise ConfigError(f"the set {name} in {folder} was made with another teacher than the suite's "
                                   f"({made_with} vs {teacher.fingerprint}); delete the folder or use another --out")
-            self._tell(f"[bench] set {name}: reusing {folder / SET_FILE}")
+            self._say(f"[bench] set {name}: reusing {folder / SET_FILE}")
         else:
-            self._tell(f"[bench] set {name}: distilling with {config.method}")
+            self._say(f"[bench] set {name}: distilling with {config.method}")
             distilled = self._timed(f"set {name}", lambda: Distillation(
                 config, folder, resume=True, progress=progress, teacher=teacher).run())
         if current.is_main and not (folder / "grid.png").exists():
@@ -407,12 +403,12 @@ class BenchRun:
         key = _entry_key(config, budget, distilled)
         record = _reusable(path, key)
         if record is not None:
-            self._tell(f"[bench] {evaluation} / {entry}: reusing {path}")
+            self._say(f"[bench] {evaluation} / {entry}: reusing {path}")
             # records written before entries kept their environment: the device the stage's timing names
             ran = self.stages.get(f"evaluation {evaluation} / {entry}", {}).get("device", "not recorded")
             return ([Cell.from_dict(c) for c in record["cells"]],
                     record.get("environment") or {"device": ran, "commit": "not recorded"})
-        self._tell(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
+        self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
         cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
             sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
