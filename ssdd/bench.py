@@ -44,7 +44,7 @@ from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import alone, barrier, broadcast_object, gather_objects, world
 from ssdd.environment import PeakMemory, combined_environment, environment
 from ssdd.errors import ConfigError
-from ssdd.evaluation import EvaluationConfig, evaluate, write_report
+from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
@@ -410,14 +410,16 @@ class BenchRun:
                     record.get("environment") or {"device": ran, "commit": "not recorded"})
         self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
+        journal = folder / f".{entry}.jobs"  # a killed entry resumes at its first unfinished job
         cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
             sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
-            names=names))
+            names=names, journal=journal))
         env = environment(self.device)
         if world().is_main:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({**key, "environment": env, "cells": [c.to_dict() for c in cells]},
                                                indent=2))
+            clear_journal(journal)
         return cells, env
 
     def budget_points(self, sets: dict[str, DistilledSet],

@@ -189,7 +189,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssdd.device import resolve_device
     from ssdd.environment import environment
     from ssdd.distributed import init_from_env
-    from ssdd.evaluation import EvaluationConfig, evaluate, write_report
+    from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
 
     overrides: dict[str, Any] = {
         "protocol": args.protocol, "targets": _csv(args.targets), "archs": _csv(args.archs),
@@ -200,13 +200,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = resolve_config(EvaluationConfig, "evaluate", args.preset, args.config, overrides)
     current = init_from_env(config.device)  # under torchrun the cells are spread over the processes
     named = [_named_set(s) for s in args.sets]
+    journal = Path(args.out) / ".jobs"  # a killed evaluation rerun with the same arguments skips its finished jobs
     cells = evaluate([path for _, path in named], config, baselines=_csv(args.baselines) or [], teacher=args.teacher,
                      budget_bytes=args.bytes, budget_images=args.images, progress=not args.no_progress,
-                     names=[name for name, _ in named])
+                     names=[name for name, _ in named], journal=journal)
     if not current.is_main:
         return 0
     command = "ssdd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
     report = write_report(args.out, cells, config, environment(resolve_device(config.device)), command)
+    clear_journal(journal)
     print(report.read_text())
     return 0
 
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, help="budget of baselines in bytes (default: the first set's byte count)")
     p.add_argument("--preset", help=f"named preset ({', '.join(list_presets('evaluate'))})")
     p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png (and, while it runs, the journal of finished jobs that a rerun of a killed evaluation resumes from)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")

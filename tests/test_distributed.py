@@ -20,6 +20,7 @@ from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, leave, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
+from ssdd.evaluation.journal import journal_files
 from ssdd.methods import Distillation, DistillConfig
 from ssdd.methods import engine
 from ssdd.io import load_checkpoint, read_metadata
@@ -58,10 +59,11 @@ def one_thread(work, *args: object) -> Any:  # noqa: ANN001 - any callable
         torch.set_num_threads(threads)
 
 
-def tiny_evaluation(teacher: str) -> list[dict]:
+def tiny_evaluation(teacher: str, journal: Path | None = None) -> list[dict]:
     """The tiny preset's linear protocol for none and random (2 seeds: 4 jobs), cells without their timings."""
     config = resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={"device": "cpu"})
-    cells = evaluate(config=config, baselines=["none", "random"], teacher=teacher, budget_images=20, progress=False)
+    cells = evaluate(config=config, baselines=["none", "random"], teacher=teacher, budget_images=20, progress=False,
+                     journal=journal)
     return [{k: v for k, v in c.to_dict().items() if k != "seconds"} for c in cells]
 
 
@@ -252,6 +254,34 @@ def test_torchrun_evaluate_writes_the_serial_results_json_once(tiny_teacher: Pat
 
     (serial, serial_env), (two, two_env) = cells("serial"), cells("two")
     assert two == serial and two_env["processes"] == "2" and "processes" not in serial_env
+
+
+def test_torchrun_evaluate_resumes_a_serial_runs_journal_without_redoing_its_jobs(tiny_teacher: Path,
+                                                                                   tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    journal = tmp_path / "two" / ".jobs"  # where `ssdd evaluate --out two` keeps its journal
+    serial = one_thread(tiny_evaluation, str(tiny_teacher), journal)
+    (file,) = journal_files(journal)
+    header, first, *_ = file.read_text().splitlines()
+    job = json.loads(first)  # job 0: none, seed 0; its accuracies are replaced by a value no run gives
+    assert job["job"] == 0 and job["results"][0][:2] == ["none", "convnet"]
+    job["results"] = [[*r[:4], 99.0, r[5]] for r in job["results"]]
+    file.write_text(f"{header}\n{json.dumps(job)}\n")  # as if killed after its first job
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               "--master_port", str(free_port()), "-m", "ssdd", "evaluate", "--baselines",
+                               "none,random", "--teacher", str(tiny_teacher), "--images", "20", "--preset", "tiny",
+                               "--device", "cpu", "--no-progress", "--out", str(tmp_path / "two")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr
+    assert "[evaluate] resuming: 1 of 4 jobs finished before" in launched.stdout
+    record = json.loads((tmp_path / "two" / "results.json").read_text())
+    two = [{k: v for k, v in c.items() if k != "seconds"} for c in record["cells"]]
+    expected = [{**c, "accuracies": [99.0, c["accuracies"][1]]} if c["entry"] == "none" else c for c in serial]
+    assert [{k: v for k, v in c.items() if k not in ("mean", "std")} for c in two] == \
+        [{k: v for k, v in c.items() if k not in ("mean", "std")} for c in expected]
+    assert journal_files(journal) == []  # removed once results.json holds the results
 
 
 # ---- the teacher: data-parallel training ------------------------------------------------------------------------

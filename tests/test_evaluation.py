@@ -24,6 +24,7 @@ from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError, SsddError
 from ssdd.evaluation import Cell, EvaluationConfig, TrainSettings, evaluate, read_results, write_report
 from ssdd.evaluation.baselines import HighLossSettings, make_baseline
+from ssdd.evaluation.journal import clear_journal, journal_files
 from ssdd.evaluation.report import markdown_tables
 from ssdd.evaluation.training import build_student, top1, train_network
 from ssdd.probes import fit_logistic_regression, linear_probe_accuracy
@@ -345,6 +346,59 @@ def test_evaluate_builds_baselines_at_the_sets_budget(monkeypatch: pytest.Monkey
 
 def built_pair(teacher: Teacher) -> int:
     return (IMAGE_VALUES + teacher.feature_dim) * 4
+
+
+# ---- a killed evaluation resumes from its journal -----------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (pytest reserves KeyboardInterrupt for itself)."""
+
+
+def without_seconds(cells: list[Cell]) -> list[dict]:
+    return [{k: v for k, v in c.to_dict().items() if k != "seconds"} for c in cells]
+
+
+def test_a_killed_evaluation_resumes_at_its_first_unfinished_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture, teacher: Teacher,
+                                                                real20: DistilledSet) -> None:
+    config = tiny(seeds=[0, 1, 2], readout={"lbfgs_iterations": 10})
+    journal = tmp_path / ".jobs"
+
+    def run(cfg: EvaluationConfig = config) -> list[Cell]:
+        return evaluate([real20], cfg, baselines=["none"], teacher=teacher, progress=False, journal=journal)
+
+    uninterrupted = without_seconds(evaluate([real20], config, baselines=["none"], teacher=teacher, progress=False))
+    built: list[tuple[str, int]] = []
+    kill_at = [3]  # jobs: real20 seeds 0-2, then none seeds 0-2; the kill comes as job 3 starts
+    real_student = evaluate_module.Evaluator.student
+
+    def student(self, entry, distilled, arch, seed, *args):  # noqa: ANN001, ANN202 - a spy
+        if len(built) == kill_at[0]:
+            raise Killed
+        built.append((entry.name, seed))
+        return real_student(self, entry, distilled, arch, seed, *args)
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "student", student)
+    with pytest.raises(Killed):
+        run()
+    (file,) = journal_files(journal)
+    assert file.name == ".jobs-0.jsonl" and len(file.read_text().splitlines()) == 1 + 3  # settings + 3 jobs
+    with open(file, "a") as f:
+        f.write('{"job": 3, "resu')  # a line the kill cut short is dropped, not read
+    built.clear()
+    kill_at[0] = -1
+    capsys.readouterr()
+    assert without_seconds(run()) == uninterrupted
+    assert built == [("none", 0), ("none", 1), ("none", 2)]  # only the jobs left were run
+    assert "[evaluate] resuming: 3 of 6 jobs finished before" in capsys.readouterr().out
+
+    built.clear()  # other settings: the old journal is not used (and is replaced)
+    run(tiny(seeds=[0, 1], readout={"lbfgs_iterations": 10}))
+    assert built == [("real20", 0), ("real20", 1), ("none", 0), ("none", 1)]
+    assert json.loads(file.read_text().splitlines()[0])["key"]["config"]["seeds"] == [0, 1]
+    clear_journal(journal)
+    assert journal_files(journal) == []
 
 
 # ---- reports ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ssdd.config import to_dict
 from ssdd.data import load_dataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
@@ -19,6 +20,7 @@ from ssdd.distributed import gather_objects, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, HighLossSettings, make_baseline,
                                        make_labelled_baseline)
+from ssdd.evaluation.journal import Journal, Result
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
@@ -168,18 +170,20 @@ class Evaluator:
         return train_network(model, images, targets, settings, "mse", seed, self.device,
                              desc=f"pre-train {entry.name} {arch} seed {seed}", progress=self.progress)
 
-    def run(self, entries: list[_Entry], budget_bytes: int | None) -> list[Cell]:
+    def run(self, entries: list[_Entry], budget_bytes: int | None, journal: Path | None = None) -> list[Cell]:
         cfg = self.config
         readout = PROTOCOLS.get(cfg.protocol)
-        raw: dict[tuple[str, str, str, float], list[float]] = {}
-        seconds: dict[tuple[str, str, str, float], float] = {}
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
                 for s in cfg.seeds]
         current = world()
-        done = []  # (job index, key, accuracy, seconds) of this process's share of the jobs
-        mine = shard(jobs, current)
-        for index, (entry, arch, seed) in tqdm(mine, desc=f"evaluate ({cfg.protocol})", unit="cell",
-                                               disable=not (self.progress and current.is_main)):
+        record = Journal(journal, self._journal_key(entries, budget_bytes)) if journal is not None else None
+        finished = record.resume(current) if record is not None else {}
+        if finished and current.is_main:
+            print(f"[evaluate] resuming: {len(finished)} of {len(jobs)} jobs finished before ({record.stem}-*.jsonl)")
+        todo = [(index, job) for index, job in enumerate(jobs) if index not in finished]
+        done: list[tuple[int, list[Result]]] = []  # this process's share of the jobs left, with their job index
+        for _, (index, (entry, arch, seed)) in tqdm(shard(todo, current), desc=f"evaluate ({cfg.protocol})",
+                                                    unit="cell", disable=not (self.progress and current.is_main)):
             started = time.monotonic()
             distilled = entry.distilled
             if entry.baseline is not None and entry.baseline not in SETLESS:
@@ -192,21 +196,38 @@ class Evaluator:
             pixel_space, image_shape, target_dim = self._geometry(distilled)
             student = self.student(entry, distilled, arch, seed, image_shape, target_dim)
             pretrain_seconds = time.monotonic() - started
+            results: list[Result] = []
             for target_name in cfg.targets:
                 target = self.target(target_name, image_shape)
                 ctx = ReadoutContext(student, target, pixel_space, cfg.readout, seed, self.device)
                 readout_started = time.monotonic()
                 accuracies = readout(ctx)
                 cell_seconds = pretrain_seconds + time.monotonic() - readout_started
-                for fraction, accuracy in accuracies.items():
-                    done.append((index, (entry.name, arch, target_name, fraction), accuracy, cell_seconds))
-        # every process's results in job order: the same cells, seeds in the same order, as one process makes
-        for _, key, accuracy, cell_seconds in sorted((r for part in gather_objects(done, current) for r in part),
-                                                      key=lambda r: r[0]):
-            raw.setdefault(key, []).append(accuracy)
-            seconds[key] = seconds.get(key, 0.0) + cell_seconds
+                results += [(entry.name, arch, target_name, fraction, accuracy, cell_seconds)
+                            for fraction, accuracy in accuracies.items()]
+            if record is not None:
+                record.add(index, results)
+            done.append((index, results))
+        # every job's results in job order: the same cells, seeds in the same order, as one uninterrupted process makes
+        raw: dict[tuple[str, str, str, float], list[float]] = {}
+        seconds: dict[tuple[str, str, str, float], float] = {}
+        for _, results in sorted([*finished.items(), *(job for part in gather_objects(done, current) for job in part)],
+                                 key=lambda job: job[0]):
+            for name, arch, target_name, fraction, accuracy, cell_seconds in results:
+                key = (name, arch, target_name, fraction)
+                raw.setdefault(key, []).append(accuracy)
+                seconds[key] = seconds.get(key, 0.0) + cell_seconds
         return [Cell(e, cfg.protocol, a, t, f, list(cfg.seeds), accs, round(seconds[(e, a, t, f)], 1))
                 for (e, a, t, f), accs in raw.items()]
+
+    def _journal_key(self, entries: list[_Entry], budget_bytes: int | None) -> dict:
+        """What the jobs' results depend on: the settings, the entries (a set by its fingerprint), the budget and
+        the teacher."""
+        return {"config": to_dict(self.config), "budget_bytes": budget_bytes,
+                "teacher": self.teacher.fingerprint if self.teacher is not None else None,
+                "entries": [[e.name, e.baseline, None if e.distilled is None else
+                             e.distilled.metadata.get("fingerprint") or e.distilled.metadata.get("created")]
+                            for e in entries]}
 
     def _geometry(self, distilled: DistilledSet | None) -> tuple[PixelSpace, tuple[int, int, int], int]:
         if distilled is not None:
@@ -252,6 +273,7 @@ def evaluate(
     budget_images: int | None = None,
     progress: bool = True,
     names: Sequence[str | None] = (),
+    journal: str | Path | None = None,
 ) -> list[Cell]:
     """Evaluate distilled sets and baselines under one protocol; returns one :class:`Cell` per
     (entry, architecture, target, label fraction) with the accuracy of every seed.
@@ -261,6 +283,10 @@ def evaluate(
     Baselines other than ``none`` and ``teacher`` are built from the teacher's source data at the byte budget of
     the first set, or at ``budget_bytes`` / ``budget_images`` (images with teacher targets, float32; under the
     supervised protocol, class-balanced images with int64 hard labels).
+
+    With ``journal`` (a path stem), each finished (entry, architecture, seed) job is recorded in
+    ``<journal>-<rank>.jsonl`` as it finishes, and a rerun with the same settings skips the jobs recorded there;
+    remove the files with :func:`clear_journal` once the results are stored.
     """
     config = config or EvaluationConfig()
     unknown = [b for b in baselines if b not in BASELINES]
@@ -290,4 +316,4 @@ def evaluate(
     if "teacher" in baselines and teacher is None:
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]
-    return Evaluator(config, teacher, progress).run(entries, budget_bytes)
+    return Evaluator(config, teacher, progress).run(entries, budget_bytes, None if journal is None else Path(journal))
