@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, help="budget of baselines in bytes (default: the first set's byte count)")
     p.add_argument("--preset", help=f"named preset ({', '.join(list_presets('evaluate'))})")
     p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png (and, while it runs, the journal of finished jobs that a rerun of a killed evaluation resumes from)")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png (and, while it "
+                   "runs, the journal of finished jobs that a rerun of a killed evaluation resumes from)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")

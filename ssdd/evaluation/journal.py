@@ -28,7 +28,6 @@ class Journal:
         self.key = json.loads(json.dumps(key))  # as read back from a file (tuples become lists)
         self._file: Path | None = None
 
-
     def resume(self, current: World) -> dict[int, list[Result]]:
         """The results of the jobs finished before, by job index, the same on every process (the main process
         reads the files, rewrites each without a line a kill cut short, and removes those of other settings)."""
