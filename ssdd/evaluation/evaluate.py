@@ -170,16 +170,17 @@ class Evaluator:
         return train_network(model, images, targets, settings, "mse", seed, self.device,
                              desc=f"pre-train {entry.name} {arch} seed {seed}", progress=self.progress)
 
-    def run(self, entries: list[_Entry], budget_bytes: int | None, journal: Path | None = None) -> list[Cell]:
+    def run(self, entries: list[_Entry], budget_bytes: int | None, journal_stem: Path | None = None) -> list[Cell]:
         cfg = self.config
         readout = PROTOCOLS.get(cfg.protocol)
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
                 for s in cfg.seeds]
         current = world()
-        record = Journal(journal, self._journal_key(entries, budget_bytes)) if journal is not None else None
-        finished = record.resume(current) if record is not None else {}
+        journal = (Journal(journal_stem, self._journal_key(entries, budget_bytes)) if journal_stem is not None
+                   else None)
+        finished = journal.resume(current) if journal is not None else {}
         if finished and current.is_main:
-            print(f"[evaluate] resuming: {len(finished)} of {len(jobs)} jobs finished before ({record.stem}-*.jsonl)")
+            print(f"[evaluate] resuming: {len(finished)} of {len(jobs)} jobs finished before ({journal.stem}-*.jsonl)")
         todo = [(index, job) for index, job in enumerate(jobs) if index not in finished]
         done: list[tuple[int, list[Result]]] = []  # this process's share of the jobs left, with their job index
         for _, (index, (entry, arch, seed)) in tqdm(shard(todo, current), desc=f"evaluate ({cfg.protocol})",
@@ -205,8 +206,8 @@ class Evaluator:
                 cell_seconds = pretrain_seconds + time.monotonic() - readout_started
                 results += [(entry.name, arch, target_name, fraction, accuracy, cell_seconds)
                             for fraction, accuracy in accuracies.items()]
-            if record is not None:
-                record.add(index, results)
+            if journal is not None:
+                journal.add(index, results)
             done.append((index, results))
         # every job's results in job order: the same cells, seeds in the same order, as one uninterrupted process makes
         raw: dict[tuple[str, str, str, float], list[float]] = {}
