@@ -170,7 +170,8 @@ class Evaluator:
         return train_network(model, images, targets, settings, "mse", seed, self.device,
                              desc=f"pre-train {entry.name} {arch} seed {seed}", progress=self.progress)
 
-    def run(self, entries: list[_Entry], budget_bytes: int | None, journal_stem: Path | None = None) -> list[Cell]:
+    def run(self, entries: list[_Entry], budget_bytes: int | None,
+            journal_stem: str | Path | None = None) -> list[Cell]:
         cfg = self.config
         readout = PROTOCOLS.get(cfg.protocol)
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
@@ -317,4 +318,4 @@ def evaluate(
     if "teacher" in baselines and teacher is None:
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]
-    return Evaluator(config, teacher, progress).run(entries, budget_bytes, None if journal is None else Path(journal))
+    return Evaluator(config, teacher, progress).run(entries, budget_bytes, journal)
