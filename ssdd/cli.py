@@ -128,8 +128,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from ssdd.methods import Distillation
 
     overrides: dict[str, Any] = {"images": args.images, "bytes": args.bytes, "storage_dtype": args.storage_dtype}
-    if args.reproduce_released_pool:
-        overrides["settings"] = {"pool": {"reproduce_released_pool": True}}
+    if args.pool_ageing:
+        overrides["settings"] = {"pool": {"ageing": args.pool_ageing}}
     config = _distill_config(args, overrides)
     if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
         config.images, config.bytes = args.images, args.bytes
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssdd", description="Self-supervised dataset distillation.")
     parser.add_argument("--version", action="version", version=f"ssdd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
+    parser.add_argument("--precision", choices=("amp", "float32"),
+                        help="amp (default: bf16 autocast where the CPU or GPU has it natively) or float32 for every "
+                             "method and protocol, as the released code runs ($SSDD_PRECISION)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("datasets", help="list known datasets, where each is looked for, and whether it is available")
@@ -272,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of stored values")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. --set settings.steps=200 (repeatable)")
-    p.add_argument("--reproduce-released-pool", action="store_true",
-                   help="KRR-ST/PAA: never reset pool counters, as the released KRR-ST code does")
+    p.add_argument("--pool-ageing", choices=("reset", "released", "fresh"),
+                   help="KRR-ST/PAA/FRePo: how pool networks age (released: as the released KRR-ST code; "
+                        "docs/faithfulness.md)")
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("experts", help="train (or complete) the expert trajectories of mkdt / mtt")
@@ -341,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     finished = False
     try:
+        if args.precision:
+            from ssdd.device import set_precision
+
+            set_precision(args.precision)
         status = func(args)
         finished = True
         return status

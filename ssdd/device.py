@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from ssdd.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("amp", "float32")  # amp: bf16 autocast where native (the default); float32: as the released code runs
+PRECISION_VARIABLE = "SSDD_PRECISION"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,12 +41,36 @@ def bf16_native_on_cpu() -> bool:
         return False
 
 
+def precision() -> str:
+    """The process's precision (``SSDD_PRECISION``, set by ``--precision``): ``amp`` lets every ``amp`` setting
+    autocast to bf16 where that is native; ``float32`` turns every one of them off, so each method and protocol runs
+    in float32 as the released code does."""
+    value = os.environ.get(PRECISION_VARIABLE, "amp") or "amp"
+    if value not in PRECISIONS:
+        raise ConfigError(f"{PRECISION_VARIABLE}={value!r}: use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def set_precision(value: str) -> None:
+    """Set :func:`precision` for this process and the processes it starts."""
+    if value not in PRECISIONS:
+        raise ConfigError(f"unknown precision {value!r}; use one of {', '.join(PRECISIONS)}")
+    os.environ[PRECISION_VARIABLE] = value
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast (convolutions and matmuls in bf16, weights and losses in float32) on CUDA and on CPUs with
-    native bf16; a no-op elsewhere or when not ``enabled``, so results never depend on slow emulated bf16."""
-    if enabled and (device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())):
+    native bf16; a no-op elsewhere, when not ``enabled`` or under ``--precision float32``, so results never depend
+    on slow emulated bf16."""
+    native = device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())
+    if enabled and native and precision() == "amp":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a lower precision (an autocast output); float64 stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def device_batches(data: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ssdd.device import bf16_native_on_cpu
+from ssdd.device import bf16_native_on_cpu, precision
 
 
 def git_commit() -> str:
@@ -26,12 +26,13 @@ def git_commit() -> str:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's architecture, threads and whether ``amp`` runs in bf16 there (native bf16) or
-    stays float32, since the two give different numbers."""
+    stays float32, since the two give different numbers; ``--precision float32`` is named as such."""
+    forced = precision() == "float32"
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_name(device) + (" (--precision float32)" if forced else "")
     if device.type == "cpu":
-        precision = "native bf16" if bf16_native_on_cpu() else "float32"
-        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {precision})"
+        mode = "float32 (--precision float32)" if forced else "native bf16" if bf16_native_on_cpu() else "float32"
+        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {mode})"
     return f"{device.type} ({platform.machine()})"
 
 

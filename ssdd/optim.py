@@ -48,12 +48,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(name: str, modules: nn.Module | list[nn.Module], lr: float, weight_decay: float,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``sgd`` | ``lars`` | ``adamw``; one-dimensional parameters (biases, norms) are not weight-decayed."""
+                   momentum: float = 0.9, decay_1d: bool = False) -> torch.optim.Optimizer:
+    """``sgd`` | ``lars`` | ``adamw``; one-dimensional parameters (biases, norms) are weight-decayed only with
+    ``decay_1d`` (as ``torch.optim`` does given ``model.parameters()``, and the released KRR-ST and SRe2L code)."""
     modules = modules if isinstance(modules, list) else [modules]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    decay = [p for p in params if p.ndim > 1 or decay_1d]
+    no_decay = [p for p in params if p.ndim <= 1 and not decay_1d]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)

@@ -11,8 +11,10 @@ on, or an uninterrupted run -- never from the function under test.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
-from ssdd.errors import ConfigError
+from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.baselines import LABELLED_BASELINES, make_labelled_baseline
 from ssdd.evaluation.training import batch_loss, build_student
@@ -320,7 +322,8 @@ def capture_training(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     def fake(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, settings: Any, loss: str, *args: Any,
              **kwargs: Any) -> nn.Module:
-        seen.append({"images": images, "targets": targets, "loss": loss, "temperature": kwargs["temperature"]})
+        seen.append({"images": images, "targets": targets, "loss": loss, "temperature": kwargs["temperature"],
+                     "settings": settings, "labeller": kwargs.get("labeller")})
         return model.eval()
 
     monkeypatch.setattr(evaluate_module, "train_network", fake)
@@ -338,12 +341,51 @@ def test_supervised_evaluation_trains_at_the_sets_temperature(monkeypatch: pytes
     seen = capture_training(monkeypatch)
     distilled = load_distilled(scdd_run.run_dir.path / DISTILLED_FILE)
     unlabelled_temperature = DistilledSet(dict(distilled.tensors), distilled.pixel_space, "soft-label", "plain")
-    evaluate([distilled, unlabelled_temperature], tiny_evaluation(), progress=False)
+    evaluate([distilled, unlabelled_temperature], tiny_evaluation(relabel={"mode": "stored"}), progress=False)
     assert [(s["loss"], s["temperature"]) for s in seen] == [("kl", TEMPERATURE), ("kl", 3.0)]
     assert torch.equal(seen[0]["targets"], distilled.tensors["labels"])
+    assert [s["labeller"] for s in seen] == [None, None]
     seen.clear()
-    evaluate([distilled], tiny_evaluation(use_set_temperature=False), progress=False)
+    evaluate([distilled], tiny_evaluation(use_set_temperature=False, relabel={"mode": "stored"}), progress=False)
     assert [(s["loss"], s["temperature"]) for s in seen] == [("kl", 3.0)]
+
+
+def test_on_the_fly_relabelling_labels_each_batch_with_the_squeeze_model_in_train_mode(
+        monkeypatch: pytest.MonkeyPatch, scdd_run: Distillation) -> None:
+    seen = capture_training(monkeypatch)
+    distilled = load_distilled(scdd_run.run_dir.path / DISTILLED_FILE)
+    assert distilled.metadata["squeeze_model"]["file"] == "squeeze.safetensors"
+    in_memory = DistilledSet(dict(distilled.tensors), distilled.pixel_space, "soft-label", "plain")  # names none
+    evaluate([distilled, in_memory], tiny_evaluation(), progress=False)  # on-the-fly is the default
+    assert [(s["loss"], s["temperature"]) for s in seen] == [("kl", TEMPERATURE), ("kl", 3.0)]
+    first, second = seen
+    assert second["labeller"] is None and second["settings"].optimizer == "sgd"  # stored labels: nothing else
+    released = first["settings"]
+    assert (released.optimizer, released.lr, released.weight_decay, released.decay_1d, released.mixup,
+            released.augment, released.kl_t_squared) == ("adamw", 1e-3, 0.01, True, 0.8, "crop-flip", False)
+    # the labeller is the squeeze model in train mode: BatchNorm normalises with the batch's own statistics
+    squeeze = copy.deepcopy(scdd_run.method.model).train()
+    x = distilled.tensors["images"][:6].float()
+    torch.testing.assert_close(first["labeller"](x), squeeze(x).detach().float())
+    assert not torch.allclose(first["labeller"](x), scdd_run.method.model.eval()(x).float())
+
+
+def test_on_the_fly_relabelling_refuses_a_set_whose_squeeze_model_is_missing_or_another(
+        scdd_run: Distillation, tmp_path: Path) -> None:
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(scdd_run.run_dir.path / DISTILLED_FILE, alone / DISTILLED_FILE)
+    with pytest.raises(ConfigError) as info:
+        evaluate([alone / DISTILLED_FILE], tiny_evaluation(), progress=False)
+    assert one_line(info.value) == (f"set 'scdd' relabels with its squeeze model {alone / 'squeeze.safetensors'}, "
+                                    "which does not exist; copy the run folder whole, or evaluate with "
+                                    "relabel.mode: stored")
+    other = load_distilled(alone / DISTILLED_FILE)
+    other.metadata["squeeze_model"] = {**other.metadata["squeeze_model"], "fingerprint": "0" * 16}
+    shutil.copy(scdd_run.run_dir.path / "squeeze.safetensors", alone / "squeeze.safetensors")
+    other.path = alone / DISTILLED_FILE
+    with pytest.raises(ArtefactError, match="is not the squeeze model set 'scdd' was made with"):
+        evaluate([other], tiny_evaluation(), progress=False)
 
 
 def test_supervised_evaluation_trains_herding_as_a_hard_label_set(monkeypatch: pytest.MonkeyPatch, teacher: Teacher,

@@ -288,15 +288,16 @@ def test_unrolled_sgd_equals_plain_sgd_on_the_same_batches(loss: str) -> None:
     start = parameters_of(network)
     steps, batch, lr = 5, 2, 0.1
 
-    # the batch order: consecutive batches of a permutation, a new one when the next batch would run past the end
+    # the released batch order: a permutation cut into chunks of `batch` (the last one short), used from the last
+    # chunk backwards; a new permutation when none is left
     gen = make_generator(7)
-    order, used, batches = torch.randperm(5, generator=gen), 0, []
+    chunks, batches = [], []
     for _ in range(steps):
-        if used + batch > 5:
-            order, used = torch.randperm(5, generator=gen), 0
-        idx = order[used : used + batch]
+        if not chunks:
+            chunks = list(torch.randperm(5, generator=gen).split(batch))
+        idx = chunks.pop()
         batches.append((images[idx], targets[idx]))
-        used += batch
+    assert [len(x) for x, _ in batches] == [1, 2, 2, 1, 2]
     expected = sgd_by_hand(network, start, batches, lr, loss)
 
     student = unrolled_sgd(network, start, images, targets, torch.tensor(lr), steps, batch, loss, make_generator(7))
@@ -323,12 +324,12 @@ def test_the_self_supervised_unroll_equals_plain_sgd_on_the_same_views_and_repla
     start = parameters_of(network)
     steps, batch, lr = 4, 3, 0.002
     gen = make_generator(7)
-    order, used, batches = torch.randperm(5, generator=gen), 0, []
+    chunks, batches = [], []
     for _ in range(steps):
-        if used + batch > 5:
-            order, used = torch.randperm(5, generator=gen), 0
-        batches.append((images[order[used : used + batch]], two_views_by_hand(batch, gen)))
-        used += batch
+        if not chunks:
+            chunks = list(torch.randperm(5, generator=gen).split(batch))
+        idx = chunks.pop()
+        batches.append((images[idx], two_views_by_hand(idx.numel(), gen)))
     expected = ssl_sgd_by_hand(network, start, batches, lr)
 
     def unroll(x: torch.Tensor, checkpointed: bool) -> Params:

@@ -416,24 +416,32 @@ def test_the_numerical_errors_advice_can_be_followed(
 # trains the member once (counter + 1).  Counters after steps 1..5: 1..5; step 6 re-initialises.
 #   default: the counter restarts (0, then 1 after the step); steps 7-10 bring it to 5, step 11 re-initialises
 #            again, step 12 does not: 2 re-initialisations, at steps 6 and 11.
-#   reproduce_released_pool: the counter is never reset (5, 6, ...), so steps 6..12 all re-initialise: 12 - 5 = 7.
+#   ageing released: the counter is never reset (5, 6, ...), so steps 6..12 all re-initialise: 12 - 5 = 7 (after a
+#            warm start of 1..5 online steps, which brings the counter to the limit sooner: checked below).
+#   ageing fresh: every step re-initialises (12).
 POOL_ARGS = ["--set", "settings.pool.size=1", "--set", "settings.pool.online_iterations=5",
              "--set", "settings.steps=12", "--set", "settings.real_batch=8", "--set", "log_every=1",
              "--set", "monitor.every=-1", "--images", "4"]
 
 
-@pytest.mark.parametrize(("flag", "expected"), [([], [6, 11]), (["--reproduce-released-pool"], list(range(6, 13)))],
-                         ids=["default", "released"])
+@pytest.mark.parametrize("ageing", ["reset", "released", "fresh"])
 def test_pool_reinitialisations_in_a_run(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         flag: list[str], expected: list[int]) -> None:
+                                         ageing: str) -> None:
     argv = ["distill", "--method", "krr-st", "--preset", "tiny", "--teacher", str(tiny_teacher), "--out",
-            str(tmp_path), "--device", "cpu", "--no-progress", *POOL_ARGS, *flag]
+            str(tmp_path), "--device", "cpu", "--no-progress", *POOL_ARGS, "--pool-ageing", ageing]
     assert main(argv) == 0, capsys.readouterr().err
     distilled = load_distilled(tmp_path)
-    assert distilled.metadata["pool_reinitialisations"] == len(expected)
-    assert distilled.metadata["config"]["settings"]["pool"]["reproduce_released_pool"] == bool(flag)
+    assert distilled.metadata["config"]["settings"]["pool"]["ageing"] == ageing
     rows = step_rows(tmp_path)
-    assert [r["step"] for r in rows if r["reinitialised"]] == expected
+    reinitialised = [r["step"] for r in rows if r["reinitialised"]]
+    if ageing == "reset":
+        assert reinitialised == [6, 11]
+    elif ageing == "fresh":
+        assert reinitialised == list(range(1, 13)) and not any("online_loss" in r for r in rows)
+    else:  # warmed 1..5 steps: from the step where the counter reaches 5, every step re-initialises
+        first = reinitialised[0]
+        assert 1 <= first <= 6 and reinitialised == list(range(first, 13))
+    assert distilled.metadata["pool_reinitialisations"] == len(reinitialised)
     assert {r["member"] for r in rows} == {0}
 
 

@@ -1,5 +1,5 @@
-"""The model pool of KRR-ST (``ssdd.methods.pool.ModelPool``): online-step counters and re-initialisation (with and
-without the released code's never-reset counters), online training, seeding, and exact state round trips."""
+"""The model pool of KRR-ST (``ssdd.methods.pool.ModelPool``): online-step counters and re-initialisation (the ageing
+rules: ssdd's reset, the released code's warm start and never-reset counters, a fresh network every step), online training, seeding, and exact state round trips."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssdd.errors import ConfigError
 from ssdd.methods.pool import ModelPool, PoolSettings
 
 CPU = torch.device("cpu")
@@ -73,8 +74,8 @@ def test_member_is_reinitialised_after_online_iterations_and_its_counter_reset()
     assert same(weights(pool.models[0]), fresh)
 
 
-def test_reproduce_released_pool_never_resets_the_counter() -> None:
-    pool = make_pool(reproduce_released_pool=True)
+def test_released_ageing_never_resets_the_counter() -> None:
+    pool = make_pool(ageing="released")
     images, targets = batch()
     for _ in range(3):
         assert pool.reinitialise_if_due(0) is False
@@ -172,3 +173,49 @@ def test_state_dict_round_trip_reproduces_weights_counters_and_next_reinitialisa
         other.train_online(1, images, targets)
     other.reinitialise_if_due(1)
     assert params_differ(weights(other.models[1]), weights(pool.models[1]))
+
+
+def test_released_ageing_warm_starts_each_member_a_random_number_of_steps_once() -> None:
+    pool = make_pool(ageing="released", online_iterations=6)
+    initial = [weights(m) for m in pool.models]
+    images, targets = batch()
+    assert not pool.warmed
+    taken = pool.warm_start(images, targets)
+    assert pool.warmed and taken == sum(pool.counters)
+    assert all(1 <= c <= 6 for c in pool.counters)
+    assert all(params_differ(weights(m), before) for m, before in zip(pool.models, initial))
+    assert pool.warm_start(images, targets) == 0  # once only
+    restored = make_pool(ageing="released", online_iterations=6)
+    restored.load_state_dict(pool.state_dict())
+    assert restored.warmed and restored.counters == pool.counters
+
+
+def test_fresh_ageing_gives_a_new_untrained_network_every_time() -> None:
+    pool = make_pool(ageing="fresh")
+    assert not pool.trains_online and pool.warmed
+    seen = [weights(pool.models[0])]
+    for n in range(1, 4):
+        assert pool.reinitialise_if_due(0) is True
+        assert all(params_differ(weights(pool.models[0]), before) for before in seen)
+        seen.append(weights(pool.models[0]))
+    assert pool.reinitialisations == 3 and pool.counters == [0, 0]
+
+
+def test_the_online_step_weight_decays_every_parameter_unless_told_otherwise() -> None:
+    images, targets = batch()
+    for decay_1d in (True, False):
+        pool, reference = make_pool(decay_1d=decay_1d, weight_decay=0.5), make_pool(decay_1d=decay_1d, weight_decay=0.0)
+        before = weights(pool.models[0])
+        pool.train_online(0, images, targets)
+        reference.train_online(0, images, targets)
+        for name, p in pool.models[0].named_parameters():
+            undecayed = dict(reference.models[0].named_parameters())[name]
+            decayed = p.ndim > 1 or decay_1d
+            expected = undecayed - (pool.settings.lr * 0.5 * before[name] if decayed else 0)
+            torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_ageing_rule_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(ageing="sometimes")
+    assert str(info.value) == "pool.ageing must be one of reset, released, fresh, got 'sometimes'"

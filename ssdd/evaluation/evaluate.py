@@ -22,6 +22,7 @@ from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, H
                                        make_labelled_baseline)
 from ssdd.evaluation.journal import Journal, Result
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
+from ssdd.evaluation.relabel import RelabelSettings, relabels_on_the_fly, squeeze_labeller
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
 from ssdd.teachers import Teacher, load_teacher, teacher_features
@@ -44,6 +45,7 @@ class EvaluationConfig:
                                                                             batch_size=256, augment="dsa"))
     temperature: float = 4.0  # soft labels (supervised protocol), unless the set records its own
     use_set_temperature: bool = True
+    relabel: RelabelSettings = field(default_factory=RelabelSettings)  # sets that name their squeeze model
     readout: ProtocolSettings = field(default_factory=ProtocolSettings)
     high_loss: HighLossSettings = field(default_factory=HighLossSettings)
     data_root: str | None = None
@@ -116,6 +118,16 @@ class Evaluator:
         self.device = resolve_device(config.device)
         self._targets: dict[tuple[str, tuple[int, int, int]], Target] = {}
         self._source = None
+        self._labellers: dict[str, object] = {}  # entry name -> its squeeze model's labeller (on-the-fly relabel)
+
+    def check_relabelling(self, entries: list[_Entry]) -> None:
+        """Load the squeeze model of every set that relabels on the fly, so a missing one fails before training."""
+        if self.config.protocol != "supervised":
+            return
+        for entry in entries:
+            if entry.distilled is not None and relabels_on_the_fly(entry.distilled, self.config.relabel):
+                self._labellers[entry.name] = squeeze_labeller(entry.distilled, entry.name, self.config.relabel,
+                                                               self.device)
 
     def target(self, name: str, image_shape: tuple[int, int, int]) -> Target:
         key = (name, image_shape)
@@ -159,8 +171,10 @@ class Evaluator:
             temperature = cfg.temperature
             if cfg.use_set_temperature and "temperature" in distilled.metadata:
                 temperature = float(distilled.metadata["temperature"])
-            return train_network(model, images, targets, cfg.supervised, loss, seed, self.device,
-                                 temperature=temperature, desc=f"{entry.name} {arch} seed {seed}", progress=self.progress)
+            labeller = self._labellers.get(entry.name)
+            settings = cfg.relabel.train if labeller is not None else cfg.supervised
+            return train_network(model, images, targets, settings, loss, seed, self.device, temperature=temperature,
+                                 desc=f"{entry.name} {arch} seed {seed}", progress=self.progress, labeller=labeller)
         settings = cfg.pretrain
         if entry.baseline == "full" and cfg.full_epochs is not None:
             settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs, "steps": 0})
@@ -318,4 +332,6 @@ def evaluate(
     if "teacher" in baselines and teacher is None:
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]
-    return Evaluator(config, teacher, progress).run(entries, budget_bytes, journal)
+    evaluator = Evaluator(config, teacher, progress)
+    evaluator.check_relabelling(entries)
+    return evaluator.run(entries, budget_bytes, journal)

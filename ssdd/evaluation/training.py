@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ from ssdd.optim import make_optimizer, set_lr, warmup_cosine
 
 @dataclass
 class TrainSettings:
-    """One supervised or regression training run: SGD with momentum, cosine schedule, batches of ``batch_size``.
+    """One supervised or regression training run: SGD with momentum (or AdamW), cosine schedule, batches of
+    ``batch_size``.
 
     Its length is ``epochs`` passes over the data, or exactly ``steps`` optimiser steps when ``steps`` > 0 (equal
     compute for sets of different sizes; the batch order is the same as with epochs)."""
@@ -31,6 +33,10 @@ class TrainSettings:
     batch_size: int = 256
     augment: str = "none"  # none | crop-flip (4 px random crop + horizontal flip) | dsa (per-image DSA)
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of images and labels when > 0
+    cutmix: float = 0.0  # Beta(alpha, alpha) CutMix (a box pasted from another image of the batch) when > 0
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw
+    decay_1d: bool = False  # weight-decay biases and norm parameters too (torch.optim's default on all parameters)
+    kl_t_squared: bool = True  # kl: scale by T^2 (Hinton's convention); the released SRe2L / SC-DD relabel does not
     cosine: bool = True
     amp: bool = True  # bf16 autocast where native (see ssdd.device.autocast); the loss stays float32
     compile: bool = False  # torch.compile the network for its training steps (worth it for long GPU runs)
@@ -40,6 +46,10 @@ class TrainSettings:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.epochs < 0 or self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.mixup < 0 or self.cutmix < 0 or (self.mixup > 0 and self.cutmix > 0):
+            raise ConfigError("mixup and cutmix are Beta(alpha, alpha) parameters >= 0; use at most one of them")
 
 
 AUGMENTATIONS = ("none", "crop-flip", "dsa")
@@ -55,15 +65,31 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> tor
     return x
 
 
-def batch_loss(out: torch.Tensor, y: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
+def batch_loss(out: torch.Tensor, y: torch.Tensor, loss: str, temperature: float,
+               t_squared: bool = True) -> torch.Tensor:
     """``mse`` against representations, ``ce`` against hard labels (or probabilities), ``kl`` against soft-label
-    logits at ``temperature`` (scaled by T^2)."""
+    logits at ``temperature`` (scaled by T^2 unless not ``t_squared``)."""
     if loss == "mse":
         return F.mse_loss(out, y)
     if loss == "ce":
         return F.cross_entropy(out, y)
-    return F.kl_div(F.log_softmax(out / temperature, 1), F.softmax(y / temperature, 1),
-                    reduction="batchmean") * temperature**2
+    return soft_label_loss(out, F.softmax(y / temperature, 1), temperature, t_squared)
+
+
+def soft_label_loss(out: torch.Tensor, probabilities: torch.Tensor, temperature: float,
+                    t_squared: bool = True) -> torch.Tensor:
+    """KL(p || softmax(out / T)) averaged over the batch (``KLDivLoss(reduction="batchmean")``), times T^2 when
+    ``t_squared``."""
+    value = F.kl_div(F.log_softmax(out / temperature, 1), probabilities, reduction="batchmean")
+    return value * temperature**2 if t_squared else value
+
+
+def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """CutMix's box (top, bottom, left, right): sides sqrt(1 - lam) of the image's, centred uniformly, clipped."""
+    ratio = float(np.sqrt(1.0 - lam))
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    return (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width))
 
 
 def build_student(arch: str, arch_args: dict, num_outputs: int, image_shape: tuple[int, int, int], seed: int) -> Backbone:
@@ -84,18 +110,24 @@ def train_network(
     temperature: float = 1.0,
     desc: str = "training",
     progress: bool = False,
+    labeller: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Backbone:
     """Train ``model`` on normalised ``images`` with ``loss`` (see :func:`batch_loss`).
 
-    Batch order, augmentation and mixup all come from ``seed``; nothing touches the global RNG.
+    With ``labeller`` (``kl`` only), every batch's soft-label logits are ``labeller(x)`` of the batch as the
+    student sees it, after augmentation and mixing (relabelling on the fly), and ``targets`` are not used.
+    Batch order, augmentation and mixing all come from ``seed``; nothing touches the global RNG.
     """
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
-    if settings.mixup > 0 and loss == "mse":
-        raise ConfigError("mixup applies to label losses (ce, kl), not to representation regression")
+    if (settings.mixup > 0 or settings.cutmix > 0) and loss == "mse":
+        raise ConfigError("mixup and cutmix apply to label losses (ce, kl), not to representation regression")
+    if labeller is not None and loss != "kl":
+        raise ConfigError("relabelling on the fly gives soft labels: it trains with the kl loss")
     device = torch.device(device)
     model.to(device).train()
-    optimizer = make_optimizer("sgd", model, settings.lr, settings.weight_decay, settings.momentum)
+    optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.weight_decay, settings.momentum,
+                               decay_1d=settings.decay_1d)
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = -(-n // batch)  # every image once per epoch; the last batch may be smaller...
@@ -117,23 +149,20 @@ def train_network(
             x = augment_batch(x, settings.augment, gen)
             if settings.cosine:
                 set_lr(optimizer, settings.lr * warmup_cosine(step, total, 0))
-            mixing = None
-            if settings.mixup > 0:
-                lam = float(mix_rng.beta(settings.mixup, settings.mixup))
-                perm = torch.randperm(x.shape[0], generator=gen).to(device)
-                x = lam * x + (1 - lam) * x[perm]
-                mixing = (lam, perm)
+            x, mixing = mix_batch(x, settings, gen, mix_rng)
             with autocast(device, settings.amp):
                 out = forward(x).float()
-            if mixing is None:
-                value = batch_loss(out, y, loss, temperature)
+            if labeller is not None:
+                value = batch_loss(out, labeller(x), "kl", temperature, settings.kl_t_squared)
+            elif mixing is None:
+                value = batch_loss(out, y, loss, temperature, settings.kl_t_squared)
             elif loss == "ce":
                 lam, perm = mixing
                 value = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
             else:  # soft labels: mix the probabilities, then match them
                 lam, perm = mixing
                 probs = lam * F.softmax(y / temperature, 1) + (1 - lam) * F.softmax(y[perm] / temperature, 1)
-                value = F.kl_div(F.log_softmax(out / temperature, 1), probs, reduction="batchmean") * temperature**2
+                value = soft_label_loss(out, probs, temperature, settings.kl_t_squared)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -143,6 +172,23 @@ def train_network(
                      f"lower the learning rate ({settings.lr}) in the protocol's settings")
     bar.close()
     return model.eval()
+
+
+def mix_batch(x: torch.Tensor, settings: TrainSettings, gen: torch.Generator,
+              rng: np.random.Generator) -> tuple[torch.Tensor, tuple[float, torch.Tensor] | None]:
+    """The batch mixed with a permutation of itself by mixup or CutMix (as ``settings`` say), and (lam, the
+    permutation) with lam the first image's share of the pixels; (x, None) without mixing."""
+    alpha = settings.mixup or settings.cutmix
+    if alpha <= 0:
+        return x, None
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if settings.mixup > 0:
+        return lam * x + (1 - lam) * x[perm], (lam, perm)
+    top, bottom, left, right = cutmix_box(x.shape[2], x.shape[3], lam, rng)
+    x = x.clone()
+    x[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    return x, (1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3]), perm)
 
 
 @torch.no_grad()

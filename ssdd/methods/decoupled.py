@@ -8,15 +8,18 @@ Both distil in three stages, each resumable:
    supervised network of the same architecture on the labelled source.
 2. **Recover**: for each images-per-class index, one image per class is optimised from Gaussian noise with
    cross-entropy to its class + ``r_bn`` x the distance of every BatchNorm layer's batch statistics to its running
-   statistics (the first layer weighted ``first_bn_weight``: 10 for SC-DD), under random shifts of up to ``jitter``
-   pixels and flips, by Adam (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range
-   after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.  Under
+   statistics (the first layer weighted ``first_bn_weight``: 10 in both released codes), under a random shift
+   (a roll with wrap-around) of 0 .. ``jitter`` pixels in each direction (no flips on CIFAR, as released), by Adam
+   (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.  Under
    torchrun the classes are dealt to the processes: each forwards its own classes' images, the BatchNorm statistics
    are those of the whole batch (summed over the processes), the gradients are summed, and every process applies
    the same Adam step to the whole batch, so the images are the single process's and a checkpoint resumes with any
    number of processes.
-3. **Relabel**: the squeeze model's logits of the recovered images are stored as soft labels (counted in the byte
-   budget) with the ``temperature`` at which the ``supervised`` protocol matches them (KL, T^2-scaled).
+3. **Relabel**: the set stores the squeeze model's logits of the recovered images as soft labels (counted in the
+   byte budget) with the ``temperature`` to match them at, and names the squeeze model (``squeeze_model``: its file
+   in the run folder and fingerprint), so the ``supervised`` protocol can relabel as the released code does: soft
+   labels computed on the fly by the squeeze model for every augmented, mixed batch (``relabel: on-the-fly``, the
+   default), or from the stored logits (``relabel: stored``).  See :mod:`ssdd.evaluation.relabel`.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from torch import nn
 
 from ssdd.config import to_dict
 from ssdd.data.transforms import PixelSpace
-from ssdd.device import make_generator
+from ssdd.device import at_least_float32, make_generator
 from ssdd.distributed import broadcast_object, shard, sum_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
+from ssdd.io import read_metadata
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
 from ssdd.models import Backbone, create_model
@@ -63,7 +67,7 @@ class BatchNormStatistics:
 
     def _hook(self, index: int):  # noqa: ANN202 - a forward hook
         def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.inputs[index] = inputs[0].float()
+            self.inputs[index] = at_least_float32(inputs[0])
         return keep
 
     @staticmethod
@@ -82,15 +86,19 @@ class BatchNormStatistics:
         centred = x - mean.detach().view(1, -1, 1, 1)
         return mean, self._over_processes(centred.pow(2).sum(dim=(0, 2, 3))) / count
 
-    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
-        """sum_l w_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) of the last forward pass
-        (w_1 = ``first_weight``, the others 1)."""
-        total = torch.zeros(())
+    def layer_terms(self) -> list[torch.Tensor]:
+        """r_l = ||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2 of every layer in the last forward pass."""
+        terms = []
         for i, layer in enumerate(self.layers):
             mean, var = self.statistics(i)
-            term = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
-            total = total + (first_weight if i == 0 else 1.0) * term
-        return total
+            terms.append(torch.linalg.vector_norm(mean - layer.running_mean)
+                         + torch.linalg.vector_norm(var - layer.running_var))
+        return terms
+
+    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
+        """sum_l w_l r_l (:meth:`layer_terms`) with w_1 = ``first_weight`` and the others 1."""
+        terms = self.layer_terms()
+        return first_weight * terms[0] + sum(terms[1:], torch.zeros((), dtype=terms[0].dtype))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -112,14 +120,16 @@ class SqueezeSettings:
 
 @dataclass
 class RecoverSettings:
-    """Recovery and relabelling; the defaults are SRe2L's CIFAR values (SC-DD: ``lr`` 0.4, ``first_bn_weight`` 10)."""
+    """Recovery; the defaults are the released SRe2L CIFAR values (``recover_cifar.py`` and its command: lr 0.25,
+    r_bn 0.01, first BatchNorm layer x10, shifts of 0-4 px, no flips; SC-DD: lr 0.4, r_bn 0.005)."""
 
     iterations: int = 1000
     lr: float = 0.25
     r_bn: float = 0.01
-    first_bn_weight: float = 1.0
-    jitter: int = 4
-    flip: bool = True
+    first_bn_weight: float = 10.0
+    jitter: int = 4  # each iteration rolls the batch by (a, b), a and b drawn from 0 .. jitter
+    jitter_signed: bool = False  # draw a and b from -jitter .. jitter instead (ssdd's earlier choice)
+    flip: bool = False  # also flip the batch horizontally with p = 0.5 (the released ImageNet recovery does)
     temperature: float = 30.0  # of the soft labels, recorded with the set for the supervised protocol
     squeeze: SqueezeSettings = field(default_factory=SqueezeSettings)
 
@@ -130,8 +140,10 @@ class RecoverSettings:
 
 @dataclass
 class SCDDSettings(RecoverSettings):
+    """SC-DD's recovery: the released CIFAR command's lr 0.4 and r_bn 0.005 (the rest as SRe2L)."""
+
     lr: float = 0.4
-    first_bn_weight: float = 10.0
+    r_bn: float = 0.005
 
 
 class Recover(Method):
@@ -221,14 +233,12 @@ class Recover(Method):
         s = self.settings
         index, iteration = divmod(step, s.iterations)
         if iteration == 0:
-            start = make_generator(self.context.seed * 100_003 + index)
-            noise = torch.randn(self.classes, *self.image_shape, generator=start)
-            self.current = noise.to(self.context.device).requires_grad_(True)
+            self.current = self.starting_images(index).to(self.context.device).requires_grad_(True)
             self.optimizer = torch.optim.Adam([self.current], lr=s.lr, betas=(0.5, 0.9))
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * iteration / s.iterations))
         x = self.jittered(self.current)[self.own]  # this process's classes (all of them for one process)
-        out = self.model(x).float()
+        out = at_least_float32(self.model(x))
         ce = F.cross_entropy(out, self.labels[self.own], reduction="sum") / self.classes
         bn = self.statistics.loss(s.first_bn_weight)  # of the whole batch
         loss = ce + s.r_bn * bn
@@ -244,12 +254,23 @@ class Recover(Method):
             self.recovered.append(self.current.detach().clone())
         return {"loss": loss.item(), "ce": ce.item(), "bn": bn.item(), "index": index}
 
+    def starting_images(self, index: int) -> torch.Tensor:
+        """The Gaussian noise that images-per-class index ``index`` starts from (one image per class)."""
+        start = make_generator(self.context.seed * 100_003 + index)
+        return torch.randn(self.classes, *self.image_shape, generator=start)
+
+    def shift(self) -> tuple[int, int]:
+        """This iteration's jitter (a, b): rows and columns to roll the batch by."""
+        s = self.settings
+        low = -s.jitter if s.jitter_signed else 0
+        a, b = (int(v) for v in torch.randint(low, s.jitter + 1, (2,), generator=self.generator))
+        return a, b
+
     def jittered(self, x: torch.Tensor) -> torch.Tensor:
-        """A random shift of up to ``jitter`` pixels (wrapping around) and a random horizontal flip of the batch."""
+        """The batch rolled by :meth:`shift` (wrapping around) and, with ``flip``, flipped with p = 0.5."""
         s = self.settings
         if s.jitter:
-            dx, dy = (int(v) for v in torch.randint(-s.jitter, s.jitter + 1, (2,), generator=self.generator))
-            x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+            x = torch.roll(x, shifts=self.shift(), dims=(2, 3))
         if s.flip and bool(torch.rand((), generator=self.generator) < 0.5):
             x = x.flip(3)
         return x
@@ -281,10 +302,13 @@ class Recover(Method):
         with torch.no_grad():
             logits = self.model(images).float() if images.shape[0] else torch.empty(0, self.classes)
         dtype = self.budget.torch_dtype
+        metadata = {"num_classes": self.classes, "ipc": len(self.recovered), "temperature": self.settings.temperature,
+                    "labels": "the squeeze model's logits of the recovered images"}
+        squeeze = self.context.workdir / SQUEEZE_FILE if self.context.workdir is not None else None
+        if squeeze is not None and squeeze.exists():  # what on-the-fly relabelling loads, beside the set
+            metadata["squeeze_model"] = {"file": SQUEEZE_FILE, "fingerprint": read_metadata(squeeze)["fingerprint"]}
         return DistilledSet({"images": images.cpu().to(dtype), "labels": logits.cpu().to(dtype)}, self.pixel_space,
-                            "soft-label", self.name,
-                            {"num_classes": self.classes, "ipc": len(self.recovered), "temperature": self.settings.temperature,
-                             "relabel": "stored logits of the squeeze model"})
+                            "soft-label", self.name, metadata)
 
 
 @METHODS.register("sre2l")

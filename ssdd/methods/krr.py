@@ -12,6 +12,7 @@ fails (a kernel that is numerically not positive definite), the solve retries wi
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +48,41 @@ def ridge_solve(kernel: torch.Tensor, rhs: torch.Tensor, ridge: float, max_tries
     raise FloatingPointError(f"KRR: kernel matrix not positive definite even with jitter {float(jitter):.3g}")
 
 
-def krr_predict(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn: torch.Tensor,
-                ridge: float = 1e-6) -> torch.Tensor:
+class KernelRegression(NamedTuple):
+    """One kernel ridge regression: the bias-augmented features, lambda and the prediction for the real batch."""
+
+    features_syn: torch.Tensor  # F_s = [f(X_s), 1]
+    features_real: torch.Tensor  # F_t = [f(X_t), 1]
+    ridge_lambda: torch.Tensor  # ridge * trace(K_ss), detached
+    prediction: torch.Tensor  # K_ts (K_ss + lambda I)^-1 Y_s
+
+    @property
+    def kernel_syn_syn(self) -> torch.Tensor:
+        return self.features_syn @ self.features_syn.T
+
+    @property
+    def kernel_real_syn(self) -> torch.Tensor:
+        return self.features_real @ self.features_syn.T
+
+
+def krr_fit(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn: torch.Tensor,
+            ridge: float = 1e-6) -> KernelRegression:
     """Kernel ridge regression of ``targets_syn`` on the synthetic features, evaluated at the real features.
 
-    Both feature matrices get a bias column here; the solve runs in float32 at least.
+    Both feature matrices get a bias column here; the solve runs in float32 at least (float64 stays float64).
     """
     dtype = torch.promote_types(features_syn.dtype, torch.float32)
     fs = with_bias_column(features_syn.to(dtype))
     ft = with_bias_column(features_real.to(dtype))
-    alpha, _ = ridge_solve(fs @ fs.T, targets_syn.to(dtype), ridge)
-    return ft @ (fs.T @ alpha)
+    kernel = fs @ fs.T
+    alpha, _ = ridge_solve(kernel, targets_syn.to(dtype), ridge)
+    return KernelRegression(fs, ft, ridge * torch.trace(kernel).detach(), ft @ (fs.T @ alpha))
+
+
+def krr_predict(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn: torch.Tensor,
+                ridge: float = 1e-6) -> torch.Tensor:
+    """The prediction of :func:`krr_fit`."""
+    return krr_fit(features_syn, features_real, targets_syn, ridge).prediction
 
 
 def krr_outer_loss(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn: torch.Tensor,

@@ -214,6 +214,12 @@ class KernelRidgeMethod(Method):
 
     def step(self, step: int) -> dict[str, float]:
         s = self.settings
+        if not self.pool.warmed:  # the released ageing rule trains the pool on the initial set first
+            with torch.no_grad():
+                images, targets = (t.detach() for t in self.inner_set(make_generator(self.context.seed + 3)))
+            with autocast(self.context.device, s.amp):
+                warm = self.pool.warm_start(images, targets)
+            self.context.log.info(f"pool warm start (released ageing): {warm} online steps over {s.pool.size} members")
         member = int(torch.randint(0, s.pool.size, (1,), generator=self.generator))
         reinitialised = self.pool.reinitialise_if_due(member)
         network = self.pool.models[member].eval()
@@ -228,21 +234,23 @@ class KernelRidgeMethod(Method):
             real_features = network.features(real_images)
         with autocast(self.context.device, s.amp):
             syn_features = network.features(syn_images)
-        loss = krr_outer_loss(syn_features.float(), real_features.float(), syn_targets, real_targets, s.ridge)
+        loss = krr_outer_loss(syn_features, real_features, syn_targets, real_targets, s.ridge)  # float32 at least
         self.set_learning_rates(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the mean of the shares' gradients is the whole batch's: every process takes the same step
         average_gradients(list(self.learned.values()), current)
         self.optimizer.step()
-        with autocast(self.context.device, s.amp):
-            online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
         outer = mean_over_processes(loss.item(), current)
-        if math.isfinite(outer) and not math.isfinite(online):  # a non-finite outer loss is the engine's to report
-            raise FloatingPointError(f"the pool's online training loss became {online}; lower settings.pool.lr "
-                                     f"(now {s.pool.lr})")
-        return {"loss": outer, "online_loss": online, "member": member, "reinitialised": int(reinitialised),
-                **self.drift()}
+        metrics = {"loss": outer, "member": member, "reinitialised": int(reinitialised)}
+        if self.pool.trains_online:
+            with autocast(self.context.device, s.amp):
+                online = self.pool.train_online(member, syn_images.detach(), syn_targets.detach())
+            if math.isfinite(outer) and not math.isfinite(online):  # a non-finite outer loss is the engine's to report
+                raise FloatingPointError(f"the pool's online training loss became {online}; lower settings.pool.lr "
+                                         f"(now {s.pool.lr})")
+            metrics["online_loss"] = online
+        return {**metrics, **self.drift()}
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:

@@ -56,7 +56,7 @@ class MatchingSettings:
     expert_epochs: int = 2  # the target checkpoint is this many epochs after the start
     max_start_epoch: int = 2  # start epochs are drawn from 0 .. max_start_epoch - 1
     syn_steps: int = 40
-    batch_syn: int | None = None  # images per unrolled step (None: the whole set)
+    batch_syn: int | None = 256  # images per unrolled step, as released (None: the whole set)
     lr_images: float = 1000.0
     lr_targets: float = 1.0
     lr_lr: float = 1e-4
@@ -180,6 +180,10 @@ class TrajectoryMatching(Method):
     def total_steps(self) -> int:
         return self.settings.iterations
 
+    def permutation(self) -> torch.Tensor:
+        """A random order of the synthetic images, from which the unroll takes its mini-batches."""
+        return torch.randperm(self.num_images, generator=self.generator)
+
     def step(self, step: int) -> dict[str, float]:
         s, device = self.settings, self.context.device
         expert = int(torch.randint(0, len(self.experts), (1,), generator=self.generator))
@@ -187,7 +191,8 @@ class TrajectoryMatching(Method):
         start = self.experts.params(expert, start_epoch, device)
         target = self.experts.params(expert, start_epoch + s.expert_epochs, device)
         student = unrolled_sgd(self.network, start, self.images, self.targets, self.syn_lr, s.syn_steps,
-                               s.batch_syn or self.num_images, self.loss, self.generator, s.checkpointed)
+                               s.batch_syn or self.num_images, self.loss, self.generator, s.checkpointed,
+                               permutation=self.permutation)
         loss = matching_loss(student, start, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -256,9 +261,11 @@ class MKDT(TrajectoryMatching):
 
 @dataclass
 class MTTSettings(MatchingSettings):
-    """MTT's settings: those of trajectory matching, initialised from random real images of each class."""
+    """MTT's settings: those of trajectory matching, initialised from random real images of each class; each
+    unrolled step takes the whole set unless ``batch_syn`` is given (MTT's released default)."""
 
     init: str = "random"
+    batch_syn: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

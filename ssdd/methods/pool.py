@@ -1,9 +1,15 @@
 """A model pool: the networks whose features define the kernel of KRR-ST, PAA and FRePo.
 
-Each member is trained online (one SGD step per time it is chosen) on the current synthetic set and is
-re-initialised after ``online_iterations`` such steps, with its counter reset.  ``reproduce_released_pool`` keeps
-KRR-ST's released behaviour instead: the counter is never reset, so once a member has reached the limit it is
-re-initialised every time it is chosen and its kernels come from untrained networks from then on.
+Each member is trained online (one SGD step per time it is chosen, every parameter weight-decayed as in the
+released KRR-ST code) on the current synthetic set.  How members age is ``ageing``:
+
+* ``reset`` (ssdd's rule): a member is re-initialised after ``online_iterations`` online steps and its counter
+  starts over, so kernels come from networks trained 0 .. ``online_iterations`` - 1 steps, evenly.
+* ``released`` (the released KRR-ST code's rule): when the pool is built each member is trained a random
+  1 .. ``online_iterations`` steps on the initial set, and its counter is never reset, so once a member has reached
+  the limit it is re-initialised every time it is chosen and its kernels come from untrained networks from then on
+  (about 96 % of them at the paper's settings).
+* ``fresh``: a freshly initialised network every step, never trained.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.device import make_generator, seeded
+from ssdd.errors import ConfigError
 from ssdd.models import Backbone, create_model
 from ssdd.optim import make_optimizer
 
@@ -30,7 +37,15 @@ class PoolSettings:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-3
-    reproduce_released_pool: bool = False
+    decay_1d: bool = True  # weight-decay biases and norm parameters too, as the released code does
+    ageing: str = "reset"  # reset | released | fresh (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.ageing not in AGEING_RULES:
+            raise ConfigError(f"pool.ageing must be one of {', '.join(AGEING_RULES)}, got {self.ageing!r}")
+
+
+AGEING_RULES = ("reset", "released", "fresh")
 
 
 class ModelPool:
@@ -51,6 +66,7 @@ class ModelPool:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.counters = [0] * settings.size
         self.reinitialisations = 0
+        self.warmed = settings.ageing != "released"  # the released rule's warm start is still to come
         for _ in range(settings.size):
             model = self._fresh_model()
             self.models.append(model)
@@ -66,15 +82,33 @@ class ModelPool:
 
     def _optimizer(self, model: Backbone) -> torch.optim.Optimizer:
         s = self.settings
-        return make_optimizer("sgd", model, s.lr, s.weight_decay, s.momentum)
+        return make_optimizer("sgd", model, s.lr, s.weight_decay, s.momentum, decay_1d=s.decay_1d)
+
+    @property
+    def trains_online(self) -> bool:
+        """Whether chosen members take online steps (not under ``fresh``, whose networks are never reused)."""
+        return self.settings.ageing != "fresh"
+
+    def warm_start(self, images: torch.Tensor, targets: torch.Tensor) -> int:
+        """The released rule's start: train each member a random 1 .. ``online_iterations`` online steps on the
+        initial set (once; later calls do nothing).  Returns the number of online steps taken."""
+        if self.warmed:
+            return 0
+        steps = [int(torch.randint(1, self.settings.online_iterations + 1, (1,), generator=self.init_generator))
+                 for _ in self.models]
+        for index, count in enumerate(steps):
+            for _ in range(count):
+                self.train_online(index, images, targets)
+        self.warmed = True
+        return sum(steps)
 
     def reinitialise_if_due(self, index: int) -> bool:
-        """Re-initialise member ``index`` when it has had ``online_iterations`` online steps; returns whether it was."""
-        if self.counters[index] < self.settings.online_iterations:
+        """Re-initialise member ``index`` when its ageing rule says so; returns whether it was."""
+        if self.settings.ageing != "fresh" and self.counters[index] < self.settings.online_iterations:
             return False
         self.models[index] = self._fresh_model()
         self.optimizers[index] = self._optimizer(self.models[index])
-        if not self.settings.reproduce_released_pool:
+        if self.settings.ageing == "reset":
             self.counters[index] = 0
         self.reinitialisations += 1
         return True
@@ -97,6 +131,7 @@ class ModelPool:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "counters": list(self.counters),
             "reinitialisations": self.reinitialisations,
+            "warmed": self.warmed,
             "init_generator": self.init_generator.get_state(),
         }
 
@@ -107,4 +142,5 @@ class ModelPool:
             optimizer.load_state_dict(opt_state)
         self.counters = list(state["counters"])
         self.reinitialisations = int(state["reinitialisations"])
+        self.warmed = bool(state.get("warmed", True))
         self.init_generator.set_state(state["init_generator"])

@@ -10,8 +10,9 @@
   with its own initialisation and batch order and the same SGD (momentum, weight decay, constant lr) as the
   one-at-a-time path, which uses the module and ``torch.optim.SGD`` (about twice as fast on a CPU).
 * :func:`unrolled_sgd` takes ``steps`` differentiable SGD steps of a network given as a parameter dict
-  (``torch.func.functional_call`` + ``autograd.grad(create_graph=True)``), optionally checkpointing each step so
-  memory does not grow with the unroll's activations.
+  (``torch.func.functional_call`` + ``autograd.grad(create_graph=True)``) on mini-batches in the released code's
+  order (:func:`released_minibatches`), optionally checkpointing each step so memory does not grow with the
+  unroll's activations.
 * :func:`matching_loss` is MTT's normalised parameter distance.
 
 The networks must hold no running statistics (BatchNorm buffers would be updated outside the unroll): use
@@ -21,6 +22,7 @@ instance-norm (``convnet3``) or norm-free architectures, as the papers do.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +252,16 @@ def _train_vmapped(models: list[Backbone], generators: list[torch.Generator], se
     return history
 
 
+def released_minibatches(n: int, batch_size: int, permutation: Callable[[], torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Index batches in the released MTT / MKDT order: each new ``permutation()`` of 0..n-1 is split into chunks of
+    ``batch_size`` and the chunks are used from the last one backwards, so when ``n`` is not a multiple of
+    ``batch_size`` the short chunk comes first; a new permutation is drawn when none is left."""
+    while True:
+        chunks = list(torch.split(permutation(), batch_size))
+        while chunks:
+            yield chunks.pop()
+
+
 def unrolled_sgd(
     network: torch.nn.Module,
     start: Params,
@@ -261,18 +273,19 @@ def unrolled_sgd(
     loss: str,
     generator: torch.Generator,
     checkpointed: bool = False,
+    permutation: Callable[[], torch.Tensor] | None = None,
 ) -> Params:
     """``steps`` SGD steps of ``network`` from ``start`` on mini-batches of (``images``, ``targets``) with ``loss``
-    (:func:`step_loss`), every step differentiable in the images, targets, ``lr`` and ``start``.  Batches walk
-    through random permutations of the set (a new one when it is used up).  ``checkpointed`` recomputes each step's
-    activations in the backward pass instead of keeping them (less memory, one more forward per step)."""
+    (:func:`step_loss`), every step differentiable in the images, targets, ``lr`` and ``start``.  Batches come in
+    :func:`released_minibatches` order from permutations drawn from ``generator`` (or given by ``permutation``).
+    ``checkpointed`` recomputes each step's activations in the backward pass instead of keeping them (less memory,
+    one more forward per step)."""
     names = list(start)
     template = network if next(iter(network.parameters())).device.type == "meta" else copy.deepcopy(network).to("meta")
     params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in start.values()]
     n = images.shape[0]
-    batch = min(batch_size, n)
-    order = torch.randperm(n, generator=generator)
-    used = 0
+    batches = released_minibatches(n, min(batch_size, n),
+                                   permutation or (lambda: torch.randperm(n, generator=generator)))
 
     def one_step(idx: torch.Tensor, step_lr: torch.Tensor, views: Views | None,
                  *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -284,11 +297,8 @@ def unrolled_sgd(
         return tuple(p - step_lr * g for p, g in zip(current, grads))
 
     for _ in range(steps):
-        if used + batch > n:
-            order, used = torch.randperm(n, generator=generator), 0
-        idx = order[used : used + batch].to(images.device)
-        used += batch
-        views = draw_views(loss, batch, generator, images.device)
+        idx = next(batches).to(images.device)
+        views = draw_views(loss, idx.numel(), generator, images.device)
         if checkpointed:
             params = list(checkpoint(one_step, idx, lr, views, *params, use_reentrant=False))
         else:
