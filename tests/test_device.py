@@ -43,3 +43,36 @@ def test_a_cpu_result_records_whether_amp_ran_in_bf16(monkeypatch: pytest.Monkey
         monkeypatch.setattr(environment, "bf16_native_on_cpu", lambda native=native: native)
         name = environment.device_name(torch.device("cpu"))
         assert name == f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {shown})"
+
+
+# ---- precision: --precision float32 turns every amp setting off ---------------------------------------------------
+
+
+def test_float32_precision_turns_autocast_off_even_where_bf16_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd import device as device_module
+    from ssdd.environment import device_name
+
+    monkeypatch.setattr(device_module, "bf16_native_on_cpu", lambda: True)
+    monkeypatch.setenv("SSDD_PRECISION", "amp")  # restored after the test, whatever set_precision writes
+    cpu = torch.device("cpu")
+    with device_module.autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu")
+    assert "native bf16" in device_name(cpu)
+    device_module.set_precision("float32")
+    with device_module.autocast(cpu, True):
+        assert not torch.is_autocast_enabled("cpu")
+    assert device_name(cpu).endswith("float32 (--precision float32))")
+    x = torch.ones(2, dtype=torch.bfloat16)
+    assert device_module.at_least_float32(x).dtype == torch.float32
+    assert device_module.at_least_float32(x.double()).dtype == torch.float64
+
+
+def test_an_unknown_precision_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.device import precision, set_precision
+    from ssdd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^unknown precision 'half'; use one of amp, float32$"):
+        set_precision("half")
+    monkeypatch.setenv("SSDD_PRECISION", "half")
+    with pytest.raises(ConfigError, match=r"^SSDD_PRECISION='half': use one of amp, float32$"):
+        precision()

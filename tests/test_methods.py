@@ -265,14 +265,15 @@ def test_real_batches_carry_the_teachers_features_of_exactly_those_views(
         torch.testing.assert_close(features, teacher(images), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "constant"])
-def test_learning_rate_schedule(tiny_teacher: Path, schedule: str) -> None:
+@pytest.mark.parametrize(("schedule", "lr_end"), [("linear", 1e-3), ("linear", 0.0), ("constant", 1e-3)])
+def test_learning_rate_schedule(tiny_teacher: Path, schedule: str, lr_end: float) -> None:
     config = tiny_config(tiny_teacher, settings={"steps": 4, "lr_schedule": schedule, "lr_images": 0.02,
-                                                 "lr_targets": 0.04})
+                                                 "lr_targets": 0.04, "lr_end": lr_end})
     method = Distillation(config, None, progress=False).method
     for step in range(4):
         method.step(step)
-        scale = 1 - step / 4 if schedule == "linear" else 1.0  # linear: 1, 0.75, 0.5, 0.25 (0 after the last)
+        # linear: the released LinearLR(1 -> lr_end over the steps): 1, 1 - 0.25 (1 - lr_end), ...
+        scale = 1 - (1 - lr_end) * step / 4 if schedule == "linear" else 1.0
         assert [g["lr"] for g in method.optimizer.param_groups] == pytest.approx([0.02 * scale, 0.04 * scale])
 
 
@@ -443,6 +444,16 @@ def test_pool_reinitialisations_in_a_run(tiny_teacher: Path, tmp_path: Path, cap
         assert 1 <= first <= 6 and reinitialised == list(range(first, 13))
     assert distilled.metadata["pool_reinitialisations"] == len(reinitialised)
     assert {r["member"] for r in rows} == {0}
+
+
+def test_precision_float32_is_recorded_with_the_set(tiny_teacher: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSDD_PRECISION", "amp")  # restored after the test (--precision writes it)
+    argv = ["--precision", "float32", "distill", "--method", "krr-st", "--preset", "tiny", "--teacher",
+            str(tiny_teacher), "--out", str(tmp_path), "--device", "cpu", "--no-progress", *POOL_ARGS]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert load_distilled(tmp_path).metadata["environment"]["device"].endswith("float32 (--precision float32))")
 
 
 # ---- DistilledSet parameterised forms ---------------------------------------------------------------------

@@ -68,11 +68,12 @@ class PixelSpace:
         mean, std = self._stats(x)
         return x * std + mean
 
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (low, high) of valid pixels in this space, shaped (C, 1, 1)."""
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return (0 - mean) / std, (1 - mean) / std
+    def bounds(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (low, high) of valid pixels in this space, shaped (C, 1, 1), computed in float64 and
+        rounded to ``dtype``."""
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float64).view(-1, 1, 1)
+        return ((0 - mean) / std).to(dtype), ((1 - mean) / std).to(dtype)
 
     def to_dict(self) -> dict:
         return {"kind": "mean_std", "mean": list(self.mean), "std": list(self.std)}

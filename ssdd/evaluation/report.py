@@ -135,6 +135,10 @@ def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig
         header += ["```", command, "```", ""]
     env = ", ".join(f"{k} {v}" for k, v in environment.items())
     header += [f"Environment: {env}.", ""]
+    if config.protocol == "supervised":  # which labels trained the soft-label sets that name their squeeze model
+        how = ("relabelled on the fly by their squeeze model, as released" if config.relabel.mode == "on-the-fly"
+               else "trained on their stored logits")
+        header += [f"Relabel `{config.relabel.mode}`: sets that name their squeeze model are {how}.", ""]
     md = folder / "results.md"
     atomic_write_text(md, "\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
     plot(cells, folder / "results.png")

@@ -170,7 +170,7 @@ class Recover(Method):
         self.model, self.pixel_space = self.squeeze_model()
         self.model.eval().requires_grad_(False)
         self.statistics = BatchNormStatistics(self.model)
-        low, high = self.pixel_space.bounds()
+        low, high = self.pixel_space.bounds(torch.float64)  # rounded to the images' dtype where they are clipped
         self.low, self.high = low.to(context.device).view(1, -1, 1, 1), high.to(context.device).view(1, -1, 1, 1)
         self.labels = torch.arange(self.classes, device=context.device)
         self.recovered: list[torch.Tensor] = []
@@ -249,7 +249,8 @@ class Recover(Method):
         ce = sum_over_processes(ce.detach(), self.world)
         loss = ce + s.r_bn * bn
         with torch.no_grad():
-            self.current.copy_(torch.maximum(torch.minimum(self.current, self.high), self.low))
+            low, high = self.low.to(self.current.dtype), self.high.to(self.current.dtype)
+            self.current.copy_(torch.maximum(torch.minimum(self.current, high), low))
         if iteration == s.iterations - 1:
             self.recovered.append(self.current.detach().clone())
         return {"loss": loss.item(), "ce": ce.item(), "bn": bn.item(), "index": index}

@@ -49,7 +49,8 @@ class KernelRidgeSettings:
     pool: PoolSettings = field(default_factory=PoolSettings)
     lr_images: float = 1e-4
     lr_targets: float = 1e-4
-    lr_schedule: str = "linear"  # linear: decays to 0 at the last step | constant
+    lr_schedule: str = "linear"  # linear: decays to lr_end x lr at the last step | constant
+    lr_end: float = 1e-3  # the linear schedule's last multiplier (the released LinearLR's end_factor)
     ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
     real_augment: str = "crop-flip"  # crop-flip (4 px) | none | views (a random predefined view per image)
     teacher_copies: int = 8  # cached crop+flip copies of the source; 0: run the teacher on every real batch
@@ -64,6 +65,8 @@ class KernelRidgeSettings:
             raise ConfigError(f"real_augment must be one of {', '.join(REAL_AUGMENTATIONS)}, got {self.real_augment!r}")
         if self.lr_schedule not in ("linear", "constant"):
             raise ConfigError(f"lr_schedule must be linear or constant, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_end <= 1:
+            raise ConfigError(f"lr_end is a multiplier of the learning rate in [0, 1], got {self.lr_end}")
         if self.steps < 1 or self.real_batch < 1 or self.pool.size < 1 or self.teacher_copies < 0:
             raise ConfigError("steps, real_batch and pool.size must be >= 1 and teacher_copies >= 0")
 
@@ -208,7 +211,8 @@ class KernelRidgeMethod(Method):
         return self.settings.steps
 
     def set_learning_rates(self, step: int) -> None:
-        scale = 1.0 - step / self.settings.steps if self.settings.lr_schedule == "linear" else 1.0
+        s = self.settings
+        scale = 1.0 - (1.0 - s.lr_end) * step / s.steps if s.lr_schedule == "linear" else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
 

@@ -64,6 +64,7 @@ class MatchingSettings:
     init_lr: float = 0.1  # initial learnable step size
     init: str = "high-loss"  # MKDT only: high-loss | random
     checkpointed: bool = False  # recompute each unrolled step in the backward pass (memory for time)
+    clamp_step_size: bool = True  # keep the learnable step size >= 1e-6 (the released code does not clamp it)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -198,7 +199,8 @@ class TrajectoryMatching(Method):
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            self.syn_lr.clamp_(min=1e-6)  # a step size that crosses zero would train the student backwards
+            if s.clamp_step_size:  # a step size that crosses zero would train the student backwards
+                self.syn_lr.clamp_(min=1e-6)
             drift = float((self.images - self.initial_images).norm() / self.initial_images.norm().clamp_min(1e-12))
         return {"loss": loss.item(), "syn_lr": self.syn_lr.item(), "expert": expert, "start_epoch": start_epoch,
                 "drift_images": drift}
