@@ -803,3 +803,37 @@ def test_a_compiled_student_trains_like_the_eager_one() -> None:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(eager.values(),  # training moved the weights
                build_student("convnet", {"widths": [4], "norm": "batch"}, 4, (3, 8, 8), seed=0).parameters()))
+
+
+# ---- mixing a batch: mixup and CutMix ---------------------------------------------------------------------------
+
+
+def test_cutmix_pastes_one_box_from_the_permuted_batch_and_returns_the_kept_share() -> None:
+    import numpy as np
+
+    from ssdd.evaluation.training import mix_batch
+
+    x = torch.arange(4 * 1 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8)
+    settings = TrainSettings(cutmix=1.0)
+    for seed in range(20):
+        mixed, (lam, perm) = mix_batch(x, settings, torch.Generator().manual_seed(seed), np.random.default_rng(seed))
+        if torch.equal(perm, torch.arange(4)):  # every image pasted onto itself: nothing changes
+            assert torch.equal(mixed, x)
+            continue
+        pasted = mixed != x  # the values are distinct, so a pixel differs exactly where it came from another image
+        box = pasted.any(0)[0]
+        assert torch.equal(pasted, box.expand_as(pasted) & (perm != torch.arange(4)).view(4, 1, 1, 1))
+        assert torch.equal(mixed[:, :, box], x[perm][:, :, box])
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        if rows.numel():  # one rectangle, and lam is the share of the image outside it
+            assert int(box.sum()) == rows.numel() * cols.numel() == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert lam == pytest.approx(1 - int(box.sum()) / 64)
+    assert not x.equal(torch.zeros_like(x))  # the input is not changed in place
+    plain, mixing = mix_batch(x, TrainSettings(), torch.Generator(), np.random.default_rng(0))
+    assert plain is x and mixing is None
+
+
+def test_mixup_and_cutmix_together_are_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainSettings(mixup=0.8, cutmix=1.0)
+    assert str(info.value) == "mixup and cutmix are Beta(alpha, alpha) parameters >= 0; use at most one of them"
