@@ -370,6 +370,24 @@ def test_on_the_fly_relabelling_labels_each_batch_with_the_squeeze_model_in_trai
     assert not torch.allclose(first["labeller"](x), scdd_run.method.model.eval()(x).float())
 
 
+def test_relabel_settings_and_a_malformed_squeeze_model_entry_are_refused_clearly(scdd_run: Distillation,
+                                                                                 tmp_path: Path) -> None:
+    from ssdd.evaluation.relabel import RelabelSettings
+
+    with pytest.raises(ConfigError) as info:
+        RelabelSettings(mode="sometimes")
+    assert one_line(info.value) == "relabel.mode must be one of on-the-fly, stored, got 'sometimes'"
+    distilled = load_distilled(scdd_run.run_dir.path / DISTILLED_FILE)
+    distilled.metadata["squeeze_model"] = {"file": "../elsewhere/squeeze.safetensors"}
+    with pytest.raises(ArtefactError) as info:
+        evaluate([distilled], tiny_evaluation(), progress=False)
+    assert one_line(info.value) == "set 'scdd': metadata 'squeeze_model' must name a file beside the set"
+    in_memory = load_distilled(scdd_run.run_dir.path / DISTILLED_FILE)
+    in_memory.path = None
+    with pytest.raises(ConfigError, match="but it was given in memory; evaluate it from its file"):
+        evaluate([in_memory], tiny_evaluation(), progress=False)
+
+
 def test_on_the_fly_relabelling_refuses_a_set_whose_squeeze_model_is_missing_or_another(
         scdd_run: Distillation, tmp_path: Path) -> None:
     alone = tmp_path / "alone"

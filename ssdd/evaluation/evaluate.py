@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ssdd.config import to_dict
@@ -118,7 +119,8 @@ class Evaluator:
         self.device = resolve_device(config.device)
         self._targets: dict[tuple[str, tuple[int, int, int]], Target] = {}
         self._source = None
-        self._labellers: dict[str, object] = {}  # entry name -> its squeeze model's labeller (on-the-fly relabel)
+        # entry name -> its squeeze model's labeller, for the sets relabelled on the fly
+        self._labellers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def check_relabelling(self, entries: list[_Entry]) -> None:
         """Load the squeeze model of every set that relabels on the fly, so a missing one fails before training."""
