@@ -221,9 +221,11 @@ class KernelRidgeMethod(Method):
         if not self.pool.warmed:  # the released ageing rule trains the pool on the initial set first
             with torch.no_grad():
                 images, targets = (t.detach() for t in self.inner_set(make_generator(self.context.seed + 3)))
+            self.context.log.info(f"pool warm start (released ageing): up to {s.pool.online_iterations} online steps "
+                                  f"for each of the {s.pool.size} members before step 0")
             with autocast(self.context.device, s.amp):
                 warm = self.pool.warm_start(images, targets)
-            self.context.log.info(f"pool warm start (released ageing): {warm} online steps over {s.pool.size} members")
+            self.context.log.info(f"pool warm start done: {warm} online steps")
         member = int(torch.randint(0, s.pool.size, (1,), generator=self.generator))
         reinitialised = self.pool.reinitialise_if_due(member)
         network = self.pool.models[member].eval()
