@@ -122,7 +122,7 @@ class Evaluator:
         # entry name -> its squeeze model's labeller, for the sets relabelled on the fly
         self._labellers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    def check_relabelling(self, entries: list[_Entry]) -> None:
+    def load_labellers(self, entries: list[_Entry]) -> None:
         """Load the squeeze model of every set that relabels on the fly, so a missing one fails before training."""
         if self.config.protocol != "supervised":
             return
@@ -190,6 +190,7 @@ class Evaluator:
             journal_stem: str | Path | None = None) -> list[Cell]:
         cfg = self.config
         readout = PROTOCOLS.get(cfg.protocol)
+        self.load_labellers(entries)
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
                 for s in cfg.seeds]
         current = world()
@@ -334,6 +335,4 @@ def evaluate(
     if "teacher" in baselines and teacher is None:
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]
-    evaluator = Evaluator(config, teacher, progress)
-    evaluator.check_relabelling(entries)
-    return evaluator.run(entries, budget_bytes, journal)
+    return Evaluator(config, teacher, progress).run(entries, budget_bytes, journal)

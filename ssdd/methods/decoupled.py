@@ -10,7 +10,8 @@ Both distil in three stages, each resumable:
    cross-entropy to its class + ``r_bn`` x the distance of every BatchNorm layer's batch statistics to its running
    statistics (the first layer weighted ``first_bn_weight``: 10 in both released codes), under a random shift
    (a roll with wrap-around) of 0 .. ``jitter`` pixels in each direction (no flips on CIFAR, as released), by Adam
-   (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range after every step.  Each outer step of the engine is one such iteration, so a run resumes mid-index.  Under
+   (betas 0.5, 0.9) with a cosine learning rate; pixels are clipped to the valid range after every step.  Each
+   outer step of the engine is one such iteration, so a run resumes mid-index.  Under
    torchrun the classes are dealt to the processes: each forwards its own classes' images, the BatchNorm statistics
    are those of the whole batch (summed over the processes), the gradients are summed, and every process applies
    the same Adam step to the whole batch, so the images are the single process's and a checkpoint resumes with any

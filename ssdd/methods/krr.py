@@ -49,16 +49,14 @@ def ridge_solve(kernel: torch.Tensor, rhs: torch.Tensor, ridge: float, max_tries
 
 
 class KernelRegression(NamedTuple):
-    """One kernel ridge regression: the bias-augmented features, lambda and the prediction for the real batch."""
+    """One kernel ridge regression: the bias-augmented features, K_ss, lambda and the prediction for the real batch
+    (K_ts, which the prediction never forms, on demand)."""
 
     features_syn: torch.Tensor  # F_s = [f(X_s), 1]
     features_real: torch.Tensor  # F_t = [f(X_t), 1]
+    kernel_syn_syn: torch.Tensor  # K_ss = F_s F_s^T
     ridge_lambda: torch.Tensor  # ridge * trace(K_ss), detached
     prediction: torch.Tensor  # K_ts (K_ss + lambda I)^-1 Y_s
-
-    @property
-    def kernel_syn_syn(self) -> torch.Tensor:
-        return self.features_syn @ self.features_syn.T
 
     @property
     def kernel_real_syn(self) -> torch.Tensor:
@@ -76,7 +74,7 @@ def krr_fit(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn
     ft = with_bias_column(features_real.to(dtype))
     kernel = fs @ fs.T
     alpha, _ = ridge_solve(kernel, targets_syn.to(dtype), ridge)
-    return KernelRegression(fs, ft, ridge * torch.trace(kernel).detach(), ft @ (fs.T @ alpha))
+    return KernelRegression(fs, ft, kernel, ridge * torch.trace(kernel).detach(), ft @ (fs.T @ alpha))
 
 
 def krr_predict(features_syn: torch.Tensor, features_real: torch.Tensor, targets_syn: torch.Tensor,
