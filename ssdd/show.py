@@ -62,8 +62,8 @@ def save_grid(distilled: DistilledSet, path: str | Path, max_images: int = 100) 
 
 
 def save_curves(records: list[dict], path: str | Path) -> Path | None:
-    """Plot a distillation run's ``metrics.jsonl`` records: outer loss, drift from initialisation and kNN monitor
-    against the step (None when there is nothing to plot)."""
+    """Plot a distillation run's ``metrics.jsonl`` records: outer loss, drift from initialisation, kNN monitor and
+    protocol monitor against the step (None when there is nothing to plot)."""
     rows = [r for r in records if "step" in r and "loss" in r]
     if not rows:
         return None
@@ -75,7 +75,8 @@ def save_curves(records: list[dict], path: str | Path) -> Path | None:
     steps = [r["step"] for r in rows]
     drifts = sorted({k for r in rows for k in r if k.startswith("drift_")})
     knn = [(r["step"], r["knn"]) for r in records if "step" in r and r.get("knn") is not None]
-    panels = 1 + bool(drifts) + bool(knn)
+    checks = [r for r in records if "step" in r and r.get("protocol")]
+    panels = 1 + bool(drifts) + bool(knn) + bool(checks)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False)
     ax = axes[0][0]
     ax.plot(steps, [r["loss"] for r in rows])
@@ -87,9 +88,16 @@ def save_curves(records: list[dict], path: str | Path) -> Path | None:
         ax.set(xlabel="step", ylabel="||x - x0|| / ||x0||", title="distance from initialisation")
         ax.legend(fontsize=7)
     if knn:
-        ax = axes[0][-1]
+        ax = axes[0][1 + bool(drifts)]
         ax.plot(*zip(*knn), marker="o")
         ax.set(xlabel="step", ylabel="top-1 %", title="kNN monitor")
+    if checks:
+        ax = axes[0][-1]
+        for key in sorted({k for r in checks for k in r["protocol"]}):
+            points = [(r["step"], r["protocol"][key]) for r in checks if key in r["protocol"]]
+            ax.plot(*zip(*points), marker="o", label=key)
+        ax.set(xlabel="step", ylabel="top-1 %", title="protocol monitor")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -687,12 +687,37 @@ def test_a_run_folder_gets_a_plot_of_its_curves(tiny_teacher: Path, tmp_path: Pa
     assert not (tmp_path / "none.png").exists()
 
 
+def test_an_unknown_monitor_protocol_fails_before_distilling(tiny_teacher: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown evaluate preset 'linear-step-cpu'; known presets: .*linear-steps-cpu"):
+        Distillation(tiny_config(tiny_teacher, monitor={"every": 2, "protocol": "linear-step-cpu"}), tmp_path)
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_the_monitor_checks_the_initial_set_first(tiny_teacher: Path, tmp_path: Path) -> None:
     """With monitoring on, step 0 records the kNN of the initial set (the reference for later checks)."""
     run(tiny_config(tiny_teacher, monitor={"every": 2}, settings={"steps": 4}), tmp_path)
     checks = [(r["step"], r["knn"]) for r in metric_rows(tmp_path) if r.get("knn") is not None and "step" in r]
-    assert [step for step, _ in checks] == [0, 2]
+    assert [step for step, _ in checks] == [0, 2, 4]  # the initial set, a check, the final set
     assert all(0 <= knn <= 100 for _, knn in checks)
+
+
+def test_the_protocol_monitor_is_the_protocol_on_the_kept_sets(tiny_teacher: Path, tmp_path: Path) -> None:
+    """``monitor.protocol`` runs an evaluate preset at step 0 (the zero-step control), every check and the end; each
+    logged number is what ``evaluate`` gives for the set kept at that step."""
+    from ssdd.config import resolve_config
+    from ssdd.evaluation import EvaluationConfig, evaluate
+
+    monitor = {"every": 2, "protocol": "tiny", "protocol_seeds": [1], "keep_sets": True}
+    final = run(tiny_config(tiny_teacher, monitor=monitor, settings={"steps": 4}), tmp_path)
+    checks = {r["step"]: r["protocol"] for r in metric_rows(tmp_path) if r.get("protocol")}
+    assert sorted(checks) == [0, 2, 4]
+    assert final.metadata["monitor_protocol"] == checks[4]
+    config = resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={"seeds": [1], "device": "cpu"})
+    for step, logged in checks.items():
+        kept = tmp_path / "sets" / f"step-{step:06d}.safetensors"
+        cells = evaluate([kept], config, progress=False)
+        assert logged == {f"{c.arch} {c.target} {c.fraction:g}": round(c.mean, 2) for c in cells}
+    assert set(checks[0]) == {"convnet synthetic 0.1", "convnet synthetic 1"}
 
 
 @pytest.mark.parametrize(("arch", "arch_args"), [("convnet3", {"width": 4}), ("resnet10", {"width": 4}),

@@ -57,6 +57,12 @@ class MonitorSettings:
     memory_images: int = 5000
     query_images: int = 1000
     k: int = 20
+    # the real protocol as a curve: an evaluate preset (e.g. linear-steps-cpu) run on the set at every check,
+    # step 0 included (the zero-step control), on these architectures and seeds (None: the preset's)
+    protocol: str | None = None
+    protocol_archs: list[str] | None = None
+    protocol_seeds: list[int] | None = None
+    keep_sets: bool = False  # write every checked set to sets/step-<N>.safetensors (for a fuller evaluation later)
 
 
 @dataclass
@@ -142,6 +148,8 @@ class Distillation:
             raise ConfigError(f"method {config.method} does not split over processes yet; run it as one process "
                               f"(methods that do: {shared})")
         self.settings = method_settings(config.method, config.settings)
+        if config.monitor.protocol is not None:  # an unknown preset fails now, not at the first check
+            preset_dict("evaluate", config.monitor.protocol)
         self.budget = Budget(config.images, config.bytes, config.storage_dtype)
         teacher, source = resolve_inputs(config, self.device, teacher, source)
         self.teacher = teacher
@@ -174,6 +182,30 @@ class Distillation:
     def log(self, message: str) -> None:
         self.method.context.log.info(message)
 
+    def check(self, distilled: DistilledSet, step: int) -> dict[str, Any]:
+        """Every monitor of the set at ``step``: ``knn`` and, with ``monitor.protocol``, ``protocol`` (top-1 % by
+        ``<arch> <target> <fraction>``, the mean over the seeds); the set is kept under ``sets/`` if asked."""
+        m = self.config.monitor
+        checked: dict[str, Any] = {"knn": self.monitor(distilled)}
+        if m.keep_sets and self.run_dir is not None:
+            distilled.save(self.run_dir.path / "sets" / f"step-{step:06d}.safetensors")
+        if m.protocol is not None:
+            checked["protocol"] = self.protocol_check(distilled)
+        return checked
+
+    def protocol_check(self, distilled: DistilledSet) -> dict[str, float]:
+        """The monitor's protocol (an evaluate preset) run on ``distilled``: mean top-1 % per (arch, target,
+        fraction)."""
+        from ssdd.config import resolve_config
+        from ssdd.evaluation.evaluate import EvaluationConfig, evaluate
+
+        m, cfg = self.config.monitor, self.config
+        overrides = {"archs": m.protocol_archs, "seeds": m.protocol_seeds, "device": cfg.device,
+                     "data_root": cfg.data_root}
+        config = resolve_config(EvaluationConfig, "evaluate", m.protocol, None, overrides)
+        cells = evaluate([distilled], config, teacher=self.teacher, progress=False)
+        return {f"{c.arch} {c.target} {c.fraction:g}": round(c.mean, 2) for c in cells}
+
     def monitor(self, distilled: DistilledSet) -> float | None:
         """kNN top-1 (%) of a small student pre-trained on ``distilled``; None when the source has no labels."""
         m = self.config.monitor
@@ -205,9 +237,10 @@ class Distillation:
             self.log(f"resumed at step {start}")
         knn = None
         if start == 0 and cfg.monitor.every > 0 and main:  # the initial set, the reference of every later check
-            knn = self.monitor(method.distilled_set())
+            checked = self.check(method.distilled_set(), 0)
+            knn = checked["knn"]
             if self.run_dir is not None:
-                self.run_dir.metrics(step=0, knn=knn)
+                self.run_dir.metrics(step=0, **checked)
         bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
                    disable=not (self.progress and main), dynamic_ncols=True)
         started = time.monotonic() - elapsed
@@ -222,8 +255,8 @@ class Distillation:
             check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
-                knn = self.monitor(method.distilled_set())
-                metrics["knn"] = knn
+                metrics.update(self.check(method.distilled_set(), done))
+                knn = metrics["knn"]
             if self.run_dir is not None and (done % cfg.log_every == 0 or done == total or "knn" in metrics):
                 self.run_dir.metrics(step=done, seconds=round(time.monotonic() - started, 2), **metrics)
             bar.update(1)
@@ -253,7 +286,8 @@ class Distillation:
     def finish(self, seconds: float) -> DistilledSet:
         cfg = self.config
         distilled = self.method.distilled_set()
-        knn = self.monitor(distilled) if cfg.monitor.every >= 0 and self.world.is_main else None
+        checked = self.check(distilled, self.method.total_steps()) if cfg.monitor.every >= 0 and self.world.is_main else {}
+        knn = checked.get("knn")
         teacher = self.teacher
         distilled.metadata.update({
             "config": {**to_dict(cfg), "settings": to_dict(self.settings)},
@@ -265,11 +299,13 @@ class Distillation:
             "steps": self.method.total_steps(),
             "distill_seconds": round(seconds, 1),
             "monitor_knn": knn,
+            "monitor_protocol": checked.get("protocol"),
             "environment": environment(self.device),
         })
         if self.run_dir is not None:
             distilled.save(self.run_dir.path / DISTILLED_FILE)
-            self.run_dir.metrics(final=True, knn=knn, byte_count=distilled.byte_count, seconds=round(seconds, 1))
+            self.run_dir.metrics(final=True, step=self.method.total_steps(), **checked, byte_count=distilled.byte_count,
+                                 seconds=round(seconds, 1))
             save_curves(self.run_dir.read_metrics(), self.run_dir.path / "curves.png")
             self.log(f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
         return distilled
