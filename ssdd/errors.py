@@ -39,6 +39,14 @@ class ShapeError(SsddError, ValueError):
     """Tensors whose shapes do not fit together (e.g. images of the wrong size for a model)."""
 
 
+class RunFolderError(SsddError):
+    """A run folder that another ssdd process is writing, or that holds a run a command would silently replace."""
+
+
+class StorageError(SsddError):
+    """A write that failed for want of space or permission, or through a file: disk full, read-only, not a folder."""
+
+
 class ResourceError(SsddError):
     """A request that does not fit in the memory of the machine or the GPU."""
 

@@ -74,6 +74,7 @@ def save_curves(records: list[dict], path: str | Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     drifts = sorted({k for r in rows for k in r if k.startswith("drift_")})
+    records = [r if "step" in r or not r.get("final") else {**r, "step": steps[-1]} for r in records]  # the end
     knn = [(r["step"], r["knn"]) for r in records if "step" in r and r.get("knn") is not None]
     checks = [r for r in records if "step" in r and r.get("protocol")]
     panels = 1 + bool(drifts) + bool(knn) + bool(checks)

@@ -696,8 +696,8 @@ def test_an_unknown_monitor_protocol_fails_before_distilling(tiny_teacher: Path,
 def test_the_monitor_checks_the_initial_set_first(tiny_teacher: Path, tmp_path: Path) -> None:
     """With monitoring on, step 0 records the kNN of the initial set (the reference for later checks)."""
     run(tiny_config(tiny_teacher, monitor={"every": 2}, settings={"steps": 4}), tmp_path)
-    checks = [(r["step"], r["knn"]) for r in metric_rows(tmp_path) if r.get("knn") is not None and "step" in r]
-    assert [step for step, _ in checks] == [0, 2, 4]  # the initial set, a check, the final set
+    checks = [(r.get("step", "end"), r["knn"]) for r in metric_rows(tmp_path) if r.get("knn") is not None]
+    assert [step for step, _ in checks] == [0, 2, "end"]  # the initial set, a check, the final set
     assert all(0 <= knn <= 100 for _, knn in checks)
 
 
@@ -709,7 +709,7 @@ def test_the_protocol_monitor_is_the_protocol_on_the_kept_sets(tiny_teacher: Pat
 
     monitor = {"every": 2, "protocol": "tiny", "protocol_seeds": [1], "keep_sets": True}
     final = run(tiny_config(tiny_teacher, monitor=monitor, settings={"steps": 4}), tmp_path)
-    checks = {r["step"]: r["protocol"] for r in metric_rows(tmp_path) if r.get("protocol")}
+    checks = {r.get("step", 4): r["protocol"] for r in metric_rows(tmp_path) if r.get("protocol")}  # the end: 4
     assert sorted(checks) == [0, 2, 4]
     assert final.metadata["monitor_protocol"] == checks[4]
     config = resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={"seeds": [1], "device": "cpu"})

@@ -509,6 +509,26 @@ def test_stored_view_targets_start_as_the_teachers_features_of_the_viewed_images
     assert method.distilled_set().metadata["approximation_mse"] == {}
 
 
+@pytest.mark.parametrize("param", ["pca", "none"])
+def test_projected_targets_start_as_the_teachers_features_of_the_sets_own_images(
+        tiny_teacher: Path, teacher: Teacher, param: str) -> None:
+    """``target_init: projected``: every view's starting targets are the teacher's features of the set's materialised
+    images under that view (for PCA bases: the projections, not the real images they came from)."""
+    settings = {"approximation": "stored", "images": 5, "parameterization": param, "target_init": "projected"}
+    method = method_of(paa_config(tiny_teacher, settings=settings))
+    with torch.no_grad():
+        images = method.images_of()
+        identity = method.targets_of()
+    expected = teacher(images)
+    if param == "pca":  # the identity targets are coefficients of the target bases: the expected ones projected
+        bases = method.learned["target_bases"].detach()
+        expected = expected @ bases.T @ bases
+    torch.testing.assert_close(identity, expected, rtol=1e-4, atol=1e-4)
+    for j, view in enumerate(VIEWS[1:], start=1):
+        torch.testing.assert_close(method.learned["view_targets"][j - 1].detach(),
+                                   view_features(teacher, images, view), rtol=1e-4, atol=1e-4)
+
+
 # ---- 5. the stored set round trip -------------------------------------------------------------------------
 
 
@@ -657,6 +677,7 @@ def test_resume_continues_bit_identically(tiny_teacher: Path, tmp_path: Path, mo
     ({"images": 0}, "images and inner_samples must be >= 1 when given"),
     ({"inner_samples": 0}, "images and inner_samples must be >= 1 when given"),
     ({"real_augment": "blur"}, "real_augment must be one of crop-flip, none, views, got 'blur'"),
+    ({"target_init": "teacher"}, "target_init must be one of real, projected, got 'teacher'"),
     ({"basis_size": 64}, "basis_size 64 is larger than the images (32x32)"),
 ])
 def test_settings_errors(tiny_teacher: Path, settings: dict[str, Any], expected: str) -> None:

@@ -304,8 +304,7 @@ class Distillation:
         })
         if self.run_dir is not None:
             distilled.save(self.run_dir.path / DISTILLED_FILE)
-            self.run_dir.metrics(final=True, step=self.method.total_steps(), **checked, byte_count=distilled.byte_count,
-                                 seconds=round(seconds, 1))
+            self.run_dir.metrics(final=True, **checked, byte_count=distilled.byte_count, seconds=round(seconds, 1))
             save_curves(self.run_dir.read_metrics(), self.run_dir.path / "curves.png")
             self.log(f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
         return distilled

@@ -18,7 +18,9 @@ No reference code exists; every choice below is a setting, and the defaults are 
   stored as they are (no networks).
 * **Initialisation** (``init``, shared with KRR-ST): the M images (and their views' targets) start from a seeded
   random subset of the source, or with ``high-loss`` from the M images that students trained one epoch to regress
-  the teacher fit worst (MKDT's selection; ``high_loss`` sets the students; the scores are cached).
+  the teacher fit worst (MKDT's selection; ``high_loss`` sets the students; the scores are cached).  Their targets
+  (``target_init``) are the teacher's features of the real images (``real``) or of the set's own initial images
+  under each view (``projected``: exact for the PCA projections the set actually starts as).
 * **Budget**: the set stores bases, coefficients and approximation weights; M (``images``) is the largest number of
   images that fits the byte budget for the given U and V (or is given and checked), so comparisons with KRR-ST are
   at equal bytes.  The artefact records how the bytes were spent.
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("pca", "random", "none")
 APPROXIMATIONS = ("joint", "post", "stored")
+TARGET_INITS = ("real", "projected")
 
 
 @dataclass
@@ -72,6 +75,9 @@ class PAASettings(KernelRidgeSettings):
     approx_hidden: int = 64
     approx_steps: int = 500  # Adam steps of each fit of the approximation networks
     approx_lr: float = 1e-3
+    # the targets the set starts with: the teacher's features of the real images (real) or of the set's own initial
+    # images (projected: the images as the bases reconstruct them, under every view), so that every pair starts exact
+    target_init: str = "real"
     inner_samples: int | None = None  # (image, view) pairs per inner regression (None: all M x views)
     relative_lr: bool = True  # each learned tensor's lr is lr_images / lr_targets x its initial RMS
     drift_rows: int = 256  # images whose materialised image and target drift is logged every step
@@ -89,6 +95,8 @@ class PAASettings(KernelRidgeSettings):
             raise ConfigError("image_bases, target_bases, approx_hidden and pca_images must be >= 1")
         if self.basis_size is not None and self.basis_size < 1:
             raise ConfigError(f"basis_size must be >= 1 (or unset for the image size), got {self.basis_size}")
+        if self.target_init not in TARGET_INITS:
+            raise ConfigError(f"target_init must be one of {', '.join(TARGET_INITS)}, got {self.target_init!r}")
         if self.approx_steps < 0 or self.approx_lr <= 0:
             raise ConfigError("approx_steps must be >= 0 and approx_lr > 0")
         if (self.images is not None and self.images < 1) or (self.inner_samples is not None and self.inner_samples < 1):
@@ -160,7 +168,11 @@ class PAA(KernelRidgeMethod):
         else:
             view_features = teacher_features(teacher, source, views=self.views, device=device)
         chosen_features = view_features[:, chosen].float()  # (views, M, d)
-        self.init_parameterization(real, chosen_features[0])
+        self.basis_generator = make_generator(context.seed + 3)  # random bases: the image bases, then the targets'
+        self.init_images(real)
+        if s.target_init == "projected":
+            chosen_features = self.teacher_views(self.images_of().detach())
+        self.init_targets(chosen_features[0])
         self.approximation_errors: dict[str, tuple[float, float]] = {}
         k = len(self.views) - 1
         if k and s.approximation == "joint":
@@ -223,29 +235,46 @@ class PAA(KernelRidgeMethod):
 
     # ---- initialisation -----------------------------------------------------------------------------------------
 
-    def init_parameterization(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def pca_sample(self) -> torch.Tensor:
+        """The seeded random source images whose images (features) the PCA bases are fitted to."""
+        source = self.context.source
+        return select_random(min(self.settings.pca_images, len(source)), len(source), self.context.seed + 3)
+
+    def init_images(self, images: torch.Tensor) -> None:
+        """Register the learned image tensors, starting from ``images`` (normalised, (M, C, H, W))."""
         s = self.settings
         if s.parameterization == "none":
             self.learn(s.lr_images, s.relative_lr, images=images)
-            self.learn(s.lr_targets, s.relative_lr, targets=targets)
             return
         small = self.downsample(images)
         if s.parameterization == "pca":
-            source = self.context.source
-            sample = select_random(min(s.pca_images, len(source)), len(source), self.context.seed + 3)
+            sample = self.pca_sample()
             real = self.context.teacher.pixel_space.normalize(
                 self.real.images[sample.to(self.real.images.device)].float().div(255.0))
             image_bases = principal_directions(self.downsample(real).flatten(1), s.image_bases)
-            feats = teacher_features(self.context.teacher, source, device=self.context.device)
-            target_bases = principal_directions(feats[sample].float(), s.target_bases)
         else:
-            gen = make_generator(self.context.seed + 3)
-            image_bases = random_directions(small[0].numel(), s.image_bases, gen)
-            target_bases = random_directions(self.feature_dim, s.target_bases, gen)
-        image_coefficients = small.flatten(1) @ image_bases.T
-        self.learn(s.lr_images, s.relative_lr, image_coefficients=image_coefficients,
+            image_bases = random_directions(small[0].numel(), s.image_bases, self.basis_generator)
+        self.learn(s.lr_images, s.relative_lr, image_coefficients=small.flatten(1) @ image_bases.T,
                    image_bases=image_bases.view(s.image_bases, *self.basis_shape))
+
+    def init_targets(self, targets: torch.Tensor) -> None:
+        """Register the learned identity-view target tensors, starting from ``targets`` (M, d)."""
+        s = self.settings
+        if s.parameterization == "none":
+            self.learn(s.lr_targets, s.relative_lr, targets=targets)
+            return
+        if s.parameterization == "pca":
+            feats = teacher_features(self.context.teacher, self.context.source, device=self.context.device)
+            target_bases = principal_directions(feats[self.pca_sample()].float(), s.target_bases)
+        else:
+            target_bases = random_directions(self.feature_dim, s.target_bases, self.basis_generator)
         self.learn(s.lr_targets, s.relative_lr, target_coefficients=targets @ target_bases.T, target_bases=target_bases)
+
+    @torch.no_grad()
+    def teacher_views(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's features (views, M, d) of ``images`` under every view."""
+        teacher = self.context.teacher
+        return torch.stack([teacher.represent(apply_view(images, view)).to(images.device) for view in self.views])
 
     def downsample(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) == tuple(self.basis_shape[1:]):
