@@ -243,7 +243,7 @@ class KernelRidgeMethod(Method):
         loss = krr_outer_loss(syn_features, real_features, syn_targets, real_targets, s.ridge)  # float32 at least
         self.set_learning_rates(step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(inputs=list(self.learned.values()))  # the synthetic tensors only, not the member's weights
         # the mean of the shares' gradients is the whole batch's: every process takes the same step
         average_gradients(list(self.learned.values()), current)
         self.optimizer.step()
