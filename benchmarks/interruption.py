@@ -1,5 +1,6 @@
 """Interruption harness: ``ssdd teacher``, ``ssdd distill`` (every method, tiny preset) and ``ssdd bench --suite
-tiny`` killed with SIGKILL at random moments, resumed, and compared with an uninterrupted run.
+tiny`` killed with SIGKILL at random moments, resumed, and compared with an uninterrupted run; and two runs of
+``ssdd teacher`` / ``ssdd distill`` into one folder at once (:func:`contended`).
 
 A job runs in its own root folder (run folder ``out/``, its own data and cache folders, a copy of the source
 teacher in ``teacher/`` where the command needs one). A trial kills a fresh run ``--kills`` times, each time
@@ -11,6 +12,12 @@ random one of its atomic writes (a ``NAME.tmp-<pid>`` file) appears, resumes it 
 * every safetensors file holds exactly the reference's tensors (``torch.equal``) and, like every JSON file and
   ``metrics.jsonl``, the same metadata once timing, host and commit fields are dropped and the root folders'
   paths are replaced by ``<root>``.
+
+A contended trial stops a first run (SIGSTOP) as soon as it holds its run folder's lock and starts the same command
+into the same folder: the second run must be refused at once (exit 2, one line naming the first's pid) and leave
+every file as it was. The first is then killed with SIGKILL, a resumed run must take the lock the kill released and
+end with the reference's files, and the finished folder must then be refused to a run without ``--resume`` and left
+as it is by one with ``--resume``.
 
     python benchmarks/interruption.py --trials 3 --out docs/results/reliability-interruption.json
 """
@@ -43,8 +50,8 @@ POLL_SECONDS = 0.0002
 CHECKPOINT_MINUTES = 0.01
 # fields that differ between two correct runs: wall time, peak memory and time stamps ("set": a bench evaluation
 # record names its set by the set's creation time stamp), and the host, versions and commit ("environment")
-IGNORED_KEYS = frozenset({"time", "seconds", "distill_seconds", "stages", "peak_memory_bytes", "created", "set",
-                          "environment"})
+IGNORED_KEYS = frozenset({"time", "seconds", "distill_seconds", "wall_seconds", "stages", "peak_memory_bytes",
+                          "created", "set", "environment"})
 COMPARED_SUFFIXES = (".safetensors", ".json", ".jsonl", ".yaml")
 NOT_COMPARED = frozenset({"stages.json"})  # wall time and peak memory only
 
@@ -172,6 +179,12 @@ def _file_count(root: Path) -> int:
     return sum(len(names) for _, _, names in os.walk(root))
 
 
+def _spawn(argv: list[str], root: Path, output: Any) -> subprocess.Popen:
+    """``ssdd argv`` in a new process group with the environment of ``root``, its output to ``output``."""
+    return subprocess.Popen([sys.executable, "-m", "ssdd", *argv], env={**os.environ, **ssdd_dirs(root)},
+                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def run(argv: list[str], root: Path, moment: Moment | None = None, log: str = "run") -> Outcome:
     """Run ``ssdd argv`` in a new process group with the environment of ``root``, watching the temporary files
     under ``root``; kill the group with SIGKILL at ``moment`` (None: let it finish)."""
@@ -180,8 +193,7 @@ def run(argv: list[str], root: Path, moment: Moment | None = None, log: str = "r
         target = moment.target if moment is not None else ""
         landed = _scan(root, 0, target)[1]  # the finished target files before the run
         started = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", "ssdd", *argv], env={**os.environ, **ssdd_dirs(root)},
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = _spawn(argv, root, output)
         seen: set[str] = set()
         writes, pending, first_write, killed, killed_at = 0, 0, None, False, None
         mark = 0.0 if moment is not None and moment.write == 0 else None  # when the moment's write appeared
@@ -390,6 +402,67 @@ def trial(job: Job, reference: Reference, root: Path, rng: random.Random, kinds:
     return TrialResult(moments, kills, found)
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under ``folder`` but its log (which a refused run may not touch
+    either, but a resumed finished run appends to)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "run.log"}
+
+
+def _refused(root: Path, argv: list[str], log: str, expected: str) -> list[str]:
+    """Run ``ssdd argv``; the problems if it was not refused with exit 2 and one error line holding ``expected``."""
+    outcome = run(argv, root, log=log)
+    lines = (root / "logs" / f"{log}.out").read_text().strip().splitlines()
+    errors = [line for line in lines if line.startswith("ssdd: error: ")]
+    if outcome.returncode != 2 or len(errors) != 1 or expected not in errors[0] or "Traceback" in "".join(lines):
+        return [f"{log}: not refused with one line holding {expected!r} (status {outcome.returncode}; see "
+                f"{root / 'logs' / f'{log}.out'})"]
+    return []
+
+
+def _holds_lock(folder: Path, pid: int) -> bool:
+    """Whether process ``pid`` holds ``folder``'s lock (its lock file names the holder once it is held)."""
+    try:
+        return (folder / ".lock").read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
+
+
+def contended(job: Job, reference: Reference, root: Path, source_teacher: Path | None = None) -> TrialResult:
+    """Two runs of ``job`` into one folder (see the module's docstring); returns what was done and the problems."""
+    prepare(job, root, source_teacher)
+    out, found = root / "out", []
+    with open(root / "logs" / "first.out", "wb") as output:
+        first = _spawn(job.argv(root), root, output)
+        try:
+            while not _holds_lock(out, first.pid) and first.poll() is None:
+                time.sleep(POLL_SECONDS)
+            os.killpg(first.pid, signal.SIGSTOP)  # it holds the lock and writes nothing more while stopped
+            if first.poll() is not None:
+                return TrialResult(["the first run ended before it was stopped"], 0, ["the first run was not stopped"])
+            before = _snapshot(out)
+            found += _refused(root, job.argv(root), "second", f"in use by another ssdd process (pid {first.pid})")
+            if _snapshot(out) != before:
+                found.append("the refused second run changed the folder")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # kill -9: the system releases its lock
+            first.wait()
+    found += problems(root, temporaries_allowed=True)
+    resumed = run(job.argv(root, resume=True), root, log="resumed")
+    if resumed.returncode != 0:
+        return TrialResult(["second refused, first killed"], 1, found + [f"the resumed run failed (status "
+                                                                          f"{resumed.returncode})"])
+    found += problems(root) + differences(reference.root, root)
+    finished = _snapshot(out)
+    found += _refused(root, job.argv(root), "rerun", "already holds a finished run")
+    again = run(job.argv(root, resume=True), root, log="resumed-finished")
+    if again.returncode != 0 or _snapshot(out) != finished:
+        found.append(f"--resume of the finished run changed it or failed (status {again.returncode})")
+    if (out / ".lock").exists() or (out / "checkpoint.pt").exists():
+        found.append("a lock or checkpoint is left in the finished folder")
+    return TrialResult(["second refused, first killed, resumed, finished run refused and kept"], 1, found)
+
+
 def train_source_teacher(folder: Path) -> Path:
     """The tiny teacher the distillation jobs copy (trained once, uninterrupted)."""
     job = Job("source-teacher", ("teacher", "--preset", "tiny", "--device", "cpu", "--no-progress", "--out",
@@ -419,6 +492,11 @@ def benchmark(chosen: list[Job], trials: int, kills: int, seed: int, work: Path)
             record["details"].append({**asdict(result), "matched": result.matched})
             print(f"[interruption] {job.name} trial {t}: {'matched' if result.matched else 'DIFFERS'}; kills: "
                   f"{'; '.join(result.moments)}" + "".join(f"\n    {p}" for p in result.problems), flush=True)
+        if job.resume:  # bench shares its folder by design and always continues it
+            result = contended(job, reference, folder / "contended", source_teacher)
+            record["contended"] = {**asdict(result), "matched": result.matched}
+            print(f"[interruption] {job.name} contended: {'as expected' if result.matched else 'DIFFERS'}"
+                  + "".join(f"\n    {p}" for p in result.problems), flush=True)
         results[job.name] = record
     return results
 
@@ -448,13 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": " ".join(command), "environment": environment(torch.device("cpu")),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "minutes": round((time.monotonic() - started) / 60, 1), "jobs": results}
-    print("| job | trials | kills | matched |\n| --- | --- | --- | --- |")
+    print("| job | trials | kills | matched | contended run refused, kill released the lock |\n"
+          "| --- | --- | --- | --- | --- |")
     for name, record in results.items():
-        print(f"| {name} | {record['trials']} | {record['kills']} | {record['matched']} |")
+        contention = record.get("contended")
+        print(f"| {name} | {record['trials']} | {record['kills']} | {record['matched']} | "
+              f"{'-' if contention is None else 'yes' if contention['matched'] else 'NO'} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all(r["matched"] == r["trials"] for r in results.values()) else 1
+    return 0 if all(r["matched"] == r["trials"] and r.get("contended", {}).get("matched", True)
+                    for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -27,9 +27,16 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     fi
 fi
 
-# Use the project's offline datasets when they sit beside the checkout.
+# The data root: $SSDD_DATA_ROOT, else the project's offline datasets when they sit beside the checkout. It is
+# recorded in .venv/ssdd-data-root, which ssdd reads whenever SSDD_DATA_ROOT is unset (activated or not).
 if [ -z "${SSDD_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then
-    SSDD_DATA_ROOT="$(cd ../shared/data && pwd)"
+    SSDD_DATA_ROOT=../shared/data
+fi
+if [ -n "${SSDD_DATA_ROOT:-}" ]; then
+    SSDD_DATA_ROOT="$(.venv/bin/python -c 'import os, sys; print(os.path.abspath(os.path.expanduser(sys.argv[1])))' \
+        "$SSDD_DATA_ROOT")"
     export SSDD_DATA_ROOT
-    echo "[install] SSDD_DATA_ROOT=$SSDD_DATA_ROOT"
+    printf '%s\n' "$SSDD_DATA_ROOT" > .venv/ssdd-data-root
+    echo "[install] data root $SSDD_DATA_ROOT, recorded in .venv/ssdd-data-root for .venv/bin/ssdd; for another" \
+        "python add: export SSDD_DATA_ROOT=$(printf '%q' "$SSDD_DATA_ROOT")"
 fi

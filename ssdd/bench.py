@@ -49,11 +49,12 @@ from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
 from ssdd.evaluation.report import markdown_tables, plot_against_budget
-from ssdd.io import atomic_write_text, locked, process_running
+from ssdd.io import atomic_write_text, locked, make_folder, process_running
 from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import default_config, method_settings, resolved_config
-from ssdd.runs import RunDir
+from ssdd.runs import RunDir, exclusive
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
+from ssdd.text import markdown_cell
 
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
@@ -188,7 +189,7 @@ class BenchRun:
         """Write the stages this run timed into ``stages.json``, keeping what another run into the same folder (other
         ``--methods`` at the same time) wrote there meanwhile."""
         if self.world.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder)
             with locked(self.folder / ".stages.lock"):
                 on_disk = json.loads(self.stages_path.read_text()) if self.stages_path.exists() else {}
                 self.stages = {**on_disk, **{k: self.stages[k] for k in self.ran}}
@@ -205,7 +206,7 @@ class BenchRun:
         """Run (or continue) every stage, then write the report; returns the path of ``report.md``."""
         stages = 1 + sum(map(self._keep, self.suite.sets)) + len(self.suite.evaluations)  # --methods narrows the sets
         if self.world.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder)
         processes = f", {self.world.size} processes" if self.world.size > 1 else ""
         self._say(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups{processes})")
         teacher = self.teacher()
@@ -374,7 +375,7 @@ class BenchRun:
         command = _evaluate_command(folder, names, baselines, budget, self.folder)
         self.commands.append(command)
         if self.world.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder)
             atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
             if cells:
                 write_report(folder, cells, config, self.computed_with[name], command=command)
@@ -411,15 +412,15 @@ class BenchRun:
         self._say(f"[bench] {evaluation} / {entry}: {config.protocol} protocol, seeds {config.seeds}")
         sets, names, baselines = ([distilled], [entry], []) if distilled is not None else ([], [], [entry])
         journal = folder / f".{entry}.jobs"  # a killed entry resumes at its first unfinished job
-        cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
-            sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget, progress=self.options.progress,
-            names=names, journal=journal))
-        env = environment(self.device)
-        if world().is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({**key, "environment": env, "cells": [c.to_dict() for c in cells]},
-                                               indent=2))
-            clear_journal(journal)
+        with exclusive(folder / f".{entry}.lock", f"the entry {entry} of {folder}"):  # one run evaluates it at a time
+            cells = self._timed(f"evaluation {evaluation} / {entry}", lambda: evaluate(
+                sets, config, baselines=baselines, teacher=teacher, budget_bytes=budget,
+                progress=self.options.progress, names=names, journal=journal))
+            env = environment(self.device)
+            if world().is_main:
+                atomic_write_text(path, json.dumps({**key, "environment": env, "cells": [c.to_dict() for c in cells]},
+                                                   indent=2))
+                clear_journal(journal)
         return cells, env
 
     def budget_points(self, sets: dict[str, DistilledSet],
@@ -472,8 +473,8 @@ class BenchRun:
                       "![accuracy against budget](budget.png)", ""]
         if sets:
             lines += ["## Distilled sets", "", "| set | method | images | views | bytes |", "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {name} | {d.method} | {d.num_images} | {len(d.views)} | {d.byte_count:,} |"
-                      for name, d in sets.items()]
+            lines += [f"| {markdown_cell(name)} | {markdown_cell(d.method)} | {d.num_images} | {len(d.views)} | "
+                      f"{d.byte_count:,} |" for name, d in sets.items()]
             lines += [""] + [f"![{name}](sets/{name}/grid.png)" for name in sets] + [""]
         lines += [TIMING_HEADING, "",
                   "Each stage as it last ran (a resumed stage: its last part); a set's whole distillation time is the "
@@ -483,7 +484,7 @@ class BenchRun:
             peak = record.get("peak_memory_bytes")
             name = stage.removeprefix("set ")
             distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
-            lines.append(f"| {stage} | {_duration(record['seconds'])} | {_duration(distill)} | "
+            lines.append(f"| {markdown_cell(stage)} | {_duration(record['seconds'])} | {_duration(distill)} | "
                          f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} | {record['device']} |")
         atomic_write_text(path, "\n".join(lines) + "\n")
         atomic_write_text(self.folder / "report.json", json.dumps(

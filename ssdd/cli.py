@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ssdd import __version__
 from ssdd.errors import ConfigError, ResourceError, SsddError
+from ssdd.text import terminal_safe
+from ssdd.values import FRACTION, POSITIVE, POSITIVE_INT, SEED, Range
 
 
 def _add_run_options(parser: argparse.ArgumentParser, group: str) -> None:
@@ -25,16 +29,24 @@ def _add_run_options(parser: argparse.ArgumentParser, group: str) -> None:
     parser.add_argument("--preset", help=f"named preset ({presets})")
     parser.add_argument("--config", help="YAML file of settings (overrides the preset)")
     parser.add_argument("--out", required=True, help="run folder (artefact, config, log, metrics, checkpoint)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=SEED.argument, help=f"seed of every random choice ({SEED.describe()})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--data-root", help="where datasets are looked for (default: $SSDD_DATA_ROOT or ~/.cache/ssdd)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--data-root", help="where datasets are looked for (default: $SSDD_DATA_ROOT, else the path "
+                        "the installer wrote into .venv/ssdd-data-root, else ~/.cache/ssdd)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                        "(a finished run is kept as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out: its artefact, "
+                        "checkpoint, log and metrics are removed and the run starts afresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from ssdd.data import data_root, dataset_status
+    from ssdd.data import DATASETS, data_root, dataset_status
+    from ssdd.data.download import download_dataset
 
+    specs = [DATASETS.get(name) for name in _csv(args.download) or []]  # every name checked before any download
+    for spec in specs:
+        download_dataset(spec, data_root(args.data_root))
     print(f"data root: {data_root(args.data_root)}")
     for row in dataset_status(args.data_root):
         mark = "available" if row["available"] else "missing"
@@ -45,7 +57,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
             for place in row["looked_in"]:
                 print(f"{'':<14} looked for {place}")
             if row["downloadable"]:
-                print(f"{'':<14} (can be fetched with --download)")
+                print(f"{'':<14} (fetch it with: ssdd datasets --download {row['name']})")
     print("imagefolder:PATH  your own images: PATH/{train,test}/<class>/<images>, or PATH/<class>/<images>, or an archive")
     return 0
 
@@ -65,6 +77,7 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     from ssdd.distributed import init_from_env
     from ssdd.io import read_metadata
     from ssdd.teachers import TeacherConfig, train_teacher
+    from ssdd.teachers.artefact import TEACHER_FILE
 
     overrides: dict[str, Any] = {
         "dataset": args.dataset, "ssl": args.ssl, "arch": args.arch, "epochs": args.epochs,
@@ -73,12 +86,15 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     }
     config = resolve_config(TeacherConfig, "teacher", args.preset, args.config, overrides)
     current = init_from_env(config.device)  # under torchrun: data-parallel over the processes
-    path = train_teacher(config, args.out, resume=args.resume, progress=not args.no_progress)
+    finished = args.resume and (Path(args.out) / TEACHER_FILE).exists()
+    path = train_teacher(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if not current.is_main:
         return 0
     meta = read_metadata(path)
     probe = meta.get("linear_probe_top1")
-    print(f"teacher written to {path}")
+    wall = time.monotonic() - args.started
+    print(f"the run was finished already; its teacher is {path}" if finished else
+          f"teacher written to {path} ({wall:.1f} s wall time; log: {path.parent / 'run.log'})")
     print(f"  {meta['ssl']['method']} {meta['architecture']['name']}, {meta['epochs_trained']} epochs, "
           f"feature dim {meta['feature_dim']}, kNN top-1 {meta.get('knn_top1')}, "
           f"linear probe top-1 {'-' if probe is None else f'{probe:.2f}%'}")
@@ -88,6 +104,8 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
     """``--set a.b=value`` pairs as a nested dict (values read as YAML: numbers, booleans, lists)."""
     import yaml
+
+    from ssdd.config import safe_load_yaml
 
     out: dict[str, Any] = {}
     for assignment in assignments:
@@ -101,9 +119,9 @@ def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
                 node[part] = {}
             node = node[part]
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = safe_load_yaml(value, f"--set {key.strip()}")
         except yaml.YAMLError:
-            raise ConfigError(f"--set {assignment!r}: cannot read {value!r}") from None
+            raise ConfigError(f"--set {key.strip()}: cannot read {value[:40]!r} as a value") from None
     return out
 
 
@@ -111,10 +129,15 @@ def _distill_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The DistillConfig of ``ssdd distill`` / ``ssdd experts``: preset (``NAME`` or ``METHOD/NAME``) < --config <
     the command line's options < --set."""
     from ssdd.config import deep_update, list_presets, resolve_config
-    from ssdd.methods import DistillConfig
+    from ssdd.methods import METHODS, DistillConfig
 
+    if args.method is not None:
+        METHODS.get(args.method)  # an unknown method is named as such, with the close ones, before any preset
     preset = args.preset
     if preset and "/" not in preset and args.method and preset not in list_presets("distill"):
+        own = [p.partition("/")[2] for p in list_presets("distill") if p.startswith(f"{args.method}/")]
+        if preset not in own:
+            raise ConfigError(f"method {args.method} has no preset {preset!r}; its presets: {', '.join(own) or 'none'}")
         preset = f"{args.method}/{preset}"
     merged: dict[str, Any] = {"method": args.method, "teacher": args.teacher, "dataset": args.dataset,
                               "seed": args.seed, "device": args.device, "data_root": args.data_root}
@@ -134,12 +157,16 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
         config.images, config.bytes = args.images, args.bytes
     current = init_from_env(config.device)  # under torchrun: each step's real batch shared by the processes
-    distilled = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress).run()
+    run = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    distilled = run.run()
     if not current.is_main:
         return 0
-    print(f"distilled set written to {distilled.path}")
+    print(f"the run was finished already; its set is {distilled.path}" if run.finished else
+          f"distilled set written to {distilled.path} (log: {distilled.path.parent / 'run.log'})")
     print(f"  {distilled.method}: {distilled.num_images} images, {distilled.byte_count:,} bytes, "
-          f"{distilled.metadata['distill_seconds']} s, monitor kNN {distilled.metadata.get('monitor_knn')}")
+          f"{distilled.metadata['distill_seconds']} s in the outer loop"
+          + ("" if run.finished else f", {time.monotonic() - args.started:.1f} s wall time (setup and checks included)")
+          + f", monitor kNN {distilled.metadata.get('monitor_knn')}")
     return 0
 
 
@@ -167,13 +194,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
-    if text is None:
-        return None
-    try:
-        return [cast(item.strip()) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _named_set(argument: str) -> tuple[str | None, str]:
@@ -190,37 +212,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssdd.environment import environment
     from ssdd.distributed import init_from_env
     from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
+    from ssdd.runs import folder_lock
 
     overrides: dict[str, Any] = {
         "protocol": args.protocol, "targets": _csv(args.targets), "archs": _csv(args.archs),
-        "seeds": _csv(args.seeds, int), "device": args.device, "data_root": args.data_root,
+        "seeds": args.seeds, "device": args.device, "data_root": args.data_root,
     }
     if args.fractions is not None:
-        overrides["readout"] = {"fractions": _csv(args.fractions, float)}
+        overrides["readout"] = {"fractions": args.fractions}
     config = resolve_config(EvaluationConfig, "evaluate", args.preset, args.config, overrides)
     current = init_from_env(config.device)  # under torchrun the cells are spread over the processes
     named = [_named_set(s) for s in args.sets]
     journal = Path(args.out) / ".jobs"  # a killed evaluation rerun with the same arguments skips its finished jobs
-    cells = evaluate([path for _, path in named], config, baselines=_csv(args.baselines) or [], teacher=args.teacher,
-                     budget_bytes=args.bytes, budget_images=args.images, progress=not args.no_progress,
-                     names=[name for name, _ in named], journal=journal)
-    if not current.is_main:
-        return 0
-    command = "ssdd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
-    report = write_report(args.out, cells, config, environment(resolve_device(config.device)), command)
-    clear_journal(journal)
+    with folder_lock(args.out, current):  # one evaluation at a time writes --out
+        cells = evaluate([path for _, path in named], config, baselines=_csv(args.baselines) or [],
+                         teacher=args.teacher, budget_bytes=args.bytes, budget_images=args.images,
+                         progress=not args.no_progress, names=[name for name, _ in named], journal=journal)
+        if not current.is_main:
+            return 0
+        command = "ssdd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
+        report = write_report(args.out, cells, config, environment(resolve_device(config.device)), command)
+        clear_journal(journal)
     print(report.read_text())
+    print(f"results written to {report.with_suffix('.json')}, {report} and {report.with_suffix('.png')}")
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from ssdd.distilled import load_distilled
+    from ssdd.distilled import DISTILLED_FILE, load_distilled
+    from ssdd.io import writable
+    from ssdd.runs import is_run_folder
     from ssdd.show import describe, save_grid
 
     distilled = load_distilled(args.set)
     print(describe(distilled))
-    grid = Path(args.grid) if args.grid else distilled.path.with_name("grid.png")
-    print(f"grid:         {save_grid(distilled, grid, args.max_images)}")
+    folder = distilled.path.parent
+    if args.grid:
+        print(f"grid:         {save_grid(distilled, Path(args.grid), args.max_images)}")
+    elif distilled.path.name == DISTILLED_FILE and is_run_folder(folder) and writable(folder):
+        print(f"grid:         {save_grid(distilled, folder / 'grid.png', args.max_images)}")
+    else:  # never beside someone else's set, nor into a folder it cannot write
+        print(f"grid:         not written ({folder} is not a writable ssdd run folder); render one with --grid PATH")
     return 0
 
 
@@ -231,12 +263,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     init_from_env(args.device or "auto")  # under torchrun: sets and evaluation cells dealt over the processes
     run_suite(args.suite, args.out, data_root=args.data_root, device=args.device or "auto",
               progress=not args.no_progress, methods=_csv(args.methods), targets=_csv(args.targets),
-              seeds=_csv(args.seeds, int))
+              seeds=args.seeds)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ssdd.config import list_presets
+    from ssdd.methods import list_methods
 
     parser = argparse.ArgumentParser(prog="ssdd", description="Self-supervised dataset distillation.")
     parser.add_argument("--version", action="version", version=f"ssdd {__version__}")
@@ -248,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list known datasets, where each is looked for, and whether it is available")
     p.add_argument("--data-root")
+    p.add_argument("--download", metavar="NAMES", help="first fetch these datasets' official files (comma list, e.g. "
+                   "cifar10,mnist) into the data root, each checked against its published MD5")
     p.set_defaults(func=_cmd_datasets)
 
     p = sub.add_parser("models", help="list the model zoo and each model's options")
@@ -258,20 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="source dataset (e.g. cifar10, imagefolder:PATH)")
     p.add_argument("--ssl", choices=("barlow-twins", "simclr"))
     p.add_argument("--arch", help="backbone from `ssdd models`")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=POSITIVE_INT.argument)
+    p.add_argument("--batch-size", type=Range(2, integer=True).argument)
+    p.add_argument("--lr", type=POSITIVE.argument)
     p.add_argument("--optimizer", choices=("lars", "sgd", "adamw"))
-    p.add_argument("--train-images", type=int, help="train on this many images (a seeded subset)")
+    p.add_argument("--train-images", type=POSITIVE_INT.argument, help="train on this many images (a seeded subset)")
     p.set_defaults(func=_cmd_teacher)
 
     p = sub.add_parser("distill", help="distil a source dataset with a method into a DistilledSet")
     _add_run_options(p, "distill")
-    p.add_argument("--method", help="distillation method (see ssdd.methods.list_methods())")
+    p.add_argument("--method", help=f"distillation method: {', '.join(list_methods())}")
     p.add_argument("--teacher", help="teacher artefact (file or run folder)")
     p.add_argument("--dataset", help="source dataset (default: the teacher's)")
-    p.add_argument("--images", type=int, help="budget: this many images (with their targets)")
-    p.add_argument("--bytes", type=int, help="budget: this many bytes of stored tensors")
+    p.add_argument("--images", type=POSITIVE_INT.argument, help="budget: this many images (with their targets)")
+    p.add_argument("--bytes", type=POSITIVE_INT.argument, help="budget: this many bytes of stored tensors")
     p.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of stored values")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. --set settings.steps=200 (repeatable)")
@@ -287,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="experts folder (experts already there are kept)")
     p.add_argument("--teacher", help="teacher artefact (mkdt)")
     p.add_argument("--dataset", help="source dataset (default: the teacher's)")
-    p.add_argument("--num-experts", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--parallel", type=int, help="experts trained at once (vmapped)")
+    p.add_argument("--num-experts", type=POSITIVE_INT.argument)
+    p.add_argument("--epochs", type=POSITIVE_INT.argument)
+    p.add_argument("--parallel", type=POSITIVE_INT.argument, help="experts trained at once (vmapped)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any setting (repeatable)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=SEED.argument, help=f"seed of every random choice ({SEED.describe()})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")
@@ -305,10 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", help="linear | knn | finetune | supervised")
     p.add_argument("--targets", help="comma list of target datasets (e.g. cifar10,fashion-mnist,mnist)")
     p.add_argument("--archs", help="comma list of student architectures")
-    p.add_argument("--seeds", help="comma list of seeds (e.g. 0,1,2)")
-    p.add_argument("--fractions", help="label fractions of the linear protocol (e.g. 0.01,0.05,1)")
-    p.add_argument("--images", type=int, help="budget of baselines: this many image + target pairs (float32)")
-    p.add_argument("--bytes", type=int, help="budget of baselines in bytes (default: the first set's byte count)")
+    p.add_argument("--seeds", type=SEED.arguments(), help="comma list of seeds (e.g. 0,1,2)")
+    p.add_argument("--fractions", type=FRACTION.arguments(),
+                   help="label fractions of the linear protocol (e.g. 0.01,0.05,1)")
+    p.add_argument("--images", type=POSITIVE_INT.argument,
+                   help="budget of baselines: this many image + target pairs (float32)")
+    p.add_argument("--bytes", type=POSITIVE_INT.argument,
+                   help="budget of baselines in bytes (default: the first set's byte count)")
     p.add_argument("--preset", help=f"named preset ({', '.join(list_presets('evaluate'))})")
     p.add_argument("--config", help="YAML file of settings")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png (and, while it "
@@ -320,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a distilled set's metadata and byte count; render an image grid")
     p.add_argument("set", help="distilled set (file or run folder)")
-    p.add_argument("--grid", help="PNG path (default: grid.png beside the set)")
-    p.add_argument("--max-images", type=int, default=100)
+    p.add_argument("--grid", help="PNG path (default: grid.png in the set's run folder, when it is one and writable)")
+    p.add_argument("--max-images", type=POSITIVE_INT.argument, default=100, help="images in the grid (default 100)")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="run a benchmark suite end to end and write a report")
@@ -329,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="parent of the report folder <out>/<suite> (default runs/bench)")
     p.add_argument("--methods", help="comma-separated sets and baselines to run (default: all of the suite's)")
     p.add_argument("--targets", help="comma-separated target datasets, replacing every evaluation's")
-    p.add_argument("--seeds", help="comma-separated seeds, replacing every evaluation's")
+    p.add_argument("--seeds", type=SEED.arguments(), help="comma-separated seeds, replacing every evaluation's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")
@@ -339,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssdd`` command; returns the exit status."""
+    started = time.monotonic()  # the command's wall clock, its imports included
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     finished = False
@@ -350,16 +390,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             set_precision(args.precision)
         status = func(args)
+        sys.stdout.flush()  # a reader gone before the output reached it shows here, not at interpreter exit
         finished = True
         return status
     except SsddError as exc:
         if args.verbose:
             raise
-        print(f"ssdd: error: {exc}", file=sys.stderr)
+        print(f"ssdd: error: {terminal_safe(str(exc))}", file=sys.stderr)  # one line, whatever names it quotes
         return exc.exit_code
+    except BrokenPipeError:  # the reader of our output stopped (`ssdd show SET | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
     except KeyboardInterrupt:
         print("ssdd: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    except OSError as exc:  # a failed write that no writer reported: disk full, read-only, not a folder
+        from ssdd.io import storage_error
+
+        error = storage_error(exc, exc.filename or ".")
+        if error is None or args.verbose:
+            raise
+        print(f"ssdd: error: {terminal_safe(str(error))}", file=sys.stderr)
+        return error.exit_code
     except (RuntimeError, MemoryError) as exc:  # an allocator's failure is the user's to fix, not a traceback
         from ssdd.resources import out_of_memory_message
 

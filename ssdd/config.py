@@ -8,6 +8,7 @@ Unknown keys are errors at every level.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from importlib import resources
@@ -76,14 +77,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):  # not a number, or an integer beyond float's range
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):  # NaN or inf in a setting is a mistake, named here
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -145,13 +147,103 @@ def _plain(value: Any) -> Any:
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a configuration file over 1 MiB is refused unread (presets are about 1 KB)
+MAX_YAML_DEPTH = 32  # nesting of mappings and lists in a configuration
+MAX_YAML_VALUES = 100_000  # values in a configuration with every alias expanded (a 300-byte alias bomb has 10^7)
+_COLLECTION_STARTS = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_COLLECTION_ENDS = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def safe_load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of ``text`` once :func:`check_yaml_limits` has passed it; a value it cannot convert is a
+    :class:`ConfigError` naming ``where`` (a syntax error stays a ``yaml.YAMLError``)."""
+    check_yaml_limits(text, where)
+    try:
+        return yaml.safe_load(text)
+    except ValueError as exc:  # a value yaml cannot convert: an integer of thousands of digits, a date like 2024-13-01
+        raise ConfigError(f"{where} holds a value YAML cannot convert ({str(exc).splitlines()[0][:120]})") from None
+
+
+def check_yaml_limits(text: str, where: str) -> None:
+    """Refuse (a :class:`ConfigError` naming ``where``) YAML nested deeper than :data:`MAX_YAML_DEPTH`, holding more
+    than :data:`MAX_YAML_VALUES` values once its aliases are expanded, an alias inside its own anchor, or a string
+    that is not valid Unicode.  One streaming pass over the parser's events, which counts what each anchor expands to,
+    so nothing is built, let alone expanded, before the limits hold."""
+    sizes: dict[str, int] = {}  # values each finished anchor expands to
+    open_collections: list[list] = []  # [anchor, values so far] of each collection being read
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, _COLLECTION_ENDS):
+            anchor, count = open_collections.pop()
+            if anchor:
+                sizes[anchor] = count
+            if open_collections:
+                open_collections[-1][1] += count
+            continue
+        added = _values_of(event, sizes, open_collections, where)
+        total += added
+        if isinstance(event, _COLLECTION_STARTS):
+            open_collections.append([event.anchor, 1])
+            if len(open_collections) > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where} nests deeper than {MAX_YAML_DEPTH} levels; a configuration is a few levels "
+                                  "deep")
+        elif open_collections:
+            open_collections[-1][1] += added
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_YAML_VALUES} values (through its aliases *name); "
+                              "write the settings out without repeating aliases")
+
+
+def _values_of(event: yaml.Event, sizes: dict[str, int], open_collections: list[list], where: str) -> int:
+    """The values ``event`` adds once expanded: 1 for a scalar or a collection's start, its anchor's size for an
+    alias, 0 for any other event; refuses a string that is not valid Unicode and an alias inside its own anchor."""
+    if isinstance(event, yaml.AliasEvent):
+        if any(anchor == event.anchor for anchor, _ in open_collections):
+            raise ConfigError(f"{where}: alias *{event.anchor} is inside its own anchor (an endless value); write the "
+                              "value out")
+        return sizes.get(event.anchor, 1)  # an undefined alias is the loader's error
+    if isinstance(event, yaml.ScalarEvent):
+        _check_unicode(event.value, where)
+        if event.anchor:
+            sizes[event.anchor] = 1
+        return 1
+    return 1 if isinstance(event, _COLLECTION_STARTS) else 0
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where} holds a string that is not valid Unicode (a lone surrogate such as \\ud800); "
+                          "remove it") from None
+
+
+def _config_text(path: Path) -> str:
+    """The text of the configuration file ``path``: at most :data:`MAX_CONFIG_BYTES` of UTF-8 without NUL bytes."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size} bytes, more than the {MAX_CONFIG_BYTES} a configuration may "
+                          "have; give a YAML file of settings")
+    raw = path.read_bytes()
+    offset = raw.find(b"\0")  # the first byte that is no text: a NUL, or one that is not UTF-8
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start if offset < 0 else min(offset, exc.start)
+    if offset >= 0:
+        raise ConfigError(f"config file {path} is binary, not YAML text (byte {offset} is not UTF-8 text); give a "
+                          "YAML file of settings")
+    return text
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    """Read a YAML mapping, with a clear error for a missing, binary, malformed or oversized file (the limits of
+    :func:`check_yaml_limits` and :data:`MAX_CONFIG_BYTES`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(_config_text(path), f"config file {path}")
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -182,7 +274,7 @@ def preset_dict(group: str, name: str) -> dict[str, Any]:
     if not path.is_file():
         known = ", ".join(list_presets(group)) or "none"
         raise ConfigError(f"unknown {group} preset {name!r}; known presets: {known}")
-    data = yaml.safe_load(path.read_text())
+    data = safe_load_yaml(path.read_text(), f"preset {group}/{name}")
     return data or {}
 
 

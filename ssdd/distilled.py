@@ -298,7 +298,8 @@ class DistilledSet:
 
 
 def load_distilled(path: str | Path) -> DistilledSet:
-    """Load and validate a distilled set (a file, or a folder holding ``distilled.safetensors``)."""
+    """Load and validate a distilled set (a file, or a folder holding ``distilled.safetensors``); its tensors must
+    match the fingerprint its metadata records, so a set without one (edited, or not from ssdd) is refused."""
     path, tensors, meta = load_artefact(path, "distilled", DISTILLED_FILE,
                                         ("method", "target_kind", "pixel_space", "byte_count"), FORMAT_VERSION)
     try:
@@ -322,7 +323,10 @@ def load_distilled(path: str | Path) -> DistilledSet:
                             f"the {MAX_IMAGE_SIDE} px ssdd reads")
     if distilled.byte_count != meta["byte_count"]:
         raise ArtefactError(f"{path}: stored tensors hold {distilled.byte_count} bytes but the metadata says {meta['byte_count']}")
-    if "fingerprint" in meta and fingerprint_state(tensors) != meta["fingerprint"]:  # sets saved before it: unchecked
+    if "fingerprint" not in meta:  # every set ssdd writes records one (the sets shipped in docs/results too)
+        raise ArtefactError(f"{path} has no fingerprint: not written by ssdd or edited; use the file ssdd wrote, or make "
+                            "the set again")
+    if fingerprint_state(tensors) != meta["fingerprint"]:
         raise ArtefactError(f"{path}: tensors do not match the recorded fingerprint; the file was modified or damaged")
     return distilled
 

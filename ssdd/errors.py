@@ -43,8 +43,9 @@ class RunFolderError(SsddError):
     """A run folder that another ssdd process is writing, or that holds a run a command would silently replace."""
 
 
-class StorageError(SsddError):
-    """A write that failed for want of space or permission, or through a file: disk full, read-only, not a folder."""
+class StorageError(SsddError, OSError):
+    """A write that failed for want of space or permission, or through a file: disk full, read-only, not a folder
+    (an OSError too, so that code which survives a failed write, e.g. of a cache, still does)."""
 
 
 class ResourceError(SsddError):

@@ -9,10 +9,12 @@ import torch
 
 from ssdd.distilled import DistilledSet
 from ssdd.io import atomic_path
+from ssdd.text import plot_text, terminal_safe
 
 
 def describe(distilled: DistilledSet) -> str:
-    """Human-readable summary: method, shapes, target kind, pixel space, byte count, provenance."""
+    """Human-readable summary: method, shapes, target kind, pixel space, byte count, provenance; what came from the
+    file is escaped for the terminal (no control sequence or line break of its own reaches it)."""
     meta = distilled.metadata
     c, h, w = distilled.image_shape
     lines = [
@@ -29,7 +31,7 @@ def describe(distilled: DistilledSet) -> str:
     for key in ("source", "teacher", "created", "ssdd_version"):
         if key in meta:
             lines.append(f"{key + ':':<13} {meta[key]}")
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 def save_grid(distilled: DistilledSet, path: str | Path, max_images: int = 100) -> Path:
@@ -53,7 +55,7 @@ def save_grid(distilled: DistilledSet, path: str | Path, max_images: int = 100) 
     fig = plt.figure(figsize=(cols * 0.6 + 0.4, rows * 0.6 + 0.6))
     plt.imshow(array, cmap="gray" if c == 1 else None, interpolation="nearest")
     plt.axis("off")
-    plt.title(f"{distilled.method}: {n} of {distilled.num_images} images")
+    plt.title(plot_text(f"{distilled.method}: {n} of {distilled.num_images} images"))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

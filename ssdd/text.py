@@ -26,3 +26,9 @@ def markdown_cell(text: str) -> str:
     """``text`` as one cell of a Markdown table: on one line (see :func:`terminal_safe`), with backslashes, ``|``
     and ``<`` escaped so it can neither end its cell nor open an HTML tag."""
     return terminal_safe(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+
+
+def plot_text(text: str) -> str:
+    """``text`` as a matplotlib label or title: on one line, with ``$`` escaped so it never starts mathtext (whose
+    parse errors would fail the whole plot)."""
+    return terminal_safe(text).replace("$", r"\$")

@@ -23,7 +23,7 @@ class Range:
     integer: bool = False
 
     def describe(self) -> str:
-        """The range in words, e.g. "an integer from 0 to 4294967295" or "a number > 0"."""
+        """The range in words, e.g. "an integer from 0 to 4294967295" or "a finite number > 0"."""
         kind = "an integer" if self.integer else "a finite number"
         low, high = _number(self.low), _number(self.high)
         if low is not None and high is not None:
@@ -33,6 +33,7 @@ class Range:
         return kind if high is None else f"{kind} <= {high}"
 
     def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a number (not a bool) of the right kind inside the range."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not isinstance(value, int):
@@ -64,7 +65,8 @@ class Range:
         def parse(text: str) -> list[int | float]:
             values = [self.argument(item.strip()) for item in text.split(",") if item.strip()]
             if not values:
-                raise argparse.ArgumentTypeError(f"expected a comma-separated list, each {self.describe()}; got {text!r}")
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list, each {self.describe()}; "
+                                                 f"got {text!r}")
             return values
 
         return parse
@@ -77,7 +79,7 @@ def _number(value: float | None) -> str | None:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-SEED_MAX = 2**32 - 1  # numpy's seed range; seeds derived by arithmetic (seed * 100_003 + i) stay within int64
+SEED_MAX = 2**32 - 1  # numpy's legacy seed range; derived seeds (seed * 100_003 + i) stay within torch's int64
 SEED = Range(0, SEED_MAX, integer=True)
 POSITIVE_INT = Range(1, integer=True)
 POSITIVE = Range(0, open_low=True)

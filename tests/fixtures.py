@@ -14,6 +14,7 @@ import io
 import pickle
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,3 +291,14 @@ def marker_command(marker: Path) -> str:
     import shlex
 
     return f"touch {shlex.quote(str(marker))}"
+
+
+def zero_png(width: int, height: int) -> bytes:
+    """A valid gray PNG of ``width`` x ``height`` zeros, compressed row by row (9000 x 9000 is about 80 KB)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    comp = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte 0, then the row's pixels
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

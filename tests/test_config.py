@@ -298,3 +298,112 @@ def test_every_registered_method_has_a_tiny_and_a_cifar10_cpu_preset() -> None:
     shipped = set(list_presets("distill"))
     missing = [f"{m}/{p}" for m in list_methods() for p in ("tiny", "cifar10-cpu") if f"{m}/{p}" not in shipped]
     assert not missing, missing
+
+
+# ---- hostile configuration files: binary, oversized, alias bombs, deep nesting, bad strings and numbers ----------
+
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """A YAML file of a few hundred bytes whose ``arch_args`` expand to ``width ** levels`` strings."""
+    lines = ["arch_args:", f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def write(tmp_path: Path, content: str | bytes) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+@pytest.mark.parametrize(("content", "offset"), [(bytes(range(256)) * 4, 0), (b"epochs: 3\n\x00\x01\x02", 10),
+                                                (b"lr: 0.1\n# caf\xe9\n", 13), (b"\x80lr: 1", 0)],
+                         ids=["all-bytes", "nul", "latin-1", "not-utf8"])
+def test_binary_config_file_is_refused(tmp_path: Path, content: bytes, offset: int) -> None:
+    path = write(tmp_path, content)
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    config_error(excinfo, f"config file {path} is binary, not YAML text (byte {offset} is not UTF-8 text); give a YAML")
+
+
+def test_oversized_config_file_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod, "MAX_CONFIG_BYTES", 100)
+    path = write(tmp_path, "a: 1\n" * 21)  # 105 bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read an oversized file"))
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    config_error(excinfo, str(path), "105 bytes, more than the 100")
+
+
+@pytest.mark.parametrize("levels", [7, 9, 30])
+def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 levels: int) -> None:
+    """9^7 (4.8 million) values took 15.8 s and 776 MB before an error, 9^30 would never end: refused from the
+    parser's events, before yaml builds anything."""
+    path = write(tmp_path, alias_bomb(levels))
+    assert path.stat().st_size < 2000
+    monkeypatch.setattr(yaml, "safe_load", lambda text: pytest.fail("the bomb reached the loader"))
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    config_error(excinfo, str(path), "expands to more than 100000 values (through its aliases")
+
+
+def test_aliases_within_the_limit_are_read_expanded(tmp_path: Path) -> None:
+    # 9^5 = 59049 strings (plus the lists holding them) stay under 100000 values
+    data = read_yaml(write(tmp_path, alias_bomb(5) + "lr: &lr 0.5\noptim: {lr: *lr, <<: {momentum: 0.8}}\n"))
+    assert data["optim"] == {"lr": 0.5, "momentum": 0.8}
+    leaves = data["arch_args"]["l4"]
+    for _ in range(4):
+        leaves = [x for sub in leaves for x in sub]
+    assert leaves == ["lol"] * 9**5
+
+
+def test_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "arch_args: &a {inner: *a}\n")
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    config_error(excinfo, str(path), "alias *a is inside its own anchor")
+
+
+@pytest.mark.parametrize("depth", [33, 100_000])
+def test_deep_nesting_is_refused_without_recursion(tmp_path: Path, depth: int) -> None:
+    path = write(tmp_path, "a: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    config_error(excinfo, str(path), "nests deeper than 32 levels")
+    assert read_yaml(write(tmp_path, "a: " + "[" * 31 + "]" * 31 + "\n"))["a"]  # 32 levels with the mapping
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('name: "\\ud800"\n', "not valid Unicode (a lone surrogate"),
+    ('"\\udce9": 1\n', "not valid Unicode (a lone surrogate"),
+    ("epochs: " + "9" * 5000 + "\n", "holds a value YAML cannot convert (Exceeds the limit (4300 digits)"),
+    ("created: 2024-13-45\n", "holds a value YAML cannot convert (month must be in 1..12)"),
+])
+def test_unreadable_strings_and_numbers_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(path)
+    assert "\n" not in config_error(excinfo, f"config file {path}", words)
+
+
+@pytest.mark.parametrize("content", [alias_bomb(9), bytes(range(256))], ids=["alias-bomb", "binary"])
+def test_hostile_config_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 content: str | bytes) -> None:
+    from ssdd.cli import main
+
+    path = write(tmp_path, content)
+    assert main(["teacher", "--config", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ssdd: error: config file {path} ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_alias_bomb_in_a_set_value_is_refused(capsys: pytest.CaptureFixture) -> None:
+    from ssdd.cli import main
+
+    bomb = "{" + alias_bomb(9).replace("arch_args:\n", "").replace("\n", ",").rstrip(",") + "}"
+    assert main(["distill", "--method", "coreset", "--preset", "tiny", "--set", f"settings.x={bomb}",
+                 "--out", "/nonexistent/never-written"]) == 2
+    assert capsys.readouterr().err == ("ssdd: error: --set settings.x expands to more than 100000 values (through its "
+                                       "aliases *name); write the settings out without repeating aliases\n")

@@ -10,17 +10,20 @@ import io
 import os
 import pickle
 import tarfile
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ssdd.data.readers as readers
 from fixtures import (
     CLASSES,
     ShellPayload,
+    cifar10_members,
     expected,
     idx_bytes,
     make_cifar_data,
@@ -36,6 +39,7 @@ from fixtures import (
     write_image_folder,
     write_image_folder_archive,
     write_mnist_idx,
+    zero_png,
 )
 from ssdd.data import ImageDataset, PixelSpace, convert_images, dataset_status, load_dataset, make_synthetic
 from ssdd.data.catalog import MNIST_CLASSES, data_root
@@ -743,3 +747,269 @@ def test_cifar_batch_with_wrong_row_length(data_dir: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load_dataset("cifar10", "train")
     assert_data_error(excinfo, "data_batch_2", "3072")
+
+
+# ---- pixel modes other than 8-bit L / RGB: converted exactly or refused ---------------------------------------
+
+
+def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def load_one(tmp_path: Path, data: bytes, suffix: str = ".png") -> torch.Tensor:
+    """Load a folder holding the one image ``data`` (class ``a``) and return its (C, H, W) pixels."""
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True, exist_ok=True)
+    (folder / "a" / f"0{suffix}").write_bytes(data)
+    return load_dataset(f"imagefolder:{folder}", "train").images[0]
+
+
+SIXTEEN = np.array([[0, 1, 128, 129], [256, 257, 385, 386], [32767, 32768, 65278, 65535], [127, 383, 12345, 65407]],
+                   dtype=np.uint16)
+SIXTEEN_TO_8 = np.rint(SIXTEEN.astype(np.float64) * 255 / 65535)  # the independent truth: round(v * 255 / 65535)
+
+
+def pgm16(values: np.ndarray) -> bytes:
+    """A binary PGM with maxval 65535 (PIL reads it as mode I)."""
+    return f"P5\n{values.shape[1]} {values.shape[0]}\n65535\n".encode() + values.astype(">u2").tobytes()
+
+
+@pytest.mark.parametrize("source", ["png-I;16", "tiff-I;16", "tiff-I;16B", "pgm-I"])
+def test_16_bit_gray_is_scaled_to_8_bits_not_clipped(tmp_path: Path, source: str) -> None:
+    """16-bit PNGs decoded as all 255 before; each value v must become round(v * 255 / 65535)."""
+    fmt, mode = source.split("-")
+    if fmt == "pgm":
+        data = pgm16(SIXTEEN)
+    else:
+        img = Image.fromarray(SIXTEEN)
+        img = img if mode == "I;16" else Image.frombytes("I;16B", img.size, SIXTEEN.astype(">u2").tobytes())
+        data = encoded(img, "PNG" if fmt == "png" else "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    pixels = load_one(tmp_path, data, f".{fmt}")
+    assert pixels.shape == (1, 4, 4)
+    assert pixels[0].numpy().tolist() == SIXTEEN_TO_8.tolist()
+
+
+def test_alpha_is_composited_over_black(tmp_path: Path) -> None:
+    """The colour under a transparent pixel never shows: each channel becomes round(colour * alpha / 255)."""
+    rgb = np.tile(np.array([[[200, 100, 50], [255, 255, 255], [10, 20, 30]]], dtype=np.uint8), (3, 1, 1))
+    alpha = np.tile(np.array([[255, 0, 128]], dtype=np.uint8), (3, 1))
+    truth = np.rint(rgb.astype(np.float64) * alpha[..., None] / 255).astype(np.uint8)
+    rgba = load_one(tmp_path / "rgba", encoded(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")))
+    assert rgba.permute(1, 2, 0).numpy().tolist() == truth.tolist()
+    gray = load_one(tmp_path / "la", encoded(Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA")))
+    assert gray.shape == (1, 3, 3) and gray[0].numpy().tolist() == truth[..., 0].tolist()
+
+
+def test_palette_with_a_transparent_entry(tmp_path: Path) -> None:
+    img = Image.new("P", (3, 3))
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    img.putdata([0, 1, 2] * 3)
+    img.info["transparency"] = 1  # the green entry is fully transparent
+    pixels = load_one(tmp_path, encoded(img))
+    assert pixels.permute(1, 2, 0).numpy().tolist() == [[[255, 0, 0], [0, 0, 0], [0, 0, 255]]] * 3
+
+
+def test_cmyk_and_one_bit_images(tmp_path: Path) -> None:
+    cmy = np.tile(np.array([[[0, 0, 0], [255, 0, 0], [10, 120, 200]]], dtype=np.uint8), (3, 1, 1))
+    cmyk = Image.fromarray(np.dstack([cmy, np.zeros((3, 3), np.uint8)]), "CMYK")
+    pixels = load_one(tmp_path / "cmyk", encoded(cmyk, "TIFF"), ".tif")
+    assert pixels.permute(1, 2, 0).numpy().tolist() == (255 - cmy).tolist()  # with no black ink, RGB = 255 - CMY
+    bits = Image.fromarray(np.array([[True, False, True]] * 3))
+    assert load_one(tmp_path / "bits", encoded(bits))[0].numpy().tolist() == [[255, 0, 255]] * 3
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda: encoded(Image.fromarray(np.full((2, 2), 0.5, np.float32)), "TIFF"), "holds floating-point pixels"),
+    (lambda: encoded(Image.fromarray(np.array([[0, 70000], [1, 2]], np.int32)), "TIFF"),
+     "32-bit pixel values (0 to 70000)"),
+    (lambda: encoded(Image.fromarray(np.array([[-5, 3], [0, 1]], np.int32)), "TIFF"), "32-bit pixel values (-5 to 3)"),
+], ids=["float", "32-bit-over", "32-bit-negative"])
+def test_pixels_of_unknown_range_are_refused(tmp_path: Path, make, words: str) -> None:  # noqa: ANN001
+    with pytest.raises(DataError) as excinfo:
+        load_one(tmp_path, make(), ".tif")
+    assert_data_error(excinfo, f"image a/0.tif in {tmp_path / 'images'} ", words, "save it as 8- or 16-bit")
+
+
+# ---- decoded-pixel cap ----------------------------------------------------------------------------------------
+
+
+def test_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Two 9000 x 9000 PNGs took 1.7 GB to load (6 GB through distill); the header's size is checked first."""
+    for cls in ("a", "b"):
+        (tmp_path / "big" / cls).mkdir(parents=True)
+        (tmp_path / "big" / cls / "0.png").write_bytes(zero_png(9000, 9000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(f"imagefolder:{tmp_path / 'big'}", "train")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_data_error(excinfo, f"image a/0.png in {tmp_path / 'big'} declares 9000x9000 pixels, more than the "
+                      f"{4096 * 4096} a dataset image may have (ssdd.data.readers.MAX_IMAGE_PIXELS)")
+    assert peak < 50 * 2**20  # the two files' bytes, never their 81 million pixels
+
+
+def test_pixel_cap_is_settable_and_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 64)
+    assert load_one(tmp_path / "ok", zero_png(8, 8)).shape == (1, 8, 8)
+    with pytest.raises(DataError) as excinfo:
+        load_one(tmp_path / "over", zero_png(9, 8))
+    assert_data_error(excinfo, "a/0.png", "declares 9x8 pixels, more than the 64")
+
+
+def test_pil_decompression_bomb_check_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL warns above 10 pixels and refuses above 20
+    for width, kind in ((4, "DecompressionBombWarning"), (8, "DecompressionBombError")):
+        with pytest.raises(DataError) as excinfo:
+            load_one(tmp_path / kind, zero_png(width, 4))
+        message = str(excinfo.value)
+        assert "\n" not in message and "a/0.png" in message and "too large to decode" in message, message
+
+
+# ---- archive entries that are not regular files, and entries given twice ------------------------------------
+
+
+def tar_with(archive: Path, entries: list[tuple[str, str, bytes | str]]) -> Path:
+    """A tar.gz of (name, type, data) entries: type file (data: bytes), symlink / hardlink (data: target), fifo,
+    chardev, blockdev or dir."""
+    types = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+             "chardev": tarfile.CHRTYPE, "blockdev": tarfile.BLKTYPE, "dir": tarfile.DIRTYPE}
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))  # type: ignore[arg-type]
+            else:
+                info.type, info.linkname = types[kind], data if isinstance(data, str) else ""
+                tar.addfile(info)
+    return archive
+
+
+PNG = png_bytes(np.full((4, 4, 3), 7, np.uint8))
+REGULAR = [("top/train/a/0.png", "file", PNG), ("top/train/b/0.png", "file", PNG)]
+
+
+@pytest.mark.parametrize(("kind", "target", "words"), [
+    ("symlink", "0.png", "is a symbolic link; ssdd reads only regular files from archives: re-create it with links "
+                         "resolved (tar --dereference --hard-dereference)"),
+    ("hardlink", "top/train/a/0.png", "is a hard link;"),
+    ("fifo", "", "is a fifo; ssdd reads only regular files from archives: re-create it without it"),
+    ("chardev", "", "is a device file;"), ("blockdev", "", "is a device file;"),
+])
+def test_link_or_device_where_an_image_is_read_is_refused(tmp_path: Path, kind: str, target: str, words: str) -> None:
+    archive = tar_with(tmp_path / "mine.tar.gz", REGULAR + [("top/train/a/1.png", kind, target)])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{archive}", "train")
+    assert_data_error(excinfo, f"archive {archive}: entry top/train/a/1.png {words}")
+
+
+def test_links_elsewhere_in_an_archive_change_nothing(tmp_path: Path) -> None:
+    archive = tar_with(tmp_path / "mine.tar.gz", [("top/README", "symlink", "docs/README"),
+                                                  ("top/test/a/0.png", "symlink", "../../train/a/0.png"),
+                                                  ("top/train/a/notes.txt", "fifo", "")] + REGULAR)
+    ds = load_dataset(f"imagefolder:{archive}", "train")
+    assert len(ds) == 2 and ds.classes == ["a", "b"]
+
+
+@pytest.mark.parametrize("second", ["top/train/a/0.png", "./top/train/a/0.png", "other/train/a/0.png"])
+def test_an_image_given_twice_in_an_archive_is_refused(tmp_path: Path, second: str) -> None:
+    """tar --append adds a second entry of one name; counting both would train on the image twice."""
+    archive = tar_with(tmp_path / "mine.tar.gz", REGULAR + [(second, "file", png_bytes(np.zeros((4, 4, 3), np.uint8)))])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{archive}", "train")
+    both = "top/train/a/0.png twice" if second == REGULAR[0][0] else f"top/train/a/0.png and {second}"
+    assert_data_error(excinfo, f"archive {archive} holds {both}", "re-create the archive with one of them")
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "symlink"])
+def test_cifar_batch_given_twice_or_as_a_link_is_refused(data_dir: Path, kind: str) -> None:
+    members = cifar10_members(make_cifar_data(seed=40))
+    entries = [(f"cifar-10-batches-py/{name}", "file", blob) for name, blob in members.items()]
+    extra = ("cifar-10-batches-py/data_batch_1", "file", members["data_batch_2"]) if kind == "duplicate" else \
+        ("cifar-10-batches-py/data_batch_9", "symlink", "data_batch_1")
+    entries = entries + [extra] if kind == "duplicate" else \
+        [e for e in entries if not e[0].endswith("data_batch_1")] + [(extra[0][:-1] + "1", "symlink", "x")]
+    archive = tar_with(data_dir / "cifar-10-python.tar.gz", entries)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("cifar10", "train")
+    words = "holds cifar-10-batches-py/data_batch_1 twice" if kind == "duplicate" else \
+        "entry cifar-10-batches-py/data_batch_1 is a symbolic link"
+    assert_data_error(excinfo, str(archive), words)
+
+
+def test_archive_entry_and_gzip_file_sizes_are_capped(tmp_path: Path, data_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "MAX_FILE_BYTES", 1000)
+    archive = tar_with(tmp_path / "mine.tar.gz", REGULAR + [("top/train/a/1.png", "file", b"\0" * 1001)])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{archive}", "train")
+    assert_data_error(excinfo, "entry top/train/a/1.png holds 1001 bytes, more than the 1000")
+    paths = write_mnist_idx(data_dir / "mnist", make_idx_data(), gz=True)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("mnist", "train")
+    assert_data_error(excinfo, "unpacks to more than the 1000 bytes")
+    assert any(str(p) in str(excinfo.value) for p in paths.values())
+
+
+# ---- special files and names in image folders ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "broken-link"])
+def test_a_special_file_named_like_an_image_is_refused(tmp_path: Path, kind: str) -> None:
+    folder = write_class_folders(tmp_path / "images", {"a": random_images(1), "b": random_images(1, seed=1)})
+    special = folder / "a" / "9.png"
+    os.mkfifo(special) if kind == "fifo" else special.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{folder}", "train")
+    assert_data_error(excinfo, f"image folder {folder / 'a'}: 9.png is not a regular file")
+
+
+def test_class_folder_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    folder = write_class_folders(tmp_path / "images", {"tea": random_images(1)})
+    os.makedirs(os.fsencode(folder) + b"/caf\xe9")
+    (folder / os.fsdecode(b"caf\xe9") / "0.png").write_bytes(png_bytes(random_images(1)[0]))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{folder}", "train")
+    assert_data_error(excinfo, f"{folder}: class folder name 'caf\\xe9' is not valid UTF-8; rename the folder")
+
+
+def test_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    folder = write_class_folders(tmp_path / "images", {"a": [], "b": random_images(1, seed=2)})
+    image = random_images(1, seed=3)[0]
+    (folder / os.fsdecode(b"a/\xff.png")).write_bytes(png_bytes(image))
+    ds = load_dataset(f"imagefolder:{folder}", "train")
+    assert torch.equal(ds.images[0], torch.from_numpy(image).permute(2, 0, 1))
+
+
+def test_imagefolder_path_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    folder = write_class_folders(Path(os.fsdecode(os.fsencode(tmp_path) + b"/d\xe9j\xe0")), {"a": random_images(1)})
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{folder}", "train")
+    assert_data_error(excinfo, "d\\xe9j\\xe0: the path is not valid UTF-8; rename it")
+
+
+def test_evaluation_split_of_a_flat_folder_says_how_to_lay_it_out(tmp_path: Path) -> None:
+    flat = write_class_folders(tmp_path / "flat", {"a": random_images(1), "b": random_images(1, seed=1)})
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{flat}", "test")
+    assert_data_error(excinfo, f"imagefolder:{flat} has no test/ folder: a folder of class folders is one 'train' "
+                      f"split", f"split it into {flat}/train/<class>/<images> and {flat}/test/<class>/<images>")
+    write_class_folders(tmp_path / "half" / "train", {"a": random_images(1)})
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(f"imagefolder:{tmp_path / 'half'}", "test")
+    assert_data_error(excinfo, "has train/ but no test/ folder; add", f"{tmp_path / 'half'}/test/<class>/<images>")
+
+
+def test_images_that_are_not_square_are_refused_not_squashed(tmp_path: Path) -> None:
+    """A 6 x 2 image was silently resized to 2 x 2 on load."""
+    image = Image.fromarray(np.zeros((2, 6, 3), np.uint8))
+    with pytest.raises(DataError) as excinfo:
+        load_one(tmp_path, encoded(image))
+    assert_data_error(excinfo, "has images of 6x2 pixels; ssdd's models take square images: crop or pad them")
+    (tmp_path / "images" / "a" / "0.png").write_bytes(encoded(image))
+    assert load_dataset(f"imagefolder:{tmp_path / 'images'}", "train", image_size=4).image_shape == (3, 4, 4)

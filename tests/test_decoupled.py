@@ -73,10 +73,10 @@ def run_config(method: str, teacher: Path | None = None, **overrides: Any) -> Di
     return resolve_config(DistillConfig, "distill", f"{method}/tiny", overrides=merged)
 
 
-def config_error(config: DistillConfig, out: Path | None = None) -> str:
+def config_error(config: DistillConfig, out: Path | None = None, overwrite: bool = False) -> str:
     """Building the run must fail with a one-line ConfigError, whose message is returned."""
     with pytest.raises(ConfigError) as info:
-        Distillation(config, out, progress=False)
+        Distillation(config, out, progress=False, overwrite=overwrite)
     return one_line(info.value)
 
 
@@ -642,7 +642,7 @@ def test_a_squeeze_model_of_the_other_method_is_refused(tiny_teacher: Path, tmp_
                                                         user: str) -> None:
     Distillation(run_config(maker, tiny_teacher), tmp_path, progress=False)  # writes the squeeze model only
     before = file_state(tmp_path / SQUEEZE_FILE)
-    message = config_error(run_config(user, tiny_teacher), tmp_path)
+    message = config_error(run_config(user, tiny_teacher), tmp_path, overwrite=True)  # a new run, the model kept
     assert SQUEEZE_FILE in message and "made with another method" in message and "new run folder" in message
     assert file_state(tmp_path / SQUEEZE_FILE) == before
 
@@ -650,6 +650,7 @@ def test_a_squeeze_model_of_the_other_method_is_refused(tiny_teacher: Path, tmp_
 def test_a_squeeze_model_made_with_other_squeeze_settings_is_refused(tiny_teacher: Path, tmp_path: Path) -> None:
     Distillation(run_config("scdd", tiny_teacher), tmp_path, progress=False)  # writes the squeeze model only
     before = file_state(tmp_path / SQUEEZE_FILE)
-    message = config_error(run_config("scdd", tiny_teacher, settings={"squeeze": {"l2": 0.5}}), tmp_path)
+    message = config_error(run_config("scdd", tiny_teacher, settings={"squeeze": {"l2": 0.5}}), tmp_path,
+                           overwrite=True)
     assert "made with another squeeze_settings than this run's" in message and "new run folder" in message
     assert file_state(tmp_path / SQUEEZE_FILE) == before

@@ -300,3 +300,24 @@ def test_corrupt_file_is_an_ssdd_error(good_file: Path) -> None:
     good_file.write_bytes(data[: len(data) - 100])  # truncated tensor data
     with pytest.raises(SsddError):
         load_distilled(good_file)
+
+
+@pytest.mark.parametrize("modified", [False, True], ids=["intact", "modified"])
+def test_a_set_whose_fingerprint_was_deleted_is_refused(good_file: Path, modified: bool) -> None:
+    """Every set ssdd writes records its fingerprint, so deleting it must not switch the integrity check off."""
+    tensors = make_tensors("representation")
+    if modified:
+        tensors["images"] = tensors["images"] + 1
+    meta = read_metadata(good_file)
+    del meta["fingerprint"]
+    save_tensors(good_file, tensors, meta)
+    with pytest.raises(ArtefactError, match=r"has no fingerprint: not written by ssdd or edited; ") as excinfo:
+        load_distilled(good_file)
+    error_text(excinfo, str(good_file))
+
+
+@pytest.mark.parametrize("fingerprint", ["0" * 16, 7, None, ["x"]])
+def test_a_wrong_fingerprint_is_refused(good_file: Path, fingerprint: object) -> None:
+    resave(good_file, make_tensors("representation"), fingerprint=fingerprint)
+    with pytest.raises(ArtefactError, match="do not match the recorded fingerprint"):
+        load_distilled(good_file)

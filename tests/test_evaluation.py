@@ -837,3 +837,92 @@ def test_mixup_and_cutmix_together_are_refused() -> None:
     with pytest.raises(ConfigError) as info:
         TrainSettings(mixup=0.8, cutmix=1.0)
     assert str(info.value) == "mixup and cutmix are Beta(alpha, alpha) parameters >= 0; use at most one of them"
+
+
+# ---- a set whose values are out of range is blamed, not the protocol's learning rate --------------------------
+
+
+def pixels(value: float, space: PixelSpace = SPACE_B, n: int = 4) -> torch.Tensor:
+    """``n`` images whose every pixel is ``value`` on the [0, 1] scale, written into ``space`` by hand."""
+    mean = torch.tensor(space.mean, dtype=torch.float64).view(-1, 1, 1)
+    std = torch.tensor(space.std, dtype=torch.float64).view(-1, 1, 1)
+    return ((torch.full((n, 3, 8, 8), value, dtype=torch.float64) - mean) / std).float()
+
+
+def representation_set(images: torch.Tensor, targets: torch.Tensor) -> DistilledSet:
+    return DistilledSet({"images": images, "targets": targets}, SPACE_B, "representation", "odd")
+
+
+@pytest.mark.parametrize("value", [1 + 9.9, -9.9, 0.5])
+def test_images_within_ten_pixel_ranges_of_the_valid_range_are_accepted(value: float) -> None:
+    evaluate_module.check_values(representation_set(pixels(value), randn(4, 5)), "odd")
+
+
+@pytest.mark.parametrize("value", [1 + 10.1, -10.1, 1e30])
+def test_images_farther_out_are_refused_naming_their_largest_value(value: float) -> None:
+    images = pixels(value)
+    with pytest.raises(SsddError) as excinfo:
+        evaluate_module.check_values(representation_set(images, randn(4, 5)), "odd")
+    message = str(excinfo.value)
+    assert "set 'odd'" in message and "images" in message and f"{images.abs().max().item():.3g}" in message
+    assert "learning rate" not in message and "\n" not in message
+
+
+def test_targets_whose_squares_overflow_float32_are_refused_before_any_training(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import user_error
+
+    trained = []
+    monkeypatch.setattr(evaluate_module, "train_network", lambda *a, **k: trained.append(1))
+    targets = randn(4, 5)
+    targets[1, 2] = 3e38  # float32 holds it; its square (and the loss) does not
+    path = representation_set(pixels(0.5), targets).save(tmp_path / "set")
+    line = user_error(capsys, ["evaluate", str(path), "--preset", "tiny", "--device", "cpu", "--no-progress",
+                               "--out", str(tmp_path / "eval")])
+    assert "targets" in line and "3e+38" in line and "out of range" in line and "learning rate" not in line
+    assert trained == [] and not (tmp_path / "eval" / "results.json").exists()
+    # 1.8e19 squared is still finite in float32: that set gets as far as training
+    targets[1, 2] = 1.8e19
+    evaluate_module.check_values(representation_set(pixels(0.5), targets), "odd")
+
+
+def test_images_that_overflow_when_materialised_are_refused() -> None:
+    huge = torch.full((2, 3, 8, 8), 1e30)  # each stored value is finite; coefficients @ bases are not
+    distilled = DistilledSet({"image_coefficients": torch.full((4, 2), 1e30), "image_bases": huge,
+                              "targets": randn(4, 5)}, SPACE_B, "representation", "bases")
+    with pytest.raises(SsddError, match="set 'b': its images hold NaN or infinite values"):
+        evaluate_module.check_values(distilled, "b")
+
+
+# ---- reports: names are escaped, whatever they hold ------------------------------------------------------------
+
+
+def gfm_cells(line: str) -> list[str]:
+    """The cells of a GitHub-flavoured Markdown table row: split at unescaped pipes, backslash escapes undone."""
+    cells, current, chars = [], "", iter(line.strip().strip("|") + "|")
+    for ch in chars:
+        if ch == "\\":
+            current += next(chars)
+        elif ch == "|":
+            cells.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return cells
+
+
+def test_hostile_names_stay_in_their_cell_of_the_report(tmp_path: Path) -> None:
+    import html
+
+    name, target = "a|b\nc\x1b[2J<img src=x>\\|$\\frac$", "imagefolder:/x|y"
+    cells = [Cell(entry, "knn", "convnet", target, 1.0, [0], [acc], 1.0)
+             for entry, acc in ((name, 50.0), ("plain", 40.0))]
+    md = write_report(tmp_path, cells, tiny(protocol="knn"), {"torch": torch.__version__}).read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 4  # header, rule, two rows: no line of the name's own
+    assert [len(gfm_cells(line)) for line in table] == [2, 2, 2, 2]
+    assert gfm_cells(table[0]) == ["set", target]
+    shown = [html.unescape(c) for c in gfm_cells(table[2])]
+    assert shown == ["a|b\\nc\\x1b[2J<img src=x>\\|$\\frac$", "**50.0 +- 0.0**"]
+    assert "\x1b" not in md and "<img" not in md
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # `$\frac$` is no mathtext

@@ -97,6 +97,14 @@ def test_a_teacher_killed_at_a_random_moment_resumes_to_the_uninterrupted_weight
     _kill_and_resume(job, reference(job), tmp_path, moment, tiny_teacher)
 
 
+@pytest.mark.parametrize("job", [harness.teacher_job(epochs=2), harness.distill_job("krr-st")], ids=["teacher", "distill"])
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_kill_releases_the_lock(
+        job: harness.Job, reference, tmp_path: Path, tiny_teacher: Path) -> None:  # noqa: ANN001 - the fixture's function
+    root = reference(job)
+    result = harness.contended(job, harness.Reference(root, 0.0, 0.0, 0), tmp_path, tiny_teacher)
+    assert result.problems == []
+
+
 def test_a_run_stopped_before_its_first_checkpoint_logs_every_step_once(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
     values = preset_dict("distill", "frepo/tiny")

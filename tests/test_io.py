@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fixtures import ShellPayload, marker_command
-from ssdd.errors import ArtefactError, ConfigError, SsddError
+from ssdd.errors import ArtefactError, ConfigError, RunFolderError, SsddError
 from ssdd.io import (
     atomic_path,
     atomic_write_bytes,
@@ -192,6 +192,74 @@ def test_pickle_renamed_to_safetensors(tmp_path: Path, kind: str) -> None:
     with pytest.raises(ArtefactError):
         load_tensors(path)
     assert not marker.exists()
+
+
+# ---- limits on the JSON of a header and of the metadata -----------------------------------------------------
+
+
+def with_header(tmp_path: Path, edit) -> Path:  # noqa: ANN001 - edits the header text of an intact file
+    """An intact ssdd file whose JSON header text (a str) is replaced by ``edit(text)`` (str or bytes)."""
+    good = tmp_path / "good.safetensors"
+    save_tensors(good, {"w": torch.arange(4.0)}, {"kind": "distilled", "note": "x"})
+    blob = good.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = edit(blob[8 : 8 + length].decode())
+    header = header if isinstance(header, bytes) else header.encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + blob[8 + length :])
+    return bad
+
+
+def in_metadata(text: str, old: str, new: str) -> str:
+    """``text`` (a header) with ``old`` replaced by ``new`` inside the ssdd metadata string."""
+    header = json.loads(text)
+    header["__metadata__"]["ssdd"] = header["__metadata__"]["ssdd"].replace(old, new)
+    return json.dumps(header)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HOSTILE_JSON = {  # what the header becomes -> what the one-line error says
+    "deep-header": (lambda t: t.rstrip()[:-1] + f', "x": {DEEP}}}', "header nests deeper than 64 levels"),
+    "deep-metadata": (lambda t: in_metadata(t, '"x"', DEEP), "metadata (it nests deeper than 64 levels)"),
+    "65-deep-metadata": (lambda t: in_metadata(t, '"x"', "[" * 65 + "]" * 65), "nests deeper than 64 levels"),
+    "5000-digit-header": (lambda t: t.rstrip()[:-1] + ', "x": ' + "9" * 5000 + "}", "integer of 5000 digits, more than 40"),
+    "5000-digit-metadata": (lambda t: in_metadata(t, '"x"', "-" + "1" * 5000), "integer of 5000 digits"),
+    "surrogate-value": (lambda t: in_metadata(t, '"x"', '"\\ud800"'), "not valid Unicode: a lone surrogate"),
+    "surrogate-key": (lambda t: in_metadata(t, '"note"', '"\\udce9"'), "not valid Unicode: a lone surrogate"),
+    "surrogate-tensor-name": (lambda t: t.replace('"w"', '"\\udfff"'), "not valid Unicode: a lone surrogate"),
+    "latin-1-byte": (lambda t: t.encode().replace(b'\\"x\\"', b'\\"\xe9\\"'), "header is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_hostile_json_is_one_clear_error(tmp_path: Path, case: str) -> None:
+    edit, words = HOSTILE_JSON[case]
+    bad = with_header(tmp_path, edit)
+    with pytest.raises(ArtefactError) as excinfo:
+        read_metadata(bad)
+    assert "\n" not in artefact_error(excinfo, str(bad), words)
+    with pytest.raises(ArtefactError):
+        load_tensors(bad)
+
+
+def test_json_within_the_limits_is_read(tmp_path: Path) -> None:
+    """64 levels, 40-digit integers and any valid Unicode (non-ASCII, astral) are legitimate metadata."""
+    deep: list = []
+    for _ in range(62):  # 63 lists inside the metadata mapping: 64 levels in all
+        deep = [deep]
+    meta = {"deep": deep, "big": -(10**39), "text": "ünïcode ✓ 𝄞"}
+    save_tensors(tmp_path / "ok.safetensors", {"w": torch.zeros(1)}, meta)
+    assert read_metadata(tmp_path / "ok.safetensors") == meta
+
+
+def test_hostile_json_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ssdd.cli import main
+
+    bad = with_header(tmp_path, lambda t: in_metadata(t, '"x"', DEEP))
+    assert main(["show", str(bad), "--grid", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"ssdd: error: {bad} has corrupt ssdd metadata (it nests deeper than 64 levels)"]
+    assert not (tmp_path / "grid.png").exists()
 
 
 # ---- atomic writes ------------------------------------------------------------------------------------------
@@ -439,11 +507,15 @@ def test_a_setting_added_since_the_record_counts_only_away_from_its_default(tmp_
     artefact_error(excinfo, "seed")
 
 
-def test_start_without_resume_overwrites_config(tmp_path: Path, close_run_logs: list) -> None:
-    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=1))
-    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=2))
+def test_start_without_resume_refuses_a_run_and_overwrite_replaces_it(tmp_path: Path, close_run_logs: list) -> None:
     import yaml
 
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=1))
+    with pytest.raises(RunFolderError) as excinfo:
+        new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=2))
+    assert "--resume" in str(excinfo.value) and "--overwrite" in str(excinfo.value)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["steps"] == 1
+    new_run(tmp_path / "run", close_run_logs).start(RunCfg(steps=2), overwrite=True)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["steps"] == 2
 
 

@@ -5,7 +5,8 @@ what came out against the files and streams themselves: exit status 2 and stderr
 ``ssdd: error: ...`` that names the culprit, no traceback, no warning, no output file, no code run by a pickle
 (its marker file never appears) and no large allocation.  Some damage no format check can see (a flipped bit in
 JPEG data or in a free-text metadata field); there the command may succeed, but only if what ssdd read equals the
-intact original wherever the format carries a checksum.
+intact original wherever the format carries a checksum.  A valid input in an unusual form (a 16-bit or transparent
+image, a file name that is not UTF-8, a link outside what is read) must be read, to the values computed here.
 
 ``SSDD_FUZZ_EXAMPLES`` sets the examples per test (default 6); ``benchmarks/fuzz_inputs.py`` runs the same categories
 (:data:`CATEGORIES`) with many more examples and counts the outcomes.
@@ -19,6 +20,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import resource
@@ -50,6 +52,8 @@ from fixtures import (
     marker_command,
     png_bytes,
     random_images,
+    write_class_folders,
+    zero_png,
 )
 from ssdd.cli import main
 from ssdd.data import PixelSpace, load_dataset
@@ -57,6 +61,7 @@ from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.io import load_tensors, save_tensors
 from ssdd.models import create_model
 from ssdd.teachers import load_teacher, save_teacher
+from ssdd.text import terminal_safe
 
 EXAMPLES = int(os.environ.get("SSDD_FUZZ_EXAMPLES", "6"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -78,6 +83,7 @@ class Case:
     outputs: list[Path] = field(default_factory=list)  # must not exist after a refusal
     marker: Path | None = None  # created only if a pickle payload ran
     check_success: Callable[[], str | None] | None = None  # set when success is allowed: a problem, or None
+    must_succeed: bool = False  # an input that is valid: refusing it is a problem too
 
 
 def peak_rss() -> int:
@@ -112,6 +118,8 @@ def run_case(case: Case) -> tuple[int | str, list[str]]:
     if status == 0 and case.check_success is not None:
         problem = case.check_success()
         return status, found + ([problem] if problem else [])
+    if case.must_succeed:
+        found.append(f"a valid input was refused: {lines!r}")
     if status != 2:
         found.append(f"exit status {status}")
     if len(lines) != 1 or not lines[0].startswith("ssdd: error: "):
@@ -355,8 +363,10 @@ def build_metadata(spec: dict, tmp: Path) -> Case:
         meta[key] = spec["value"]
     path = tmp / f"{spec['kind']}.safetensors"
     save_tensors(path, good_tensors(spec["kind"]), meta)
-    # Metadata a file may legitimately carry (another creation date, a set of the right kind) is no error.
-    return artefact_case(spec["kind"], spec["command"], path, tmp, check_success=lambda: None)
+    # Metadata a file may legitimately carry (another creation date, a set of the right kind) is no error; a changed
+    # or deleted fingerprint always is (every artefact ssdd writes records one).
+    allowed = None if key == "fingerprint" else lambda: None
+    return artefact_case(spec["kind"], spec["command"], path, tmp, check_success=allowed)
 
 
 # ---- pickles with a code-running payload, under the names ssdd reads ----------------------------------------------
@@ -418,17 +428,17 @@ def image_archive_members() -> tuple[dict[str, bytes], np.ndarray]:
 
 
 def tar_bytes(members: list[tuple[str, bytes | None, str]], gz: bool) -> bytes:
-    """A tar (gzipped when ``gz``) of (name, data, type) entries; type is ``file``, ``dir`` or ``symlink`` (whose
-    data is the link target)."""
+    """A tar (gzipped when ``gz``) of (name, data, type) entries; type is ``file``, ``dir``, ``symlink`` or
+    ``hardlink`` (whose data is the link target), ``fifo``, ``chardev`` or ``blockdev``."""
+    special = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+               "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE, "blockdev": tarfile.BLKTYPE}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
         for name, data, kind in members:
             info = tarfile.TarInfo(name)
-            if kind == "dir":
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif kind == "symlink":
-                info.type, info.linkname = tarfile.SYMTYPE, (data or b"").decode()
+            if kind in special:
+                info.type = special[kind]
+                info.linkname = (data or b"").decode() if kind.endswith("link") else ""
                 tar.addfile(info)
             else:
                 info.size = len(data or b"")
@@ -510,14 +520,20 @@ def build_archive_damage(spec: dict, tmp: Path) -> Case:
     for position, bit in spec.get("flips", []):
         data[position] ^= 1 << bit
     archive.write_bytes(bytes(data))
-    dataset = f"imagefolder:{archive}" if ARCHIVE_FORMATS[spec["format"]][2] else "cifar10"
-    truth = make_cifar_data().train_images if "python" in spec["format"] else image_archive_members()[1]
+    # a flip the formats cannot see (e.g. a gzip header's time stamp) changes nothing
+    return Case(argv, str(archive), [tmp / "run"], check_success=intact_archive(spec["format"], tmp))
 
-    def same_pixels() -> str | None:  # a flip the formats cannot see (e.g. a gzip header's time stamp) changes nothing
+
+def intact_archive(fmt: str, tmp: Path) -> Callable[[], str | None]:
+    """A success check: the archive of format ``fmt`` written by :func:`write_archive` reads as the images it held."""
+    dataset = f"imagefolder:{tmp / ARCHIVE_FORMATS[fmt][0]}" if ARCHIVE_FORMATS[fmt][2] else "cifar10"
+    truth = make_cifar_data().train_images if "python" in fmt else image_archive_members()[1]
+
+    def same_pixels() -> str | None:
         loaded = load_dataset(dataset, "train", root=tmp / "data").images.numpy()
         return None if loaded.shape == truth.shape and (loaded == truth).all() else \
-            f"a damaged archive was read as {loaded.shape[0]} images that differ from the {truth.shape[0]} it held"
-    return Case(argv, str(archive), [tmp / "run"], check_success=same_pixels)
+            f"the archive was read as {loaded.shape[0]} images that differ from the {truth.shape[0]} it held"
+    return same_pixels
 
 
 # ---- image folders: damaged files, empty classes, mixed sizes and modes -------------------------------------------
@@ -590,7 +606,7 @@ def build_damaged_image(spec: dict, tmp: Path) -> Case:
 
 
 MODES = {"L": 1, "RGB": 3, "RGBA": 4, "P": 3, "LA": 2, "1": 1, "I;16": 1}  # mode -> channels it is made from
-GRAY_MODES = {"L", "1", "I;16"}  # decoded to one channel; every other mode to RGB
+GRAY_MODES = {"L", "1", "I;16", "LA"}  # decoded to one channel; every other mode to RGB
 BMP_LESS = {"LA", "I;16"}  # modes BMP cannot store (written as PNG instead)
 
 
@@ -704,6 +720,291 @@ def build_idx(spec: dict, tmp: Path) -> Case:
                 check_success=unchanged if spec["damage"] == "gzip-flip" else None)
 
 
+# ---- pixel modes other than 8-bit L / RGB: converted exactly, or refused where their range is unknown -------------
+
+
+PIXEL_MODES = ["I;16", "I;16B", "I-pgm", "I-wide", "F", "LA", "RGBA", "P-transparent", "CMYK", "1"]
+
+
+@st.composite
+def pixel_modes(draw: st.DrawFn) -> dict:
+    return {"mode": draw(st.sampled_from(PIXEL_MODES)), "seed": draw(st.integers(0, 2**32 - 1)),
+            "images": draw(st.integers(1, 3))}
+
+
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sixteen_bit_image(mode: str, rng: np.random.Generator) -> tuple[bytes, str, np.ndarray | None]:
+    values = rng.integers(0, 65535, (8, 8), endpoint=True)
+    truth = np.rint(values * 255 / 65535)[None]  # round(v * 255 / 65535), computed apart from the reader
+    if mode == "I-pgm":  # PIL reads a 16-bit PGM as mode I
+        return b"P5\n8 8\n65535\n" + values.astype(">u2").tobytes(), ".pgm", truth
+    if mode == "I-wide":  # 32-bit integers beyond 16 bits: no range to scale from
+        values[rng.integers(0, 8), rng.integers(0, 8)] = rng.integers(65536, 2**31 - 1)
+        return encoded(Image.fromarray(values.astype(np.int32)), "TIFF"), ".tif", None
+    raw = values.astype("<u2" if mode == "I;16" else ">u2").tobytes()
+    img = Image.frombytes(mode, (8, 8), raw)
+    return (encoded(img, "PNG"), ".png", truth) if mode == "I;16" else (encoded(img, "TIFF"), ".tif", truth)
+
+
+def mode_image(mode: str, rng: np.random.Generator) -> tuple[bytes, str, np.ndarray | None]:
+    """One 8 x 8 image of ``mode`` with random pixels: its file bytes, its suffix and the uint8 (C, H, W) pixels a
+    correct decoder gives, computed here from the raw values (None where the file must be refused)."""
+    if mode.startswith("I"):
+        return sixteen_bit_image(mode, rng)
+    channels = {"F": 1, "LA": 2, "RGBA": 4, "CMYK": 3, "1": 1, "P-transparent": 1}[mode]
+    raw = rng.integers(0, 256, (8, 8, channels), dtype=np.uint8)
+    if mode == "F":
+        return encoded(Image.fromarray(rng.random((8, 8), dtype=np.float32)), "TIFF"), ".tif", None
+    if mode == "1":
+        bits = raw[..., 0] > 127
+        return encoded(Image.fromarray(bits), "PNG"), ".png", bits[None] * 255
+    if mode == "CMYK":  # no black ink: RGB = 255 - CMY
+        img = Image.fromarray(np.dstack([raw, np.zeros((8, 8), np.uint8)]), "CMYK")
+        return encoded(img, "TIFF"), ".tif", (255 - raw).transpose(2, 0, 1)
+    if mode == "P-transparent":
+        palette, hidden = rng.integers(0, 256, (256, 3), dtype=np.uint8), int(raw[0, 0, 0])
+        img = Image.fromarray(raw[..., 0], "P")
+        img.putpalette(palette.ravel().tolist())
+        img.info["transparency"] = hidden
+        shown = np.where((raw[..., 0] == hidden)[..., None], 0, palette[raw[..., 0]])
+        return encoded(img, "PNG"), ".png", shown.transpose(2, 0, 1)
+    colour, alpha = raw[..., :-1].astype(np.float64), raw[..., -1:].astype(np.float64)
+    img = Image.fromarray(raw, mode)
+    return encoded(img, "PNG"), ".png", np.rint(colour * alpha / 255).transpose(2, 0, 1)  # over black
+
+
+def build_pixel_modes(spec: dict, tmp: Path) -> Case:
+    rng = np.random.default_rng(spec["seed"])
+    folder = tmp / "images"
+    truths = []
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(spec["images"]):
+            data, suffix, truth = mode_image(spec["mode"], rng)
+            (folder / cls / f"{i}{suffix}").write_bytes(data)
+            truths.append(truth)
+    refused = any(t is None for t in truths)
+
+    def exact() -> str | None:
+        if refused:
+            return f"pixels of unknown range ({spec['mode']}) were read"
+        images = load_dataset(f"imagefolder:{folder}", "train").images
+        same = torch.equal(images, torch.from_numpy(np.stack(truths).astype(np.uint8)))
+        return None if same else f"{spec['mode']} pixels decoded to other values"
+    return Case(pixel_distill(f"imagefolder:{folder}", tmp), f"a/0{suffix}", [tmp / "run"], check_success=exact,
+                must_succeed=not refused)
+
+
+# ---- images over the decoded-pixel cap (valid files of a few KB each) ---------------------------------------------
+
+
+@st.composite
+def oversized_images(draw: st.DrawFn) -> dict:
+    width = draw(st.integers(1400, 12000))
+    height = draw(st.integers(4096 * 4096 // width + 1, 12000))
+    return {"dims": (width, height), "victims": draw(st.lists(st.sampled_from(["a/0", "b/0", "b/1"]), min_size=1,
+                                                               max_size=3, unique=True))}
+
+
+def build_oversized(spec: dict, tmp: Path) -> Case:
+    folder = write_class_folders(tmp / "images", {"a": random_images(1), "b": random_images(2, seed=1)})
+    for victim in spec["victims"]:
+        (folder / f"{victim}.png").write_bytes(zero_png(*spec["dims"]))
+    return Case(pixel_distill(f"imagefolder:{folder}", tmp), tuple(f"{v}.png" for v in spec["victims"]), [tmp / "run"])
+
+
+# ---- archive entries that are links, devices or fifos, and entries given twice -----------------------------------
+
+
+@st.composite
+def special_members(draw: st.DrawFn) -> dict:
+    return {"format": draw(st.sampled_from(sorted(ARCHIVE_FORMATS))),
+            "kind": draw(st.sampled_from(["symlink", "hardlink", "fifo", "chardev", "blockdev", "duplicate"])),
+            "read": draw(st.booleans()), "first": draw(st.booleans())}
+
+
+def build_special_member(spec: dict, tmp: Path) -> Case:
+    """An extra entry where the reader reads (an image, a CIFAR batch: refused) or elsewhere (read as if absent)."""
+    python = "python" in spec["format"]
+    existing = "cifar-10-batches-py/data_batch_1" if python else "cifar10/train/a/0.png"
+    if spec["read"]:
+        name = existing if spec["kind"] == "duplicate" else \
+            ("other/data_batch_1" if python else "cifar10/train/a/7.png")
+    else:
+        name = "cifar-10-batches-py/readme.html" if python else "cifar10/LICENSE"
+    kind = "file" if spec["kind"] == "duplicate" else spec["kind"]
+    extra = [(name, b"text", "file")] if spec["kind"] == "duplicate" and not spec["read"] else []
+    archive, argv = write_archive(spec["format"], tmp, [*extra, (name, existing.encode(), kind)], spec["first"])
+    return Case(argv, str(archive), [tmp / "run"], check_success=intact_archive(spec["format"], tmp),
+                must_succeed=not spec["read"])
+
+
+# ---- JSON beyond the limits in a header or in the ssdd metadata ---------------------------------------------------
+
+
+@st.composite
+def json_beyond_limits(draw: st.DrawFn) -> dict:
+    kind, command = draw(artefact_and_command(("set", "teacher")))
+    attack = draw(st.sampled_from(["deep", "digits", "surrogate-key", "surrogate-value", "not-utf8"]))
+    spec = {"kind": kind, "command": command, "attack": attack,
+            "place": "header" if attack == "not-utf8" else draw(st.sampled_from(["header", "metadata"]))}
+    sizes = {"deep": st.integers(65, 200_000), "digits": st.integers(41, 20_000), "not-utf8": st.integers(0x80, 0xFF)}
+    spec["size"] = draw(sizes.get(attack, st.integers(0xD800, 0xDFFF)))  # depth, digits, byte or surrogate
+    return spec
+
+
+def build_json_beyond_limits(spec: dict, tmp: Path) -> Case:
+    size = spec["size"]
+    entry = {"deep": f'"x": {"[" * size}{"]" * size}', "digits": f'"x": -{"7" * size}',
+             "surrogate-key": f'"\\u{size:04x}": 1', "surrogate-value": f'"x": "\\u{size:04x}"'}.get(spec["attack"])
+    blob = good_artefact(spec["kind"])
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    if spec["place"] == "metadata":
+        header["__metadata__"]["ssdd"] = header["__metadata__"]["ssdd"][:-1] + f", {entry}}}"
+        text = json.dumps(header).encode()
+    elif spec["attack"] == "not-utf8":  # one byte that cannot start or continue a UTF-8 character here
+        text = json.dumps(header).encode()[:-1] + b', "x": "' + bytes([size]) + b'"}'
+    else:
+        text = json.dumps(header).encode()[:-1] + f", {entry}}}".encode()
+    path = tmp / f"{spec['kind']}.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + header_len :])
+    return artefact_case(spec["kind"], spec["command"], path, tmp)
+
+
+# ---- configuration files: binary, alias bombs, deep nesting, bad strings and numbers ------------------------------
+
+
+@st.composite
+def hostile_configs(draw: st.DrawFn) -> dict:
+    attack = draw(st.sampled_from(["binary", "alias-bomb", "deep", "self-alias", "surrogate", "digits", "date"]))
+    spec = {"attack": attack, "command": draw(st.sampled_from(["teacher", "distill"]))}
+    if attack == "binary":
+        spec["text"] = draw(st.text(max_size=60))
+        spec["bad"] = draw(st.sampled_from([b"\0", b"\x80", b"\xff", b"\xc3(", b"\xed\xa0\x80"]))
+        spec["at"] = draw(st.integers(0, 60))
+    elif attack == "alias-bomb":
+        spec["width"] = draw(st.integers(2, 12))
+        spec["levels"] = draw(st.integers(math.ceil(math.log(100_001) / math.log(spec["width"])), 40))
+    elif attack == "deep":
+        spec["flow"] = draw(st.booleans())
+        spec["depth"] = draw(st.integers(33, 100_000 if spec["flow"] else 1000))  # block style: a line per level
+    elif attack == "self-alias":
+        spec["value"] = draw(st.sampled_from(["&a [*a]", "&a {k: *a}", "&a [1, [2, {k: *a}]]"]))
+    elif attack == "surrogate":
+        spec["code"], spec["in_key"] = draw(st.integers(0xD800, 0xDFFF)), draw(st.booleans())
+    elif attack == "digits":
+        spec["digits"] = draw(st.integers(4301, 20_000))
+    else:
+        spec["date"] = draw(st.sampled_from(["2024-13-01", "2024-02-30", "2023-00-10", "2023-04-31"]))
+    return spec
+
+
+def hostile_yaml(spec: dict) -> bytes:
+    attack = spec["attack"]
+    if attack == "binary":
+        text = f"epochs: 1\n# {spec['text']}\n".encode()
+        return text[: spec["at"]] + spec["bad"] + text[spec["at"] :]
+    if attack == "alias-bomb":
+        items = lambda item: "[" + ", ".join([item] * spec["width"]) + "]"  # noqa: E731
+        lines = [f"  l{i}: &l{i} {items(f'*l{i - 1}' if i else 'lol')}" for i in range(spec["levels"])]
+        return ("arch_args:\n" + "\n".join(lines) + "\n").encode()
+    if attack == "deep" and spec["flow"]:
+        return f"arch_args: {{x: {'[' * spec['depth']}{']' * spec['depth']}}}\n".encode()
+    if attack == "deep":
+        return ("arch_args:\n" + "".join(f"{' ' * i}  k{i}:\n" for i in range(spec["depth"])) + "\n").encode()
+    if attack == "self-alias":
+        return f"arch_args: {spec['value']}\n".encode()
+    if attack == "surrogate":
+        escaped = f'"\\u{spec["code"]:04x}"'
+        return (f"arch_args: {{{escaped}: 1}}\n" if spec["in_key"] else f"arch: {escaped}\n").encode()
+    if attack == "digits":
+        return f"epochs: {'9' * spec['digits']}\n".encode()
+    return f"epochs: 1\ncreated: {spec['date']}\n".encode()
+
+
+def build_hostile_config(spec: dict, tmp: Path) -> Case:
+    path = tmp / "config.yaml"
+    path.write_bytes(hostile_yaml(spec))
+    command = ["teacher"] if spec["command"] == "teacher" else ["distill", "--method", "coreset"]
+    return Case([*command, "--config", str(path), "--out", str(tmp / "run"), *COMMON], str(path), [tmp / "run"])
+
+
+# ---- names that are not UTF-8: class folders refused, file names read ------------------------------------------
+
+
+def not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return b"/" not in raw and b"\0" not in raw
+    return False
+
+
+@st.composite
+def undecodable_names(draw: st.DrawFn) -> dict:
+    return {"name": draw(st.binary(min_size=1, max_size=6).filter(not_utf8)),
+            "where": draw(st.sampled_from(["class", "file"]))}
+
+
+def build_undecodable_name(spec: dict, tmp: Path) -> Case:
+    folder = write_class_folders(tmp / "images", {"a": random_images(1), "b": random_images(1, seed=1)})
+    image = random_images(1, seed=2)[0]
+    name = os.fsdecode(spec["name"])
+    target = folder / name / "0.png" if spec["where"] == "class" else folder / "a" / f"{name}.png"
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(png_bytes(image))
+    files = sorted(["0.png", f"{name}.png"]) if spec["where"] == "file" else []
+
+    def read_in_order() -> str | None:  # the image is placed among class a's files by its name, like any other
+        loaded = load_dataset(f"imagefolder:{folder}", "train").images[files.index(f"{name}.png")]
+        return None if torch.equal(loaded, torch.from_numpy(image).permute(2, 0, 1)) else "read as other pixels"
+    shown = terminal_safe(spec["name"].decode("utf-8", "backslashreplace"))  # as the error line writes it
+    return Case(pixel_distill(f"imagefolder:{folder}", tmp), shown,
+                [tmp / "run"], check_success=read_in_order, must_succeed=spec["where"] == "file")
+
+
+# ---- an evaluation target without a test split, and a teacher's subset of no or too many images ------------------
+
+
+@st.composite
+def target_layouts(draw: st.DrawFn) -> dict:
+    return {"layout": draw(st.sampled_from(["flat", "train-only"])), "classes": draw(st.integers(1, 3))}
+
+
+def build_target_layout(spec: dict, tmp: Path) -> Case:
+    root = tmp / "target"
+    classes = {f"c{i}": random_images(2, seed=i) for i in range(spec["classes"])}
+    write_class_folders(root if spec["layout"] == "flat" else root / "train", classes)
+    path = tmp / "set.safetensors"
+    path.write_bytes(good_artefact("set"))
+    argv = ["evaluate", str(path), "--targets", f"imagefolder:{root}", "--preset", "tiny", "--seeds", "0",
+            "--out", str(tmp / "eval"), *COMMON]
+    return Case(argv, f"{root}/test/<class>/<images>", [tmp / "eval" / "results.json", tmp / "eval" / "results.md"])
+
+
+@st.composite
+def subset_sizes(draw: st.DrawFn) -> dict:
+    via = draw(st.sampled_from(["flag", "config"]))
+    too_many = st.integers(321, 10**12)  # the synthetic train split has 320 images
+    return {"via": via, "n": draw(too_many if via == "flag" else st.one_of(st.just(0), st.integers(-10**6, -1),
+                                                                           too_many))}
+
+
+def build_subset_size(spec: dict, tmp: Path) -> Case:
+    config = tmp / "config.yaml"
+    config.write_text(f"train_images: {spec['n']}\n")
+    given = ["--train-images", str(spec["n"])] if spec["via"] == "flag" else ["--config", str(config)]
+    argv = ["teacher", "--dataset", "synthetic", "--preset", "tiny", "--epochs", "1", *given, "--out", str(tmp / "run"),
+            *COMMON]
+    return Case(argv, "train_images", [tmp / "run" / "teacher.safetensors"])
+
+
 # ---- the categories and their tests ---------------------------------------------------------------------------------
 
 
@@ -718,6 +1019,14 @@ CATEGORIES: dict[str, tuple[st.SearchStrategy, Callable[[Any, Path], Case]]] = {
     "image-damaged": (damaged_images(), build_damaged_image),
     "image-folder-layout": (folder_layouts(), build_layout),
     "idx-malformed": (idx_damage(), build_idx),
+    "image-pixel-modes": (pixel_modes(), build_pixel_modes),
+    "image-oversized": (oversized_images(), build_oversized),
+    "archive-special-members": (special_members(), build_special_member),
+    "json-beyond-limits": (json_beyond_limits(), build_json_beyond_limits),
+    "config-hostile": (hostile_configs(), build_hostile_config),
+    "name-not-utf8": (undecodable_names(), build_undecodable_name),
+    "evaluation-target-layout": (target_layouts(), build_target_layout),
+    "teacher-subset-size": (subset_sizes(), build_subset_size),
 }
 
 
@@ -761,6 +1070,7 @@ def test_forged_safetensors_header_is_refused_before_allocating(spec: dict) -> N
 @example(spec={"kind": "labelled-set", "command": "evaluate", "key": "temperature", "action": "replace", "value": 0})
 @example(spec={"kind": "bases-set", "command": "show", "key": "image_shape", "action": "replace",
                "value": [3, 10**6, 10**6]})  # bases upsampled to 10^12 pixels
+@example(spec={"kind": "set", "command": "show", "key": "fingerprint", "action": "delete"})  # unchecked before
 @given(spec=metadata_changes())
 def test_metadata_of_the_wrong_type_or_missing_is_a_clear_error(spec: dict) -> None:
     check(build_metadata, spec)
@@ -814,6 +1124,72 @@ def test_malformed_idx_is_refused(spec: dict) -> None:
     check(build_idx, spec)
 
 
+@FUZZ
+@example(spec={"mode": "I;16", "seed": 0, "images": 2})  # every pixel read as 255 before
+@example(spec={"mode": "F", "seed": 0, "images": 1})
+@given(spec=pixel_modes())
+def test_pixel_modes_are_converted_exactly_or_refused(spec: dict) -> None:
+    check(build_pixel_modes, spec)
+
+
+@FUZZ
+@example(spec={"dims": (9000, 9000), "victims": ["a/0", "b/1"]})  # two 79 KB files took 6 GB through distill
+@given(spec=oversized_images())
+def test_image_over_the_pixel_cap_is_refused_unread(spec: dict) -> None:
+    check(build_oversized, spec)
+
+
+@FUZZ
+@example(spec={"format": "imagefolder.tar.gz", "kind": "symlink", "read": True, "first": False})  # skipped before
+@example(spec={"format": "cifar10.tar.gz", "kind": "duplicate", "read": True, "first": False})  # counted twice
+@example(spec={"format": "cifar-10-python.tar.gz", "kind": "hardlink", "read": True, "first": True})
+@example(spec={"format": "cifar10.tar", "kind": "fifo", "read": False, "first": True})
+@given(spec=special_members())
+def test_link_device_or_repeated_archive_entry_is_refused(spec: dict) -> None:
+    check(build_special_member, spec)
+
+
+@FUZZ
+@example(spec={"kind": "set", "command": "show", "attack": "deep", "place": "header", "size": 100_000})
+@example(spec={"kind": "teacher", "command": "distill", "attack": "deep", "place": "metadata", "size": 100_000})
+@example(spec={"kind": "set", "command": "show", "attack": "digits", "place": "header", "size": 5000})
+@example(spec={"kind": "set", "command": "show", "attack": "surrogate-value", "place": "metadata", "size": 0xD800})
+@given(spec=json_beyond_limits())
+def test_json_beyond_the_limits_is_refused(spec: dict) -> None:
+    check(build_json_beyond_limits, spec)
+
+
+@FUZZ
+@example(spec={"attack": "alias-bomb", "command": "teacher", "width": 9, "levels": 9})  # 387 million strings
+@example(spec={"attack": "binary", "command": "distill", "text": "", "bad": b"\xff", "at": 0})
+@example(spec={"attack": "deep", "command": "teacher", "depth": 100_000, "flow": True})
+@given(spec=hostile_configs())
+def test_hostile_config_file_is_refused(spec: dict) -> None:
+    check(build_hostile_config, spec)
+
+
+@FUZZ
+@example(spec={"name": b"caf\xe9", "where": "class"})
+@example(spec={"name": b"\xff", "where": "file"})
+@given(spec=undecodable_names())
+def test_names_that_are_not_utf8(spec: dict) -> None:
+    check(build_undecodable_name, spec)
+
+
+@FUZZ
+@given(spec=target_layouts())
+def test_evaluation_target_without_a_test_split_says_how_to_add_one(spec: dict) -> None:
+    check(build_target_layout, spec)
+
+
+@FUZZ
+@example(spec={"via": "config", "n": 0})  # trained on every image before
+@example(spec={"via": "flag", "n": 10**6})
+@given(spec=subset_sizes())
+def test_teacher_subset_of_no_or_too_many_images_is_refused(spec: dict) -> None:
+    check(build_subset_size, spec)
+
+
 def test_judge_catches_what_it_must(tmp_path: Path) -> None:
     """The checks above are live: a payload that runs, a traceback and a stray output file are all reported."""
     marker = tmp_path / "ran"
@@ -825,6 +1201,8 @@ def test_judge_catches_what_it_must(tmp_path: Path) -> None:
     assert status == 2
     assert any("payload ran" in p for p in found) and any("does not name elsewhere" in p for p in found)
     assert any("out was written" in p for p in found)
+    _, found = run_case(Case(["show", str(tmp_path / "missing.safetensors")], "missing", must_succeed=True))
+    assert found and found[0].startswith("a valid input was refused")
 
 
 def test_pickle_renamed_to_safetensors_in_a_real_process(tmp_path: Path) -> None:

@@ -627,7 +627,7 @@ def test_cli_bytes_replaces_the_presets_image_budget(tiny_teacher: Path, tmp_pat
     (["--set", "foo"], "ssdd: error: --set expects KEY=VALUE (e.g. settings.steps=100), got 'foo'"),
     (["--set", "=3"], "ssdd: error: --set expects KEY=VALUE"),
     (["--set", "settings.nosuch=1"], "ssdd: error: krr-st settings: unknown key(s) nosuch; valid keys are "),
-    (["--set", "settings.steps=[1,"], "ssdd: error: --set 'settings.steps=[1,': cannot read '[1,'"),
+    (["--set", "settings.steps=[1,"], "ssdd: error: --set settings.steps: cannot read '[1,' as a value"),
     (["--set", "settings.steps=many"], "ssdd: error: krr-st settings.steps: expected an integer, got 'many'"),
     (["--bytes", "100"], "ssdd: error: a budget of 100 bytes holds no item of 4096 float32 values (16384 bytes)"),
     (["--bytes", "100000", "--images", "3"], "ssdd: error: give the budget as a number of images"),

@@ -362,7 +362,7 @@ def tiny_config(**overrides: Any) -> TeacherConfig:
 
 # 64 training images at batch 64: one step per epoch, so epoch 1's recorded loss is the loss of the untrained
 # network and the last epoch's is after 7 updates.
-TRAINED = dict(train_images=64, epochs=8, probe=True, monitor_every=1)
+TRAINED = dict(train_images=64, epochs=8, probe=True, monitor_every=1, keep_checkpoint=True)  # the final state kept
 
 
 @pytest.fixture(scope="module")

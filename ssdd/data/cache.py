@@ -10,7 +10,7 @@ from ssdd.data.dataset import ImageDataset
 from ssdd.errors import ArtefactError
 from ssdd.io import load_tensors, save_tensors
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: 16-bit, transparent and other non-8-bit images decoded anew (they read as 255 before)
 
 
 def cache_dir() -> Path:
@@ -31,7 +31,7 @@ def source_key(paths: list[Path]) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             stat = file.stat()
-            digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(file) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())  # any file name
     return digest.hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,29 @@ IDX_FILES = {
 }
 
 
+DATA_ROOT_FILE = "ssdd-data-root"  # in the environment's prefix (.venv/): the data root scripts/install.sh found
+
+
 def data_root(root: str | Path | None = None) -> Path:
-    """``root`` if given, else ``SSDD_DATA_ROOT``, else ``~/.cache/ssdd``."""
+    """``root`` if given, else ``$SSDD_DATA_ROOT``, else the path in ``<sys.prefix>/ssdd-data-root`` (written by
+    scripts/install.sh into .venv, so it holds with or without activating it), else ``~/.cache/ssdd``."""
     if root is not None:
         return Path(root).expanduser()
     env = os.environ.get("SSDD_DATA_ROOT")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ssdd"
+    if env:
+        return Path(env).expanduser()
+    recorded = Path(sys.prefix) / DATA_ROOT_FILE
+    if not recorded.exists():
+        return Path.home() / ".cache" / "ssdd"
+    try:
+        path = recorded.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{recorded} (the installed data root) cannot be read ({exc}); write the path of your data "
+                        "folder into it, or delete it") from None
+    if not path or "\n" in path:
+        raise DataError(f"{recorded} (the installed data root) must hold one path; write the path of your data "
+                        "folder into it, or delete it")
+    return Path(path).expanduser()
 
 
 @dataclass
@@ -53,7 +71,7 @@ class DatasetSpec:
     name: str
     description: str
     sources: Callable[[Path], list[Source]]
-    downloads: list[tuple[str, str]] = field(default_factory=list)  # (url, file name under the root)
+    downloads: list[tuple[str, str, str]] = field(default_factory=list)  # (url, file name under the root, its MD5)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -101,25 +119,34 @@ def _cifar_sources(root: Path, name: str, official: str, unpacked: str) -> list[
 DATASETS.add("cifar10", DatasetSpec(
     "cifar10", "CIFAR-10: 50k/10k colour images, 32 px, 10 classes",
     lambda root: _cifar_sources(root, "cifar10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
-    [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz")],
+    [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+      "c58f30108f718f92721af3b95e74349a")],
 ))
 DATASETS.add("cifar100", DatasetSpec(
     "cifar100", "CIFAR-100: 50k/10k colour images, 32 px, 100 classes (fine labels)",
     lambda root: _cifar_sources(root, "cifar100", "cifar-100-python.tar.gz", "cifar-100-python"),
-    [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz")],
+    [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+      "eb9058c3a382ffc7106e4002c42a8d85")],
 ))
 DATASETS.add("mnist", DatasetSpec(
     "mnist", "MNIST: 60k/10k grayscale digits, 28 px, 10 classes",
     lambda root: _image_folder_sources(root, "mnist") + [_idx_source(root / "mnist", MNIST_CLASSES)],
-    [(f"https://ossci-datasets.s3.amazonaws.com/mnist/{stem}.gz", f"mnist/{stem}.gz")
-     for pair in IDX_FILES.values() for stem in pair],
+    [(f"https://ossci-datasets.s3.amazonaws.com/mnist/{stem}.gz", f"mnist/{stem}.gz", md5) for stem, md5 in (
+        ("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
+        ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
+        ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"))],
 ))
 DATASETS.add("fashion-mnist", DatasetSpec(
     "fashion-mnist", "Fashion-MNIST: 60k/10k grayscale clothing images, 28 px, 10 classes",
     lambda root: _image_folder_sources(root, "fashion-mnist") + [
         _idx_source(root / "fashion-mnist", FASHION_CLASSES), _idx_source(FASHION_SYSTEM_DIR, FASHION_CLASSES)],
-    [(f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{stem}.gz", f"fashion-mnist/{stem}.gz")
-     for pair in IDX_FILES.values() for stem in pair],
+    [(f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{stem}.gz", f"fashion-mnist/{stem}.gz", md5)
+     for stem, md5 in (
+        ("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        ("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe"),
+        ("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79"),
+        ("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310"))],
 ))
 
 
@@ -139,16 +166,24 @@ DATASETS.add("digits", DatasetSpec("digits", "scikit-learn's 8x8 digits (1797 im
 DATASETS.add("synthetic", DatasetSpec("synthetic", "seeded class-structured noise, 32 px, 10 classes (for tests)", lambda root: []))
 
 
+def _split_folder(path: Path, split: str) -> readers.Decoded:
+    if not (path / split).is_dir():
+        raise DataError(f"imagefolder:{path} has train/ but no {split}/ folder; add {path}/{split}/<class>/<images> "
+                        "(held-out images of the same classes)")
+    return readers.read_image_folder(path / split)
+
+
 def _imagefolder_sources(path: Path) -> list[Source]:
     if path.is_file():
         return [Source(path, "image-folder archive", lambda split: readers.read_image_folder_archive(path, split))]
     if (path / "train").is_dir():
-        return [Source(path / "train", "image folder", lambda split: readers.read_image_folder(path / split),
-                       key_paths=[path])]
+        return [Source(path / "train", "image folder", lambda split: _split_folder(path, split), key_paths=[path])]
 
     def decode(split: str) -> readers.Decoded:
         if split != "train":
-            raise DataError(f"{path} has no train/ and test/ sub-folders, so it only has a 'train' split (all images)")
+            raise DataError(f"imagefolder:{path} has no {split}/ folder: a folder of class folders is one 'train' split "
+                            f"(all its images); to evaluate on it, split it into {path}/train/<class>/<images> and "
+                            f"{path}/test/<class>/<images> (held-out images)")
         return readers.read_image_folder(path)
 
     return [Source(path, "image folder (all images as train)", decode)]
@@ -160,6 +195,8 @@ def dataset_sources(name: str, root: str | Path | None = None) -> list[Source]:
         path = Path(name.split(":", 1)[1]).expanduser()
         if not str(path) or str(path) == ".":
             raise DataError("imagefolder: needs a path, e.g. imagefolder:/data/my_images")
+        if readers.printable(str(path)) != str(path):  # its name is stored in every set and report made from it
+            raise DataError(f"imagefolder:{readers.printable(str(path))}: the path is not valid UTF-8; rename it")
         return _imagefolder_sources(path)
     return DATASETS.get(name).sources(data_root(root))
 
@@ -207,6 +244,10 @@ def load_dataset(
         dataset = make_synthetic(split)
     else:
         dataset = _load_from_sources(name, split, root, download)
+    _, height, width = dataset.image_shape
+    if height != width and image_size is None:  # converted() would squash them to height x height
+        raise DataError(f"dataset {name!r} has images of {width}x{height} pixels; ssdd's models take square images: "
+                        "crop or pad them to squares first")
     return dataset.converted(channels=channels, size=image_size)
 
 
@@ -220,10 +261,11 @@ def _load_from_sources(name: str, split: str, root: str | Path | None, download:
         found = next((s for s in sources if s.exists()), None)
     if found is None:
         looked = "; ".join(f"{s.kind} {s.path}" for s in sources)
-        hint = (
-            "put a copy there, set SSDD_DATA_ROOT / --data-root, or pass --download"
-            if not name.startswith("imagefolder:") else "check the path"
-        )
+        if name.startswith("imagefolder:"):
+            hint = "check the path"
+        else:
+            hint = "put a copy there or set SSDD_DATA_ROOT / --data-root" + (
+                f", or fetch it with `ssdd datasets --download {name}`" if DATASETS.get(name).downloads else "")
         raise DataError(f"dataset {name!r} not found (looked for {looked}); {hint}")
     key = cache.source_key(found.key_paths or [found.path])
     path = cache.cache_path(name, split, key)

@@ -4,6 +4,11 @@ Each reader returns ``(images uint8 (N, C, H, W), labels int64 (N,), class names
 streams and never extracted, so an archive entry cannot write outside the data root.  The official CIFAR
 python batches are pickles; they are read with an unpickler that only admits the numpy types those files
 contain, so a forged file cannot run code.
+
+Limits: an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels is refused before it is decoded;
+archive entries are read only as regular files (a link, device or fifo where an image or batch is read is refused, as
+is a name that appears twice); an archive entry or a gzipped file yields at most :data:`MAX_FILE_BYTES`; class
+names must be valid UTF-8.
 """
 
 from __future__ import annotations
@@ -25,25 +30,81 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ssdd.errors import DataError
+from ssdd.io import MAX_IMAGE_SIDE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 Decoded = tuple[torch.Tensor, torch.Tensor, list[str]]
+# The most pixels a dataset image may declare (16.8 million, the artefacts' 4096 px side squared): checked against the
+# header before anything is decoded.  Settable: ``ssdd.data.readers.MAX_IMAGE_PIXELS = ...`` before loading.
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+MAX_FILE_BYTES = 1 << 30  # the most bytes read from one archive entry or one gzipped file (a gzip bomb stops here)
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+COLOUR_MODES = {"P", "PA", "CMYK", "YCbCr", "RGBX", "RGBA", "RGBa", "LA", "La", "HSV", "LAB"}  # PIL converts to RGB
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print or store: bytes that are not UTF-8 (file names decoded with surrogate escapes) are shown
+    as ``\\xNN`` and lone surrogates as ``\\udNNN``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file system byte escapes to
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
+    """Decode one image file to uint8 (H, W, 1) or (H, W, 3) pixels (see :func:`_to_8bit`)."""
     try:
         with warnings.catch_warnings():  # an image over PIL's pixel limit is refused before it is allocated
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
+                _check_pixel_count(img.size, where)
                 img.load()
-                if img.mode not in ("L", "RGB"):
-                    img = img.convert("L" if img.mode in ("1", "I", "I;16", "F") else "RGB")
-                arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+                arr = _to_8bit(img, where)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {where} is too large to decode ({exc}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else exc  # its text names a BytesIO
         raise DataError(f"cannot decode image {where}: {reason}; remove or replace the file") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _check_pixel_count(size: tuple[int, int], where: str) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {where} declares {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} a dataset "
+                        "image may have (ssdd.data.readers.MAX_IMAGE_PIXELS); downscale it first")
+
+
+def _to_8bit(img: Image.Image, where: str) -> np.ndarray:
+    """The pixels of ``img`` as uint8 gray (H, W) or RGB (H, W, 3): 16-bit values (and 32-bit integers within
+    0..65535, as PIL reads 16-bit PGM) are scaled by 255/65535 and rounded; a transparent pixel is composited over
+    black (its colour times its alpha), so what is stored under full transparency never matters; palette, CMYK and
+    other colour modes become RGB.  Floating-point and wider integer pixels, whose range is unknown, are refused."""
+    mode = img.mode
+    if mode in ("L", "RGB") and "transparency" not in img.info:
+        return np.asarray(img)
+    if mode == "1":
+        return np.asarray(img.convert("L"))
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        return _from_16bit(np.asarray(img), where)
+    if mode not in COLOUR_MODES | {"L", "RGB"}:
+        kind = "floating-point pixels" if mode == "F" else f"pixels of PIL mode {mode}"
+        raise DataError(f"image {where} holds {kind}, whose range ssdd cannot know; save it as 8- or 16-bit gray or "
+                        "RGB")
+    if {"A", "a"} & set(img.getbands()) or "transparency" in img.info:
+        gray = mode in ("L", "LA", "La")
+        with_alpha = np.asarray(img.convert("LA" if gray else "RGBA")).astype(np.uint32)
+        composited = ((with_alpha[..., :-1] * with_alpha[..., -1:] + 127) // 255).astype(np.uint8)
+        return composited[..., 0] if gray else composited
+    return np.asarray(img.convert("RGB"))
+
+
+def _from_16bit(values: np.ndarray, where: str) -> np.ndarray:
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise DataError(f"image {where} holds 32-bit pixel values ({low} to {high}) beyond 16 bits; save it as 8- or "
+                        "16-bit gray or RGB")
+    return ((values.astype(np.int64) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257) = round(v * 255 / 65535)
 
 
 def _stack(arrays: list[np.ndarray], names: list[str], what: str) -> torch.Tensor:
@@ -69,12 +130,15 @@ def _from_members(members: Iterable[tuple[str, str, bytes]], what: str) -> Decod
     classes = sorted({c for c, _, _ in items})
     if not classes:
         raise DataError(f"{what} contains no class folders with images")
+    for cls in classes:  # class names are stored, printed and written into reports
+        if printable(cls) != cls:
+            raise DataError(f"{what}: class folder name '{printable(cls)}' is not valid UTF-8; rename the folder")
     index = {c: i for i, c in enumerate(classes)}
     arrays, names = [], []
     for cls, name, data in tqdm(items, desc=f"decoding {what}", unit="img", leave=False, mininterval=1.0,
                                 disable=None):  # shown on a terminal only: never mixed into redirected stderr
-        arrays.append(_decode(data, f"{cls}/{name} in {what}"))
-        names.append(f"{cls}/{name}")
+        names.append(f"{cls}/{printable(name)}")
+        arrays.append(_decode(data, f"{names[-1]} in {what}"))
     labels = torch.tensor([index[c] for c, _, _ in items], dtype=torch.int64)
     return _stack(arrays, names, what), labels, classes
 
@@ -87,13 +151,53 @@ def read_image_folder(split_dir: str | Path) -> Decoded:
     class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"image folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<images>)")
-    files = {d: sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-             for d in class_dirs}
-    empty = [d.name for d, found in files.items() if not found]
+    files = {d: _image_files(d) for d in class_dirs}
+    empty = [printable(d.name) for d, found in files.items() if not found]
     if empty:
         raise DataError(f"image folder {split_dir}: class folder(s) {', '.join(empty)} contain no images")
     members = [(d.name, f.name, f.read_bytes()) for d, found in files.items() for f in found]
     return _from_members(members, str(split_dir))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of a class folder, sorted by name; a fifo, device or broken link named like an image is
+    refused (a folder named like one is not an image and is skipped)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
+            continue
+        if not path.is_file():
+            raise DataError(f"image folder {folder}: {printable(path.name)} is not a regular file (a broken link, fifo "
+                            "or device); remove it or replace it with the image")
+        found.append(path)
+    return found
+
+
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) -> bytes | None:
+    """The bytes of a regular-file archive entry, None for a folder; a link, device or fifo is refused, since reading
+    around it would silently drop the image it stands for."""
+    if member.isdir():
+        return None
+    if not member.isfile():
+        kind = ("a symbolic link" if member.issym() else "a hard link" if member.islnk() else
+                "a fifo" if member.isfifo() else "a device file" if member.isdev() else "not a regular file")
+        fix = ("with links resolved (tar --dereference --hard-dereference)" if member.issym() or member.islnk() else
+               "without it")
+        raise DataError(f"archive {archive}: entry {printable(member.name)} is {kind}; ssdd reads only regular files "
+                        f"from archives: re-create it {fix}")
+    if member.size > MAX_FILE_BYTES:
+        raise DataError(f"archive {archive}: entry {printable(member.name)} holds {member.size} bytes, more than the "
+                        f"{MAX_FILE_BYTES} ssdd reads from one entry; it is not a dataset file")
+    return tar.extractfile(member).read()  # type: ignore[union-attr] - a regular file always has data
+
+
+def _refuse_duplicate(seen: dict, key: object, name: str, archive: Path) -> None:
+    """Record that entry ``name`` provides ``key``; refuse a second entry providing the same ``key``."""
+    if key in seen:
+        both = f"{name} twice" if seen[key] == name else f"{seen[key]} and {name}, two entries for one file"
+        raise DataError(f"archive {archive} holds {printable(both)} (as tar --append makes); re-create the archive "
+                        "with one of them")
+    seen[key] = name
 
 
 def _safe_member_parts(name: str, archive: Path) -> tuple[str, ...]:
@@ -153,38 +257,40 @@ def read_image_folder_archive(archive: str | Path, split: str) -> Decoded:
     archive = Path(archive)
     members: list[tuple[str, str, bytes]] = []
     class_names: set[str] = set()
+    seen: dict[tuple[str, str], str] = {}
     try:
         with _ArchiveStream(archive) as tar:
             for member in tar:
                 parts = _safe_member_parts(member.name, archive)
-                if len(parts) >= 3 and parts[1] == split and member.isdir() and len(parts) == 3:
+                if len(parts) == 3 and parts[1] == split and member.isdir():
                     class_names.add(parts[2])
-                if not member.isfile() or len(parts) != 4 or parts[1] != split:
+                if len(parts) != 4 or parts[1] != split or PurePosixPath(parts[3]).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                if PurePosixPath(parts[3]).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                fh = tar.extractfile(member)
-                if fh is None:
-                    continue
-                members.append((parts[2], parts[3], fh.read()))
+                data = _member_data(tar, member, archive)
+                if data is not None:
+                    _refuse_duplicate(seen, parts[2:], member.name, archive)
+                    members.append((parts[2], parts[3], data))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"archive {archive} is corrupt or truncated ({exc}); download or copy it again") from None
     if not members:
         raise DataError(f"archive {archive} has no images under <top>/{split}/<class>/")
     empty = sorted(class_names - {c for c, _, _ in members})
     if empty:
-        raise DataError(f"archive {archive}: class folder(s) {', '.join(empty)} of split {split} contain no images")
+        raise DataError(f"archive {archive}: class folder(s) {', '.join(map(printable, empty))} of split {split} "
+                        "contain no images")
     return _from_members(members, f"{archive}:{split}")
 
 
 def _open_maybe_gz(path: Path) -> bytes:
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {exc}; the file is corrupt or truncated") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{path} unpacks to more than the {MAX_FILE_BYTES} bytes ssdd reads from one file; it is not "
+                        "a dataset file")
+    return data
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -260,14 +366,15 @@ def read_cifar_python(path: str | Path, variant: str, split: str) -> Decoded:
             if (path / name).is_file():
                 blobs[name] = (path / name).read_bytes()
     else:
+        seen: dict[str, str] = {}
         try:
             with _ArchiveStream(path) as tar:
                 for member in tar:
                     parts = _safe_member_parts(member.name, path)
-                    if member.isfile() and parts and parts[-1] in wanted:
-                        fh = tar.extractfile(member)
-                        if fh is not None:
-                            blobs[parts[-1]] = fh.read()
+                    data = _member_data(tar, member, path) if parts and parts[-1] in wanted else None
+                    if data is not None:
+                        _refuse_duplicate(seen, parts[-1], member.name, path)
+                        blobs[parts[-1]] = data
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DataError(f"archive {path} is corrupt or truncated ({exc}); download it again") from None
     missing = sorted(wanted - set(blobs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import gather_objects, shard, world
-from ssdd.errors import ConfigError
+from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, HighLossSettings, make_baseline,
                                        make_labelled_baseline)
 from ssdd.evaluation.journal import Journal, Result
@@ -27,6 +28,7 @@ from ssdd.evaluation.relabel import RelabelSettings, relabels_on_the_fly, squeez
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
 from ssdd.teachers import Teacher, load_teacher, teacher_features
+from ssdd.values import FRACTION, SEED
 
 
 @dataclass
@@ -57,9 +59,10 @@ class EvaluationConfig:
             raise ConfigError(PROTOCOLS.unknown_message(self.protocol))
         if not self.targets or not self.archs or not self.seeds:
             raise ConfigError("targets, archs and seeds must each name at least one item")
+        for seed in self.seeds:
+            SEED.check(seed, "seeds")
         for fraction in self.readout.fractions:
-            if not 0 < fraction <= 1:
-                raise ConfigError(f"label fractions must lie in (0, 1], got {fraction}")
+            FRACTION.check(fraction, "label fractions (readout.fractions)")
 
 
 @dataclass
@@ -275,6 +278,36 @@ def _check_compatible(protocol: str, entries: list[_Entry], baselines: Sequence[
             raise ConfigError(f"set {entry.name!r} holds {kind}s; use --protocol supervised")
 
 
+IMAGE_MARGIN = 10.0  # pixel ranges a set's images may reach beyond its pixel space's valid range (learned sets drift)
+TARGET_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # ~1.8e19: a target's squared error overflows float32 beyond
+
+
+def check_values(distilled: DistilledSet, name: str) -> None:
+    """Refuse set ``name`` when its images or float targets (as materialised) hold NaN or infinite values, when its
+    images reach more than :data:`IMAGE_MARGIN` widths of its pixel space's valid range beyond that range (the range
+    of [0, 1] pixels; farther out a network sees no image at all and scores chance), or when a target's magnitude
+    exceeds :data:`TARGET_LIMIT` (pre-training's squared error overflows): the set is at fault, not the protocol."""
+    images, targets = distilled.materialize()
+    low, high = (b.flatten() for b in distilled.pixel_space.bounds())
+    seen_low, seen_high = images.amin(dim=(0, 2, 3)), images.amax(dim=(0, 2, 3))
+    largest = float(torch.maximum(seen_low.abs(), seen_high.abs()).max())
+    fix = "the set's values are out of range, not the protocol's settings; distil it again or repair the set"
+    if not math.isfinite(largest):
+        raise ArtefactError(f"set {name!r}: its images hold NaN or infinite values; {fix}")
+    beyond = float(torch.maximum(low - seen_low, seen_high - high).div(high - low).max())
+    if beyond > IMAGE_MARGIN:
+        raise ArtefactError(f"set {name!r}: its images reach max |value| {largest:.3g}, {beyond:.3g} pixel ranges "
+                            f"outside its pixel space's valid range {float(low.min()):.3g}..{float(high.max()):.3g} "
+                            f"(at most {IMAGE_MARGIN:g} are accepted); {fix}")
+    if targets.is_floating_point():
+        largest = float(torch.maximum(targets.amin().abs(), targets.amax().abs()))
+        if not math.isfinite(largest):
+            raise ArtefactError(f"set {name!r}: its targets hold NaN or infinite values; {fix}")
+        if largest > TARGET_LIMIT:
+            raise ArtefactError(f"set {name!r}: its targets reach max |value| {largest:.3g}, beyond {TARGET_LIMIT:.2g} "
+                                f"where pre-training's squared error overflows float32; {fix}")
+
+
 def image_budget_bytes(images: int, teacher: Teacher, protocol: str) -> int:
     """The bytes of ``images`` real images in float32 with their teacher targets (float32), or under the
     supervised protocol with int64 hard labels."""
@@ -332,6 +365,8 @@ def evaluate(
     labels = list(names) + [None] * (len(loaded) - len(names))
     entries = [_Entry(label or _entry_name(s, taken), s) for s, label in zip(loaded, labels)]
     _check_compatible(config.protocol, entries, baselines)
+    for entry in entries:
+        check_values(entry.distilled, entry.name)
     if "teacher" in baselines and teacher is None:
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]

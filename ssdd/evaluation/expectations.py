@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ssdd.errors import ConfigError
 from ssdd.evaluation.evaluate import Cell
+from ssdd.text import markdown_cell
 
 HOLDS, WITHIN_NOISE, FAILS = "holds", "within noise", "fails"
 _ORDERING = re.compile(r"^\s*([\w.-]+)\s*(>=|>)\s*([\w.-]+)\s*$")
@@ -122,6 +123,6 @@ def markdown_verdicts(verdicts: list[Verdict]) -> str:
     for v in verdicts:
         verdict = f"**{v.outcome}**" if v.outcome == FAILS else v.outcome
         labels = f"{v.fraction * 100:g} %" if v.above.protocol == "linear" else "-"
-        lines.append(f"| {v.ordering} | {v.arch} | {v.target} | {labels} | {v.above.mean:.1f} | "
-                     f"{v.below.mean:.1f} | {v.difference:+.1f} | {v.noise:.1f} | {verdict} |")
+        lines.append(f"| {markdown_cell(str(v.ordering))} | {markdown_cell(v.arch)} | {markdown_cell(v.target)} | "
+                     f"{labels} | {v.above.mean:.1f} | {v.below.mean:.1f} | {v.difference:+.1f} | {v.noise:.1f} | {verdict} |")
     return "\n".join(lines)

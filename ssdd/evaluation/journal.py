@@ -9,12 +9,11 @@ ran them), and files made with other settings are removed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ssdd.distributed import World, broadcast_object
-from ssdd.io import atomic_write_text
+from ssdd.io import append_text, atomic_write_text
 
 # one read-out result: (entry, architecture, target, label fraction, accuracy, seconds)
 Result = tuple[str, str, str, float, float, float]
@@ -35,7 +34,6 @@ class Journal:
         finished = broadcast_object(finished, current)
         self._file = self.stem.with_name(f"{self.stem.name}-{current.rank}.jsonl")
         if not self._file.exists():
-            self._file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._file, json.dumps({"key": self.key}) + "\n")
         return finished
 
@@ -43,10 +41,7 @@ class Journal:
         """Record a finished job (after :meth:`resume`); the line is on disk when this returns."""
         if self._file is None:
             raise RuntimeError("Journal.add before Journal.resume")
-        with open(self._file, "a") as f:
-            f.write(json.dumps({"job": job, "results": results}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self._file, json.dumps({"job": job, "results": results}) + "\n", sync=True)
 
     def _tidy(self) -> dict[int, list[Result]]:
         finished: dict[int, list[Result]] = {}

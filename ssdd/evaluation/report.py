@@ -9,7 +9,8 @@ from typing import Any
 from ssdd.config import to_dict
 from ssdd.errors import ArtefactError
 from ssdd.evaluation.evaluate import Cell, EvaluationConfig
-from ssdd.io import atomic_path, atomic_write_text
+from ssdd.text import markdown_cell, plot_text
+from ssdd.io import atomic_path, atomic_paths
 
 RESULTS_FORMAT = 1
 
@@ -45,7 +46,7 @@ def markdown_tables(cells: list[Cell]) -> str:
         best = {col: max(c.mean for c in group if _column(c) == col) for col in columns}
         seeds = len(group[0].seeds)
         out.append(f"### protocol `{protocol}`, architecture `{arch}` (top-1 %, mean +- std over {seeds} seeds)\n")
-        out.append("| set | " + " | ".join(columns) + " |")
+        out.append("| set | " + " | ".join(map(markdown_cell, columns)) + " |")
         out.append("| --- |" + " --- |" * len(columns))
         for row in rows:
             cells_row = []
@@ -56,13 +57,14 @@ def markdown_tables(cells: list[Cell]) -> str:
                     continue
                 text = f"{match[0].mean:.1f} +- {match[0].std:.1f}"
                 cells_row.append(f"**{text}**" if match[0].mean == best[col] else text)
-            out.append(f"| {row} | " + " | ".join(cells_row) + " |")
+            out.append(f"| {markdown_cell(row)} | " + " | ".join(cells_row) + " |")
         out.append("")
     return "\n".join(out)
 
 
 def plot(cells: list[Cell], path: Path) -> None:
-    """Grouped bars: accuracy per target column and entry, with std error bars (one panel per architecture)."""
+    """Grouped bars: accuracy per target column and entry, with std error bars (one panel per architecture), written
+    to ``path`` as it is (:func:`write_report` gives a temporary path)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,15 +86,16 @@ def plot(cells: list[Cell], path: Path) -> None:
                     xs.append(j + (i - (len(entries) - 1) / 2) * width)
                     means.append(match[0].mean)
                     stds.append(match[0].std)
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=entry)
-        ax.set_xticks(range(len(columns)), columns)
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=plot_text(entry))
+        ax.set_xticks(range(len(columns)), [plot_text(column) for column in columns])
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{group[0].protocol} protocol, {arch}")
         ax.legend(fontsize="small", ncols=min(len(entries), 4))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_against_budget(points: list[tuple[str, int, Cell]], path: Path) -> None:
@@ -113,9 +116,9 @@ def plot_against_budget(points: list[tuple[str, int, Cell]], path: Path) -> None
             for series in dict.fromkeys(series for series, _, _ in here):
                 line = sorted((size, c.mean, c.std) for name, size, c in here if name == series)
                 sizes, means, stds = zip(*line)
-                ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=2, label=series)
+                ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=2, label=plot_text(series))
             ax.set_xscale("log")
-            ax.set_title(f"{protocol}, {arch}: {column}", fontsize="small")
+            ax.set_title(plot_text(f"{protocol}, {arch}: {column}"), fontsize="small")
             ax.set_xlabel("bytes")
             ax.set_ylabel("top-1 (%)")
     axes[0, 0].legend(fontsize="small")
@@ -127,9 +130,9 @@ def plot_against_budget(points: list[tuple[str, int, Cell]], path: Path) -> None
 
 def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig, environment: dict[str, Any],
                  command: str | None = None) -> Path:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``folder``; returns the markdown path."""
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``folder``, all three or (a write that fails)
+    none; returns the markdown path."""
     folder = Path(folder)
-    atomic_write_text(folder / "results.json", json.dumps(results_dict(cells, config, environment, command), indent=2))
     header = ["# ssdd evaluate", ""]
     if command:
         header += ["```", command, "```", ""]
@@ -140,6 +143,8 @@ def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig
                else "trained on their stored logits")
         header += [f"Relabel `{config.relabel.mode}`: sets that name their squeeze model are {how}.", ""]
     md = folder / "results.md"
-    atomic_write_text(md, "\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
-    plot(cells, folder / "results.png")
+    with atomic_paths(folder / "results.json", md, folder / "results.png") as (results, markdown, figure):
+        results.write_text(json.dumps(results_dict(cells, config, environment, command), indent=2))
+        markdown.write_text("\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
+        plot(cells, figure)
     return md

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +23,19 @@ from tqdm.auto import tqdm
 from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
-from ssdd.device import make_generator, resolve_device
+from ssdd.device import make_generator, precision, resolve_device
 from ssdd.distributed import world
-from ssdd.distilled import DISTILLED_FILE, DistilledSet
+from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, NumericalError, SsddError, check_finite
+from ssdd.errors import ConfigError, NumericalError, check_finite
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
 from ssdd.resources import ensure_fits
-from ssdd.runs import RunDir
+from ssdd.runs import RunDir, on_main
 from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
+from ssdd.values import SEED
 
 
 # settings a resumed run may change besides runs.EXECUTION_SETTINGS: how it monitors, and the learning rates (the
@@ -41,6 +44,7 @@ RESUMABLE_CHANGES = ("monitor", "settings.lr_images", "settings.lr_targets")
 
 
 WORKING_COPIES = 4  # a distilled tensor, its gradient and Adam's two moments
+OWNED_FILES = ("curves.png", "grid.png", "sets")  # what a run writes besides its record and set (--overwrite removes)
 MONITOR_SPLIT_SEED = 12345  # the monitor's memory/query split, fixed so checks compare across runs
 
 
@@ -80,9 +84,13 @@ class DistillConfig:
     data_root: str | None = None
     source_images: int | None = None  # distil from a seeded random subset of this many source images (quick runs)
     checkpoint_minutes: float = 5.0
+    keep_checkpoint: bool = False  # keep checkpoint.pt once the set is written (a finished run needs none)
     log_every: int = 10
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        SEED.check(self.seed, "seed")
 
 
 def method_settings(method: str, settings: Any) -> Any:
@@ -133,10 +141,12 @@ def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher
 
 
 class Distillation:
-    """One run of one method, checkpointed in ``out`` (or kept in memory when ``out`` is None)."""
+    """One run of one method, checkpointed in ``out`` (or kept in memory when ``out`` is None); ``out`` holding a run
+    already needs ``resume`` (a finished run is then returned as it is) or ``overwrite`` (it starts afresh)."""
 
     def __init__(self, config: DistillConfig, out: str | Path | None, resume: bool = False, progress: bool = True,
-                 teacher: Teacher | None = None, source: ImageDataset | None = None):
+                 teacher: Teacher | None = None, source: ImageDataset | None = None, overwrite: bool = False):
+        self.started = time.monotonic()  # the wall clock of the whole run, its setup included
         self.config = config
         self.progress = progress
         self.resume = resume
@@ -151,21 +161,33 @@ class Distillation:
         if config.monitor.protocol is not None:  # an unknown preset fails now, not at the first check
             preset_dict("evaluate", config.monitor.protocol)
         self.budget = Budget(config.images, config.bytes, config.storage_dtype)
-        teacher, source = resolve_inputs(config, self.device, teacher, source)
-        self.teacher = teacher
-        self.source = source
-        self.refuse_what_cannot_fit()
-        self.checkpoints = RunDir(out) if out is not None else None  # read by every process when resuming
-        self.run_dir = self.checkpoints if self.world.is_main else None  # written by process 0 only
-        if self.run_dir is not None:
-            self.run_dir.start(resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES,
-                               defaults=default_config(config.method))
-        log = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
-        context = DistillContext(source, teacher, self.device, config.seed, log,
-                                 self.run_dir.path if self.run_dir is not None else None, progress)
-        try:
+        # read by every process when resuming, written (and locked) by process 0 only
+        self.checkpoints = RunDir(out, DISTILLED_FILE, OWNED_FILES, echo=progress) if out is not None else None
+        self.run_dir = self.checkpoints if self.world.is_main else None
+        self.finished = self.checkpoints is not None and on_main(lambda: self.run_dir.start(
+            resolved_config(config), resume=resume, ignore=RESUMABLE_CHANGES, defaults=default_config(config.method),
+            overwrite=overwrite), self.world)
+        self.logger = self.run_dir.logger if self.run_dir is not None else logging.getLogger("ssdd.distill")
+        if self.finished:
+            self.log(f"resumed a finished run: its set {self.checkpoints.path / DISTILLED_FILE} is kept as it is")
+            return
+        try:  # a run that fails before its first step leaves no run folder behind
+            self.log(f"started: {shlex.join(sys.argv)}")
+            self.log("setup: loading the teacher and the source data")
+            teacher, source = resolve_inputs(config, self.device, teacher, source)
+            self.teacher = teacher
+            self.source = source
+            self.refuse_what_cannot_fit()
+            self.log(f"{config.method}: a budget of {self.budget_text()}, seed {config.seed}, source {source.name} "
+                     f"({len(source)} images), teacher {'-' if teacher is None else teacher.path or 'in memory'}, "
+                     f"device {self.device}, precision {precision()}, {self.world.size} process(es), a checkpoint "
+                     f"every {config.checkpoint_minutes:g} min; every setting is in config.yaml")
+            self.log(f"setup: preparing {config.method} (its initial set and what it precomputes, e.g. teacher "
+                     "features, networks or experts)")
+            context = DistillContext(source, teacher, self.device, config.seed, self.logger,
+                                     self.run_dir.path if self.run_dir is not None else None, progress)
             self.method: Method = method_cls(self.settings, context, self.budget)
-        except SsddError:  # e.g. a budget the method cannot use: leave no run folder behind
+        except BaseException:
             if self.run_dir is not None:
                 self.run_dir.abandon()
             raise
@@ -175,12 +197,14 @@ class Distillation:
         (image, target) value) before any of it is allocated, and refuse a budget the device cannot hold."""
         target_values = self.teacher.feature_dim if self.teacher is not None else self.source.num_classes
         values = self.budget.total_values(math.prod(self.source.image_shape) + target_values)
-        asked = f"{self.budget.images} images" if self.budget.images is not None else f"{self.budget.bytes} bytes"
-        ensure_fits(WORKING_COPIES * 4 * values, f"a budget of {asked}", self.device,
+        ensure_fits(WORKING_COPIES * 4 * values, f"a budget of {self.budget_text()}", self.device,
                     "lower --images or --bytes, or distil on a larger machine")
 
+    def budget_text(self) -> str:
+        return f"{self.budget.images} images" if self.budget.images is not None else f"{self.budget.bytes} bytes"
+
     def log(self, message: str) -> None:
-        self.method.context.log.info(message)
+        self.logger.info(message)
 
     def check(self, distilled: DistilledSet, step: int) -> dict[str, Any]:
         """Every monitor of the set at ``step``: ``knn`` and, with ``monitor.protocol``, ``protocol`` (top-1 % by
@@ -191,6 +215,7 @@ class Distillation:
             distilled.save(self.run_dir.path / "sets" / f"step-{step:06d}.safetensors")
         if m.protocol is not None:
             checked["protocol"] = self.protocol_check(distilled)
+        self.log(f"monitor at step {step}: " + ", ".join(f"{k} {v}" for k, v in checked.items()))
         return checked
 
     def protocol_check(self, distilled: DistilledSet) -> dict[str, float]:
@@ -225,6 +250,20 @@ class Distillation:
         return knn_accuracy(feats[: len(memory)], data.labels[memory], feats[len(memory):], data.labels[queries], k=m.k)
 
     def run(self) -> DistilledSet:
+        """Distil to the end (from the last checkpoint when resuming) and write the set; a finished run's set as it
+        is. The run folder's lock is released when this returns or fails."""
+        try:
+            if not self.finished:
+                return self._distil()
+            if self.run_dir is not None:
+                self.run_dir.complete(self.config.keep_checkpoint)  # a run killed before it removed its checkpoint
+            self.wall_seconds = time.monotonic() - self.started
+            return load_distilled(self.checkpoints.path / DISTILLED_FILE)
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.close()
+
+    def _distil(self) -> DistilledSet:
         cfg = self.config
         method = self.method
         total = method.total_steps()
@@ -235,6 +274,8 @@ class Distillation:
             method.load_state_dict(state["method"])
             start, elapsed = int(state["step"]), float(state.get("seconds", 0.0))
             self.log(f"resumed at step {start}")
+        self.log(f"setup done in {time.monotonic() - self.started:.1f} s; "
+                 + (f"distilling steps {start + 1} to {total}" if start < total else "every step was done: finishing"))
         knn = None
         if start == 0 and cfg.monitor.every > 0 and main:  # the initial set, the reference of every later check
             checked = self.check(method.distilled_set(), 0)
@@ -282,9 +323,14 @@ class Distillation:
 
     def checkpoint(self, step: int, seconds: float) -> None:
         self.run_dir.save_checkpoint({"step": step, "seconds": seconds, "method": self.method.state_dict()})
+        self.log(f"checkpoint at step {step} ({self.run_dir.checkpoint_path})")
 
     def finish(self, seconds: float) -> DistilledSet:
+        """The final set with its provenance; in a run folder its record, curves and the set, written last (a run is
+        finished once its set exists), and the checkpoint is removed unless kept."""
         cfg = self.config
+        if cfg.monitor.every >= 0 and self.world.is_main:
+            self.log("final monitor check")
         distilled = self.method.distilled_set()
         checked = self.check(distilled, self.method.total_steps()) if cfg.monitor.every >= 0 and self.world.is_main else {}
         knn = checked.get("knn")
@@ -302,11 +348,16 @@ class Distillation:
             "monitor_protocol": checked.get("protocol"),
             "environment": environment(self.device),
         })
+        self.wall_seconds = time.monotonic() - self.started
         if self.run_dir is not None:
-            distilled.save(self.run_dir.path / DISTILLED_FILE)
-            self.run_dir.metrics(final=True, **checked, byte_count=distilled.byte_count, seconds=round(seconds, 1))
+            self.run_dir.metrics(final=True, **checked, byte_count=distilled.byte_count, seconds=round(seconds, 1),
+                                 wall_seconds=round(self.wall_seconds, 1))
             save_curves(self.run_dir.read_metrics(), self.run_dir.path / "curves.png")
-            self.log(f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
+            distilled.save(self.run_dir.path / DISTILLED_FILE)
+            self.log(f"finished: {self.method.total_steps()} steps, {seconds:.1f} s in the outer loop (resumed parts "
+                     f"included), {self.wall_seconds:.1f} s wall time of this command (setup and checks included); "
+                     f"wrote {distilled.path} ({distilled.byte_count} bytes, monitor kNN {knn})")
+            self.run_dir.complete(cfg.keep_checkpoint)
         return distilled
 
 
@@ -323,12 +374,14 @@ def distill(
     device: str = "auto",
     progress: bool = True,
     monitor: MonitorSettings | None = None,
+    overwrite: bool = False,
 ) -> DistilledSet:
     """Distil ``source`` with ``method`` at ``budget`` (a number of images or a :class:`Budget`); returns the set.
 
     ``config`` is the method's settings (its dataclass, or a dict merged over the settings of ``preset``, e.g.
     ``"cifar10-cpu"``, whose budget and monitor are used when not given here).  With ``out`` the run is checkpointed
-    there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``.
+    there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``; an ``out`` that
+    holds a run needs ``resume=True`` (a finished one is returned as it is) or ``overwrite=True`` (it starts afresh).
     """
     preset_values = preset_dict("distill", preset if "/" in (preset or "/") else f"{method}/{preset}") if preset else {}
     if isinstance(config, dict) or config is None:
@@ -352,4 +405,4 @@ def distill(
         settings=to_dict(method_settings(method, config)),
     )
     dataset = source if isinstance(source, ImageDataset) else None
-    return Distillation(cfg, out, resume, progress, teacher=loaded_teacher, source=dataset).run()
+    return Distillation(cfg, out, resume, progress, teacher=loaded_teacher, source=dataset, overwrite=overwrite).run()

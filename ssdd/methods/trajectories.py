@@ -41,6 +41,7 @@ from ssdd.evaluation.training import batch_loss, build_student
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import Backbone
 from ssdd.resources import on_device_if_it_fits
+from ssdd.runs import folder_lock, on_main
 from ssdd.teachers.losses import SSL_LOSSES
 
 Params = dict[str, torch.Tensor]
@@ -158,22 +159,37 @@ def train_experts(
     """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
     ``targets``, ``ce`` to labels, or a self-supervised loss on two views, ``targets`` unused) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
     ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding).  Under torchrun the
-    blocks of ``parallel`` experts are dealt round-robin to the processes, each writing its own experts' files."""
+    blocks of ``parallel`` experts are dealt round-robin to the processes, each writing its own experts' files. While
+    experts are missing the folder is locked, so that one run at a time trains into it (a complete folder is only
+    read, and may be read-only)."""
     if loss not in EXPERT_LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(EXPERT_LOSSES)}")
     if is_self_supervised(loss) and settings.parallel > 1:
         raise ConfigError(f"{loss} experts train one at a time (settings.experts.parallel: 1); the vmapped path "
                           "takes supervised losses only")
     folder = Path(folder)
-    device = torch.device(device)
+    current = world()
+
+    def missing() -> list[int]:
+        return [k for k in range(settings.num_experts) if not expert_file(folder, k).exists()]
+
+    if on_main(missing, current):  # process 0's list, the same on every process
+        with folder_lock(folder, current):
+            _train_missing(folder, on_main(missing, current), settings, images, targets, loss, seed,
+                           torch.device(device), metadata, progress)
+    return ExpertStore(folder, settings.num_experts)
+
+
+def _train_missing(folder: Path, todo: list[int], settings: ExpertSettings, images: torch.Tensor,
+                   targets: torch.Tensor, loss: str, seed: int, device: torch.device, metadata: dict[str, Any] | None,
+                   progress: bool) -> None:
+    """Train the blocks of experts that hold the ``todo`` ones and write those (this process's share of them)."""
     images, targets = on_device_if_it_fits(images, device), on_device_if_it_fits(targets, device)
-    todo = [k for k in range(settings.num_experts) if not expert_file(folder, k).exists()]
     num_outputs = expert_outputs(loss, settings, targets)
     n = images.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
     current = world()
-    barrier(current)  # every process has listed the missing experts before any is written
     blocks = [block for _, block in shard(sorted({k // settings.parallel for k in todo}), current)]
     bar = tqdm(total=len(blocks) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
                disable=not progress or not blocks or not current.is_main)
@@ -194,7 +210,6 @@ def train_experts(
             save_tensors(expert_file(folder, k), history[j], info)
     bar.close()
     barrier(current)  # every process's experts are on disk before anyone reads the store
-    return ExpertStore(folder, settings.num_experts)
 
 
 _EXPERT_ADVICE = "the experts finished before are kept; lower settings.experts.lr (now {}) and run again"

@@ -1,4 +1,5 @@
-"""The teacher-feature cache: a teacher's features of a dataset are computed once and stored beside it.
+"""The teacher-feature cache: a teacher's features of a dataset are computed once and stored beside it (or, when the
+teacher's folder is read-only, in the user's cache folder).
 
 Features are deterministic given the teacher, the images and the view specification, so they are keyed by
 teacher fingerprint + dataset fingerprint + views and reused by every method and evaluation.
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
+from ssdd.data.cache import cache_dir
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
 from ssdd.probes import extract_features
 from ssdd.resources import ensure_fits
-from ssdd.io import load_tensors, save_tensors
+from ssdd.io import load_tensors, save_tensors, writable
 from ssdd.teachers.artefact import Teacher
 
 FEATURES_DIR = "features"
@@ -68,11 +70,16 @@ def write_cached(path: Path | None, name: str, tensor: torch.Tensor, teacher: Te
 
 def derived_cache_path(teacher: Teacher, dataset: ImageDataset, key: str, prefix: str = "") -> Path | None:
     """Where something computed deterministically from ``teacher`` and ``dataset`` (told apart by ``key``, a hash
-    of how it was computed) is cached: the teacher's feature folder. None for a teacher not loaded from a file."""
+    of how it was computed) is cached: the teacher's feature folder; when that folder is read-only and does not hold
+    it, ``features/<teacher fingerprint>/`` in the cache folder (:func:`ssdd.data.cache.cache_dir`). None for a
+    teacher not loaded from a file."""
     if teacher.path is None:
         return None
     name = f"{prefix}{dataset.name.replace(':', '_').replace('/', '_')}-{dataset.split}-{dataset.fingerprint}-{key}"
-    return teacher.path.parent / FEATURES_DIR / f"{name}.safetensors"
+    beside = teacher.path.parent / FEATURES_DIR / f"{name}.safetensors"
+    if beside.exists() or writable(beside.parent):
+        return beside
+    return cache_dir() / FEATURES_DIR / teacher.fingerprint / f"{name}.safetensors"
 
 
 def teacher_features(

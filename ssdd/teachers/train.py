@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +16,18 @@ from tqdm.auto import tqdm
 from ssdd.config import to_dict
 from ssdd.data import PixelSpace, load_dataset
 from ssdd.data.augment import SSLViews
-from ssdd.device import autocast, make_generator, resolve_device, seeded
+from ssdd.device import autocast, make_generator, precision, resolve_device, seeded
 from ssdd.distributed import World, world
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, check_finite
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
-from ssdd.runs import RunDir
+from ssdd.runs import RunDir, on_main
 from ssdd.teachers.artefact import TEACHER_FILE, save_teacher
+from ssdd.teachers.features import FEATURES_DIR
 from ssdd.teachers.losses import SSL_LOSSES, make_projector
+from ssdd.values import POSITIVE, POSITIVE_INT, SEED
 
 
 @dataclass
@@ -58,12 +62,17 @@ class TeacherConfig:
     channels_last: bool = True  # measured faster for convnets on CPU too (docs/results/teachers.md)
     compile: bool = False  # torch.compile the training step's model (worth it for long GPU runs)
     checkpoint_minutes: float = 5.0
+    keep_checkpoint: bool = False  # keep checkpoint.pt once the teacher is written (a finished run needs none)
 
     def __post_init__(self) -> None:
         if self.ssl not in SSL_LOSSES:
             raise ConfigError(f"unknown SSL method {self.ssl!r}; use one of {', '.join(SSL_LOSSES)}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
+        SEED.check(self.seed, "seed")
+        POSITIVE.check(self.lr, "lr")
+        if self.train_images is not None:
+            POSITIVE_INT.check(self.train_images, "train_images")
 
 
 class SSLModel(nn.Module):
@@ -102,23 +111,31 @@ def _ssl_loss(config: TeacherConfig) -> nn.Module:
 class _TeacherTraining:
     """State of one teacher run; :meth:`run` trains to the end, resuming from the run folder if asked."""
 
-    def __init__(self, config: TeacherConfig, out: Path, resume: bool, progress: bool):
+    def __init__(self, config: TeacherConfig, run_dir: RunDir, resume: bool, progress: bool, started: float):
         self.config = config
-        self.run_dir = RunDir(out)
+        self.run_dir = run_dir
         self.resume = resume
         self.progress = progress
+        self.started = started  # the wall clock of the whole run, its setup included
+        self.world = world()
         self.device = resolve_device(config.device)
         self.cuda = self.device.type == "cuda"
 
+        self.log(f"started: {shlex.join(sys.argv)}")
+        self.log(f"setup: loading {config.dataset}")
         train = load_dataset(config.dataset, "train", root=config.data_root)
         self.source_fingerprint = train.fingerprint  # of the whole split, which baselines and methods draw from
         if config.train_images:
+            if config.train_images > len(train):  # a subset of more images than there are would silently be all
+                raise ConfigError(f"train_images {config.train_images} exceeds the {len(train)} images of "
+                                  f"{config.dataset}; give at most {len(train)}, or leave it out to train on all")
             order = torch.randperm(len(train), generator=make_generator(config.seed))
             train = train.subset(order[: config.train_images])
         self.train_set = train
         self.test_set = load_dataset(config.dataset, "test", root=config.data_root)
         self.pixel_space = PixelSpace.of(train.images)
         c, h, _ = train.image_shape
+        self.log(f"setup: building {config.arch} and its projector")
         with seeded(config.seed):
             self.backbone = create_model(config.arch, in_channels=c, image_size=h, **config.arch_args)
             self.projector = make_projector(self.backbone.feature_dim, config.projector)
@@ -126,7 +143,6 @@ class _TeacherTraining:
         self.projector.to(self.device)
         if config.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.world = world()
         if config.batch_size % self.world.size:
             raise ConfigError(f"batch_size {config.batch_size} must split evenly over the {self.world.size} processes")
         self.model = distributed_model(SSLModel(self.backbone, self.projector), self.world, self.cuda)
@@ -146,6 +162,15 @@ class _TeacherTraining:
         self.images = train.images.to(self.device)  # uint8; a CIFAR-size set fits any device
         monitor = min(config.monitor_train_images, len(train))  # a seeded random subset: splits are sorted by class
         self.monitor_idx = torch.randperm(len(train), generator=make_generator(config.seed + 2))[:monitor]
+        self.log(f"{config.ssl} {config.arch}: {config.epochs} epochs of {self.steps_per_epoch} steps on {len(train)} "
+                 f"{config.dataset} images, seed {config.seed}, device {self.device}, precision {precision()}, "
+                 f"{self.world.size} process(es), a checkpoint every {config.checkpoint_minutes:g} min; every "
+                 "setting is in config.yaml")
+
+    def log(self, message: str) -> None:
+        """A line of ``run.log`` (process 0 writes it)."""
+        if self.world.is_main:
+            self.run_dir.log(message)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -218,13 +243,12 @@ class _TeacherTraining:
     def run(self) -> Path:
         cfg = self.config
         main = self.world.is_main  # only process 0 writes, monitors and shows progress
-        if main:
-            self.run_dir.start(cfg, resume=self.resume, ignore=("lr",), defaults=TeacherConfig())
         if self.resume and (state := self.run_dir.load_checkpoint()) is not None:
             self.load_state(state)
-            if main:
-                self.run_dir.log(f"resumed at step {self.step}" + (f" with {self.world.size} processes"
-                                                                    if self.world.size > 1 else ""))
+            self.log(f"resumed at step {self.step}" + (f" with {self.world.size} processes"
+                                                        if self.world.size > 1 else ""))
+        self.log(f"setup done in {time.monotonic() - self.started:.1f} s; training steps {self.step + 1} to "
+                 f"{self.total_steps}")
         self.backbone.train()
         self.projector.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
@@ -248,17 +272,23 @@ class _TeacherTraining:
                     knn = self.last_knn = measured = self.knn()
                 self.run_dir.metrics(epoch=done_epochs, step=self.step, loss=loss, knn=measured,
                                      seconds=round(time.monotonic() - start_time, 1))
+                self.log(f"epoch {done_epochs}/{cfg.epochs}: loss {loss:.4g}"
+                         + ("" if measured is None else f", kNN top-1 {measured:.2f}%"))
             if knn is not None:
                 postfix["knn"] = f"{knn:.1f}"
             bar.set_postfix(postfix)
             if main and epoch_done and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
-                self.run_dir.save_checkpoint(self.state())
+                self.checkpoint()
                 last_checkpoint = time.monotonic()
         bar.close()
         if not main:
             return self.run_dir.path / TEACHER_FILE
+        self.checkpoint()
+        return self.finish(knn, time.monotonic() - start_time)
+
+    def checkpoint(self) -> None:
         self.run_dir.save_checkpoint(self.state())
-        return self.finish(knn)
+        self.log(f"checkpoint at step {self.step} ({self.run_dir.checkpoint_path})")
 
     def recovery_advice(self) -> str:
         """Where a diverged run can restart, and with what (for :class:`~ssdd.errors.NumericalError`)."""
@@ -267,10 +297,13 @@ class _TeacherTraining:
                     f"learning rate (--resume --lr ...; this run's is {self.config.lr})")
         return f"no checkpoint had been written yet; start again with a lower learning rate (--lr, now {self.config.lr})"
 
-    def finish(self, knn: float | None) -> Path:
+    def finish(self, knn: float | None, seconds: float) -> Path:
+        """Probe the backbone and write the teacher, last (a run is finished once it exists); the checkpoint is
+        removed unless kept."""
         cfg = self.config
         probe = None
         if cfg.probe:
+            self.log("final linear probe")
             train_feats = self.features(self.train_set.images)
             test_feats = self.features(self.test_set.images)
             probe = linear_probe_accuracy(train_feats, self.train_set.labels, test_feats, self.test_set.labels)
@@ -289,15 +322,40 @@ class _TeacherTraining:
         }
         path = self.run_dir.path / TEACHER_FILE
         self.backbone.eval()
+        wall = time.monotonic() - self.started
+        self.run_dir.metrics(final=True, knn=knn, linear_probe=probe, wall_seconds=round(wall, 1))
         save_teacher(path, self.backbone.cpu(), self.pixel_space, info)
-        self.run_dir.metrics(final=True, knn=knn, linear_probe=probe)
+        self.log(f"finished: {self.step} steps, {seconds:.1f} s of training in this command, {wall:.1f} s wall time "
+                 f"(setup and probes included); wrote {path}")
+        self.run_dir.complete(cfg.keep_checkpoint)
         return path
 
 
-def train_teacher(config: TeacherConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+def train_teacher(config: TeacherConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                  overwrite: bool = False) -> Path:
     """Train a self-supervised teacher and write ``out/teacher.safetensors``; returns its path.
 
     With ``resume=True`` a run killed earlier continues from the last checkpoint in ``out`` and, on CPU,
-    finishes with exactly the weights an uninterrupted run would have.
+    finishes with exactly the weights an uninterrupted run would have (a finished run is kept as it is). An ``out``
+    that holds a run needs ``resume`` or ``overwrite`` (which starts afresh). The folder is locked while it trains.
     """
-    return _TeacherTraining(config, Path(out), resume, progress).run()
+    started = time.monotonic()
+    current = world()
+    run_dir = RunDir(out, TEACHER_FILE, (FEATURES_DIR,), echo=progress and current.is_main)
+    finished = on_main(lambda: run_dir.start(config, resume=resume, ignore=("lr",), defaults=TeacherConfig(),
+                                             overwrite=overwrite), current)
+    try:
+        if finished:
+            if current.is_main:
+                run_dir.log(f"resumed a finished run: its teacher {run_dir.path / TEACHER_FILE} is kept as it is")
+                run_dir.complete(config.keep_checkpoint)  # a run killed before it removed its checkpoint
+            return run_dir.path / TEACHER_FILE
+        try:  # a run that fails before its first step leaves no run folder behind
+            training = _TeacherTraining(config, run_dir, resume, progress, started)
+        except BaseException:
+            if current.is_main:
+                run_dir.abandon()
+            raise
+        return training.run()
+    finally:
+        run_dir.close()
