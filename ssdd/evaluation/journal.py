@@ -33,14 +33,14 @@ class Journal:
         finished = self._tidy() if current.is_main else {}
         finished = broadcast_object(finished, current)
         self._file = self.stem.with_name(f"{self.stem.name}-{current.rank}.jsonl")
-        if not self._file.exists():
-            atomic_write_text(self._file, json.dumps({"key": self.key}) + "\n")
         return finished
 
     def add(self, job: int, results: list[Result]) -> None:
         """Record a finished job (after :meth:`resume`); the line is on disk when this returns."""
         if self._file is None:
             raise RuntimeError("Journal.add before Journal.resume")
+        if not self._file.exists():  # written with the first job, so a refused evaluation leaves no file
+            atomic_write_text(self._file, json.dumps({"key": self.key}) + "\n")
         append_text(self._file, json.dumps({"job": job, "results": results}) + "\n", sync=True)
 
     def _tidy(self) -> dict[int, list[Result]]:
