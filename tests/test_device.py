@@ -53,6 +53,7 @@ def test_float32_precision_turns_autocast_off_even_where_bf16_is_native(monkeypa
     from ssdd.environment import device_name
 
     monkeypatch.setattr(device_module, "bf16_native_on_cpu", lambda: True)
+    monkeypatch.setattr("ssdd.environment.bf16_native_on_cpu", lambda: True)  # as on a bf16 machine, on any CPU
     monkeypatch.setenv("SSDD_PRECISION", "amp")  # restored after the test, whatever set_precision writes
     cpu = torch.device("cpu")
     with device_module.autocast(cpu, True):
