@@ -115,13 +115,14 @@ class RunDir:
         return finished
 
     def _open_log(self) -> None:
-        """Send the run's log to ``run.log`` (and, with ``echo``, to stderr)."""
+        """Send the run's log to ``run.log`` (and, with ``echo`` and a terminal on stderr, there too: redirected
+        output, such as a log file or a pipe, gets the errors alone; run.log has the rest)."""
         self.close_log()
         with writing(self.path / LOG_FILE):
             handler: logging.Handler = _LogFile(self.path / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.logger.handlers = [handler]
-        if self.echo:
+        if self.echo and sys.stderr.isatty():
             echo = _Echo()
             echo.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
             self.logger.handlers.append(echo)

@@ -479,9 +479,12 @@ def test_run_log_tells_each_phase_and_the_wall_time(capsys: pytest.CaptureFixtur
 
 
 def test_the_setup_is_said_on_stderr_with_progress_and_the_wall_time_printed(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_teacher: Path) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_teacher: Path) -> None:
     argv = [a for a in distill_argv(tiny_teacher, tmp_path / "run") if a != "--no-progress"]
-    assert main(argv) == 0
+    assert main(argv) == 0  # stderr is not a terminal: the setup goes to run.log only
+    assert "setup:" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: said there too
+    assert main([*argv, "--overwrite"]) == 0
     captured = capsys.readouterr()
     assert "setup: loading the teacher and the source data" in captured.err and "setup done in" in captured.err
     assert "s in the outer loop, " in captured.out and "s wall time (setup and checks included)" in captured.out
