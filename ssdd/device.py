@@ -58,12 +58,17 @@ def set_precision(value: str) -> None:
     os.environ[PRECISION_VARIABLE] = value
 
 
+def runs_bf16(device: torch.device, enabled: bool = True) -> bool:
+    """Whether :func:`autocast` runs bf16 on ``device``: ``enabled``, bf16 native there, ``--precision amp``."""
+    native = device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())
+    return enabled and native and precision() == "amp"
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast (convolutions and matmuls in bf16, weights and losses in float32) on CUDA and on CPUs with
     native bf16; a no-op elsewhere, when not ``enabled`` or under ``--precision float32``, so results never depend
     on slow emulated bf16."""
-    native = device.type == "cuda" or (device.type == "cpu" and bf16_native_on_cpu())
-    if enabled and native and precision() == "amp":
+    if runs_bf16(device, enabled):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

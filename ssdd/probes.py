@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,15 @@ def extract_features(
     pixel_space: PixelSpace,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    bar: Any = None,
 ) -> torch.Tensor:
-    """Features (N, d) of uint8 images, normalised into ``pixel_space`` batch by batch, returned on the CPU."""
+    """Features (N, d) of uint8 images, normalised into ``pixel_space`` batch by batch, returned on the CPU in
+    float32 (``bar``: a tqdm bar advanced by each batch's images)."""
     out = []
     for batch in device_batches(images, batch_size, device):
         out.append(encoder(pixel_space.normalize(batch)).float().flatten(1).cpu())
+        if bar is not None:
+            bar.update(batch.shape[0])
     return torch.cat(out)
 
 

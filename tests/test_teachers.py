@@ -39,6 +39,7 @@ from ssdd.teachers import (
     train_teacher,
 )
 from ssdd.teachers import train as train_module
+from ssdd.teachers.features import _views_key
 from ssdd.teachers.losses import gather_batch
 
 # ---- references written independently of ssdd -------------------------------------------------------------
@@ -435,7 +436,8 @@ def test_loaded_teacher_is_frozen_and_in_eval_mode(trained: Path) -> None:
     assert not teacher.training and not teacher.backbone.training  # stays frozen
 
 
-def test_save_load_round_trip_gives_the_trained_features(trained: Path) -> None:
+def test_save_load_round_trip_gives_the_trained_features(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "float32")  # bit for bit: the contiguous float32 forward pass
     teacher = load_teacher(trained)  # a folder works too
     assert isinstance(teacher, Teacher) and teacher.path == trained / "teacher.safetensors"
 
@@ -457,6 +459,8 @@ def test_save_load_round_trip_gives_the_trained_features(trained: Path) -> None:
     got = teacher.encode(images)
     assert got.shape == (16, teacher.feature_dim)
     assert torch.equal(got, expected)
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "auto")  # channels_last here (no native bf16): the same features
+    torch.testing.assert_close(teacher.encode(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_same_config_twice_gives_identical_teachers(tmp_path: Path) -> None:
@@ -671,6 +675,37 @@ def test_teacher_features_augmented_is_seeded(teacher_copy: Teacher, forward_cal
     assert both.shape == (4, 12, d)
     assert torch.equal(both[0], teacher_features(teacher_copy, ds))
     assert torch.equal(both[1:], a)
+
+
+def test_teacher_features_record_the_teachers_precision_and_memory_format(
+        teacher_copy: Teacher, forward_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Each SSDD_TEACHER_PRECISION mode has its own cache entry (its values differ slightly); float32 keeps the key
+    it had before the mode was recorded; a bar shows images/s when the teacher's progress is on."""
+    ds = toy_dataset()
+    monkeypatch.setattr("ssdd.teachers.artefact.runs_bf16", lambda device, enabled=True: False)  # any CPU
+    files = lambda: sorted((teacher_copy.path.parent / "features").glob("*.safetensors"))  # noqa: E731
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "float32")
+    assert teacher_copy.encoding("cpu") == (False, False)
+    plain = teacher_features(teacher_copy, ds)
+    assert [f.name for f in files()] == [f"toy-train-{ds.fingerprint}-{_views_key(None, 0, 0)}.safetensors"]
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "auto")  # the teacher trained channels_last
+    assert teacher_copy.encoding("cpu") == (False, True)
+    teacher_copy.progress = True
+    auto = teacher_features(teacher_copy, ds)
+    assert "img/s" in capsys.readouterr().err
+    assert len(files()) == 2 and sum(forward_calls) == 24
+    assert sorted(load_tensors(f)[1]["encoding"] for f in files()) == ["float32", "float32+channels_last"]
+    torch.testing.assert_close(auto, plain, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in teacher_copy.parameters())  # channels_last inside the pass only
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "bf16")
+    assert teacher_copy.encoding("cpu") == (True, True)
+    bf16 = teacher_features(teacher_copy, ds)
+    assert bf16.dtype == torch.float32 and len(files()) == 3
+    torch.testing.assert_close(bf16, plain, rtol=0.1, atol=0.1)
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="SSDD_TEACHER_PRECISION"):
+        teacher_features(teacher_copy, ds)
 
 
 def test_teacher_features_converts_other_image_shapes(teacher_copy: Teacher) -> None:

@@ -119,6 +119,8 @@ class Evaluator:
         self.config = config
         self.teacher = teacher
         self.progress = progress
+        if teacher is not None:  # a bar over the teacher-feature cache's pass, when it is computed
+            teacher.progress = progress
         self.device = resolve_device(config.device)
         self._targets: dict[tuple[str, tuple[int, int, int]], Target] = {}
         self._source = None

@@ -175,6 +175,8 @@ class Distillation:
             self.log(f"started: {shlex.join(sys.argv)}")
             self.log("setup: loading the teacher and the source data")
             teacher, source = resolve_inputs(config, self.device, teacher, source)
+            if teacher is not None:  # a bar over the teacher-feature cache's pass, when it is computed
+                teacher.progress = progress and self.world.is_main
             self.teacher = teacher
             self.source = source
             self.refuse_what_cannot_fit()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +14,33 @@ import torch.nn as nn
 
 from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
-from ssdd.device import device_batches
-from ssdd.errors import ArtefactError, SsddError
+from ssdd.device import device_batches, runs_bf16
+from ssdd.errors import ArtefactError, ConfigError, SsddError
 from ssdd.probes import extract_features
 from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 from ssdd.models import Backbone, create_model
 
 FORMAT_VERSION = 1
 TEACHER_FILE = "teacher.safetensors"
+TEACHER_PRECISIONS = ("auto", "float32", "bf16")
+TEACHER_PRECISION_VARIABLE = "SSDD_TEACHER_PRECISION"
+
+
+def teacher_precision() -> str:
+    """How :meth:`Teacher.encode` and the teacher-feature cache run the teacher (``SSDD_TEACHER_PRECISION``):
+
+    * ``auto`` (the default): the teacher's own format, as ``ssdd teacher`` trained it: channels_last when it trained
+      channels_last, bf16 autocast when it trained with ``amp`` and bf16 is native here (CUDA, or a CPU with
+      AVX512-BF16/AMX) and ``--precision`` is not ``float32``; float32 otherwise.
+    * ``float32``: float32 in the contiguous format (the released code's way).
+    * ``bf16``: bf16 autocast and channels_last everywhere (emulated, hence slow, on a CPU without native bf16).
+
+    Each mode gives slightly different features, so the feature cache is keyed by the mode that ran.
+    """
+    value = os.environ.get(TEACHER_PRECISION_VARIABLE, "auto") or "auto"
+    if value not in TEACHER_PRECISIONS:
+        raise ConfigError(f"{TEACHER_PRECISION_VARIABLE}={value!r}: use one of {', '.join(TEACHER_PRECISIONS)}")
+    return value
 
 
 class Teacher(nn.Module):
@@ -34,6 +56,7 @@ class Teacher(nn.Module):
         self.pixel_space = pixel_space
         self.metadata = metadata
         self.path = path
+        self.progress = False  # whether long encoding passes (the feature cache) show a progress bar
         self.train(False)
 
     @property
@@ -60,15 +83,43 @@ class Teacher(nn.Module):
         device = next(self.backbone.parameters()).device
         return torch.cat([self(batch).float().cpu() for batch in device_batches(images, batch_size, device)])
 
-    def encode(self, images: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
-        """Features (N, d) on the CPU of uint8 images (N, C, H, W)."""
+    def encoding(self, device: torch.device | str) -> tuple[bool, bool]:
+        """(bf16 autocast, channels_last): how the teacher runs on ``device`` under :func:`teacher_precision`."""
+        mode = teacher_precision()
+        if mode != "auto":
+            return mode == "bf16", mode == "bf16"
+        trained = self.metadata.get("config", {})  # a teacher without it: ssdd teacher's defaults (both on)
+        bf16 = runs_bf16(torch.device(device), bool(trained.get("amp", True)))
+        return bf16, bool(trained.get("channels_last", True))
+
+    @contextlib.contextmanager
+    def encoder(self, device: torch.device | str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """A function from normalised images to features, run as :meth:`encoding` says for ``device`` (the weights
+        are channels_last inside the block only)."""
+        bf16, channels_last = self.encoding(device)
+        device = torch.device(device)
+        precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        try:
+            with precision:
+                yield (lambda x: self(x.contiguous(memory_format=torch.channels_last))) if channels_last else self
+        finally:
+            if channels_last:
+                self.backbone.to(memory_format=torch.contiguous_format)
+
+    def encode(self, images: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None,
+               bar: Any = None) -> torch.Tensor:
+        """Features (N, d) on the CPU of uint8 images (N, C, H, W), run as :meth:`encoding` says (``bar``: a tqdm
+        bar advanced by each batch's images)."""
         from ssdd.data.transforms import convert_images
 
         c, h, _ = self.input_shape
         if images.shape[1:] != (c, h, h):
             images = convert_images(images, channels=c, size=h)
         device = device or next(self.backbone.parameters()).device
-        return extract_features(self, images, self.pixel_space, batch_size=batch_size, device=device)
+        with self.encoder(device) as encode:
+            return extract_features(encode, images, self.pixel_space, batch_size=batch_size, device=device, bar=bar)
 
 
 def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, kind: str,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
 from ssdd.data.cache import cache_dir
@@ -28,10 +30,17 @@ FEATURES_DIR = "features"
 log = logging.getLogger(__name__)
 
 
-def _views_key(views: Sequence[str] | None, augmented: int, seed: int, crop_flip: int = 0) -> str:
+def _encoding_name(bf16: bool, channels_last: bool) -> str:
+    return f"{'bf16' if bf16 else 'float32'}{'+channels_last' if channels_last else ''}"
+
+
+def _views_key(views: Sequence[str] | None, augmented: int, seed: int, crop_flip: int = 0,
+               encoding: tuple[bool, bool] = (False, False)) -> str:
     spec = f"views={','.join(views) if views is not None else '-'};augmented={augmented};seed={seed}"
     if crop_flip:
         spec += f";crop_flip={crop_flip}"
+    if any(encoding):  # float32 in the contiguous format keeps the key it had before the encoding was recorded
+        spec += f";encoding={_encoding_name(*encoding)}"
     return hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
@@ -42,9 +51,11 @@ def crop_flip_copies(num_images: int, copies: int, seed: int) -> list[tuple[torc
 
 
 def feature_cache_path(teacher: Teacher, dataset: ImageDataset, views: Sequence[str] | None,
-                       augmented: int = 0, seed: int = 0, crop_flip: int = 0) -> Path | None:
-    """Where the features of ``dataset`` under ``views`` are cached (None for a teacher not loaded from a file)."""
-    return derived_cache_path(teacher, dataset, _views_key(views, augmented, seed, crop_flip))
+                       augmented: int = 0, seed: int = 0, crop_flip: int = 0,
+                       encoding: tuple[bool, bool] = (False, False)) -> Path | None:
+    """Where the features of ``dataset`` under ``views``, computed with ``encoding`` ((bf16, channels_last), see
+    :meth:`Teacher.encoding`), are cached (None for a teacher not loaded from a file)."""
+    return derived_cache_path(teacher, dataset, _views_key(views, augmented, seed, crop_flip, encoding))
 
 
 def read_cached(path: Path | None, name: str, teacher: Teacher, dataset: ImageDataset) -> torch.Tensor | None:
@@ -101,8 +112,14 @@ def teacher_features(
       with ``seed`` (combined with ``views`` the result is (V + k, N, d)).
     * ``crop_flip=k``: (k, N, d) features of k fixed crop+flip copies, whose parameters are
       ``crop_flip_copies(N, k, seed)`` (so a method can rebuild any copied image); stacked after the others.
+
+    The teacher runs in its own precision and memory format (``SSDD_TEACHER_PRECISION``, see
+    :func:`ssdd.teachers.artefact.teacher_precision`), which the cache key records; the features are float32.
+    A pass that computes them shows a progress bar in images/s when ``teacher.progress`` is set.
     """
-    path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip) if use_cache else None
+    device = device or next(teacher.backbone.parameters()).device
+    encoding = teacher.encoding(device)
+    path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip, encoding) if use_cache else None
     cached = read_cached(path, "features", teacher, dataset)
     if cached is not None:
         return cached
@@ -113,27 +130,36 @@ def teacher_features(
     c, h, _ = teacher.input_shape
     images = dataset.converted(channels=c, size=h).images
     blocks = []
-    for view in views or ():
-        rotated = apply_view(images, view)
-        blocks.append(teacher.encode(rotated, batch_size=batch_size, device=device))
-    if augmented:
-        augment = SSLViews()
-        gen = make_generator(seed)
-        for _ in range(augmented):
+    started = time.perf_counter()
+    bar = tqdm(total=copies * len(dataset), desc=f"teacher features ({_encoding_name(*encoding)})", unit="img",
+               disable=not teacher.progress, leave=False, dynamic_ncols=True, smoothing=0)  # rate: whole pass
+    with bar, teacher.encoder(device) as encode:
+        for view in views or ():
+            rotated = apply_view(images, view)
+            blocks.append(extract_features(encode, rotated, teacher.pixel_space, batch_size, device, bar))
+        if augmented:
+            augment = SSLViews()
+            gen = make_generator(seed)
+            for _ in range(augmented):
+                out = []
+                for start in range(0, images.shape[0], batch_size):
+                    x = augment(images[start : start + batch_size].float().div(255.0), gen)
+                    out.append(extract_features(encode, x, teacher.pixel_space, batch_size, device, bar))
+                blocks.append(torch.cat(out))
+        for shifts, flips in crop_flip_copies(len(dataset), crop_flip, seed):
             out = []
             for start in range(0, images.shape[0], batch_size):
-                x = augment(images[start : start + batch_size].float().div(255.0), gen)
-                out.append(extract_features(teacher, x, teacher.pixel_space, batch_size, device or "cpu"))
+                part = slice(start, start + batch_size)
+                x = apply_crop_flip(images[part].float().div(255.0), shifts[part], flips[part])
+                out.append(extract_features(encode, x, teacher.pixel_space, batch_size, device, bar))
             blocks.append(torch.cat(out))
-    for shifts, flips in crop_flip_copies(len(dataset), crop_flip, seed):
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            part = slice(start, start + batch_size)
-            x = apply_crop_flip(images[part].float().div(255.0), shifts[part], flips[part])
-            out.append(extract_features(teacher, x, teacher.pixel_space, batch_size, device or "cpu"))
-        blocks.append(torch.cat(out))
-    features = teacher.encode(images, batch_size=batch_size, device=device) if not blocks else torch.stack(blocks)
+        if not blocks:
+            blocks.append(extract_features(encode, images, teacher.pixel_space, batch_size, device, bar))
+    rate = copies * len(dataset) / (time.perf_counter() - started)
+    log.info("teacher features of %d images x %d computed at %.0f images/s (%s)", len(dataset), copies, rate,
+             _encoding_name(*encoding))
+    features = blocks[0] if not (views or augmented or crop_flip) else torch.stack(blocks)
     write_cached(path, "features", features, teacher, dataset,
                  {"kind": "teacher-features", "views": list(views or []), "augmented": augmented, "seed": seed,
-                  "crop_flip": crop_flip})
+                  "crop_flip": crop_flip, "encoding": _encoding_name(*encoding)})
     return features
