@@ -72,7 +72,83 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAINING_ONLY = ("preset", "config", "ssl", "epochs", "batch_size", "lr", "optimizer", "train_images", "seed",
+                  "resume")
+
+
+def _import_teacher(args: argparse.Namespace) -> int:
+    """``ssdd teacher --import FILE``: a network trained elsewhere as a teacher artefact, and what the import found."""
+    from ssdd.config import safe_load_yaml
+    from ssdd.data.transforms import PixelSpace
+    from ssdd.io import read_metadata
+    from ssdd.teachers import import_teacher
+
+    given = [name for name in _TRAINING_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} trains a teacher; it does not apply to --import")
+    pixel_space: Any = args.pixel_space
+    if args.mean is not None or args.std is not None:
+        mean, std = _csv(args.mean) or [], _csv(args.std) or []
+        if args.pixel_space or not mean or len(mean) != len(std):
+            raise ConfigError("--mean and --std go together, one number per channel each"
+                              + (", instead of --pixel-space" if args.pixel_space else ""))
+        try:
+            pixel_space = PixelSpace.from_dict({"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
+        except ValueError:
+            raise ConfigError(f"--mean and --std take numbers, got {args.mean!r} and {args.std!r}") from None
+    arch_args = safe_load_yaml(args.arch_args, "--arch-args") if args.arch_args else {}
+    if not isinstance(arch_args, dict):
+        raise ConfigError(f"--arch-args takes a YAML mapping such as '{{width: 32}}', got {args.arch_args!r}")
+    path = import_teacher(args.import_file, args.out, format=args.format, arch=args.arch, stem=args.stem,
+                          pixel_space=pixel_space, image_size=args.image_size, arch_args=arch_args,
+                          dataset=args.dataset or "cifar10", data_root=args.data_root, check=not args.no_check,
+                          check_images=args.check_images, allow_missing=args.allow_missing,
+                          overwrite=args.overwrite, device=args.device or "auto")
+    for line in _import_summary(path, read_metadata(path)):
+        print(terminal_safe(line))
+    return 0
+
+
+def _import_summary(path: Path, meta: dict[str, Any]) -> list[str]:
+    """What ``ssdd teacher --import`` prints: format, architecture, coverage, pixel space and the check."""
+    info, arch = meta["imported"], meta["architecture"]
+    coverage, space = info["coverage"], meta["pixel_space"]
+    how = f"auto: {info['detected']}" if info["detected"] else "given"
+    options = ", ".join(f"{k} {v}" for k, v in arch.items() if k not in ("name", "num_outputs", "in_channels"))
+    dropped = ", ".join(f"{k} ({n})" for k, n in coverage["dropped"].items()) or "nothing"
+    lines = [f"imported {info['file']} ({info['encoding']}, {info['container']}) as {path}",
+             f"  format {info['format']} ({how}); {arch['name']}, {options}; feature dim {meta['feature_dim']}",
+             f"  weights: {coverage['matched']} of {coverage['expected']} backbone tensors matched "
+             f"({100 * coverage['fraction']:.1f}%); left out: {dropped}",
+             f"  pixel space {info['pixel_space']}: mean {space['mean']}, std {space['std']}"]
+    if coverage["missing"]:
+        lines.append(f"  warning: {len(coverage['missing'])} tensor(s) kept their random initialisation "
+                     f"(--allow-missing): {', '.join(coverage['missing'][:5])}")
+    check = info["check"]
+    if check is None:
+        lines.append("  check skipped (--no-check)")
+    else:
+        lines.append(f"  check on {check['dataset']} ({check['memory_images']} train images as memory, "
+                     f"{check['query_images']} test queries): kNN top-1 {check['knn_top1']}%, random weights "
+                     f"{check['random_weights_knn_top1']}%, chance {check['chance_top1']}%")
+        features = check["features"]
+        if features["finite"]:
+            lines.append(f"  features: mean norm {features['norm_mean']:.4g}, mean std {features['std_mean']:.4g}, "
+                         f"constant dims {100 * features['constant_fraction']:.1f}%, effective rank "
+                         f"{features['effective_rank']:.1f}")
+        lines.append(f"  verdict: {check['verdict']}")
+    return lines
+
+
+_IMPORT_ONLY = ("stem", "arch_args", "image_size", "pixel_space", "mean", "std", "allow_missing", "no_check")
+
+
 def _cmd_teacher(args: argparse.Namespace) -> int:
+    if args.import_file is not None:
+        return _import_teacher(args)
+    given = [name for name in _IMPORT_ONLY if getattr(args, name) not in (None, False)]
+    if given or args.format != "auto":
+        raise ConfigError(f"--{(given or ['format'])[0].replace('_', '-')} applies to --import FILE only")
     from ssdd.config import resolve_config
     from ssdd.distributed import init_from_env
     from ssdd.io import read_metadata
@@ -288,9 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model zoo and each model's options")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("teacher", help="train a self-supervised teacher (Barlow Twins or SimCLR)")
+    from ssdd.models.resnet import STEMS
+    from ssdd.teachers.importer import PIXEL_SPACES
+    from ssdd.teachers.layouts import FORMATS
+
+    p = sub.add_parser("teacher", help="train a self-supervised teacher (Barlow Twins or SimCLR), or import one "
+                       "(--import)")
     _add_run_options(p, "teacher")
-    p.add_argument("--dataset", help="source dataset (e.g. cifar10, imagefolder:PATH)")
+    p.add_argument("--dataset", help="source dataset (e.g. cifar10, imagefolder:PATH); with --import: the source "
+                   "recorded and checked on (default cifar10)")
     p.add_argument("--ssl", choices=("barlow-twins", "simclr"))
     p.add_argument("--arch", help="backbone from `ssdd models`")
     p.add_argument("--epochs", type=POSITIVE_INT.argument)
@@ -298,6 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE.argument)
     p.add_argument("--optimizer", choices=("lars", "sgd", "adamw"))
     p.add_argument("--train-images", type=POSITIVE_INT.argument, help="train on this many images (a seeded subset)")
+    imports = p.add_argument_group("import a teacher trained elsewhere (docs/your-own-teacher.md)")
+    imports.add_argument("--import", dest="import_file", metavar="FILE",
+                         help="a torch.save or safetensors file of weights to import instead of training")
+    imports.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                         help="the library the file comes from (default auto: read from its keys)")
+    imports.add_argument("--stem", choices=STEMS, help="a ResNet's stem (default: 7x7 -> imagenet, 3x3 -> the "
+                         "format's: cifar-pad2 for solo-learn and krr-st, else cifar)")
+    imports.add_argument("--arch-args", help="options of --arch as a YAML mapping (state-dict format), e.g. "
+                         "'{widths: [32, 64], norm: batch}'")
+    imports.add_argument("--image-size", type=POSITIVE_INT.argument,
+                         help="the teacher's input size (default 224 for the imagenet stem, else 32)")
+    imports.add_argument("--pixel-space", choices=PIXEL_SPACES, help="normalisation the teacher was trained with "
+                         "(default imagenet for torchvision, timm, lightly and the imagenet stem; else dataset: the "
+                         "--dataset train split's mean/std)")
+    imports.add_argument("--mean", help="per-channel mean, comma-separated (with --std, instead of --pixel-space)")
+    imports.add_argument("--std", help="per-channel std, comma-separated")
+    imports.add_argument("--allow-missing", action="store_true", help="tensors of the model the file lacks keep "
+                         "their random initialisation (recorded in the artefact)")
+    imports.add_argument("--no-check", action="store_true", help="skip the kNN check on --dataset (default cifar10)")
+    imports.add_argument("--check-images", type=POSITIVE_INT.argument, default=2000,
+                         help="train images the check's kNN uses as memory (half as many test queries; default 2000)")
     p.set_defaults(func=_cmd_teacher)
 
     p = sub.add_parser("distill", help="distil a source dataset with a method into a DistilledSet")

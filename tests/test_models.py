@@ -21,6 +21,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "convnet-widening": {"width": 4},
     "resnet10": {"width": 4},
     "resnet18": {"width": 4},
+    "resnet50": {"width": 4},
     "vgg11": {"width": 4},
     "alexnet": {"width": 4},
     "mobilenetv2": {"width_mult": 0.25},
@@ -43,6 +44,8 @@ def expected_feature_dim(name: str, image_size: int, **kwargs: Any) -> int:
         return widths[-1] * (image_size // 2 ** len(widths)) ** 2
     if name in ("resnet10", "resnet18", "vgg11"):
         return 8 * kwargs.get("width", 64)
+    if name == "resnet50":
+        return 32 * kwargs.get("width", 64)
     if name == "alexnet":
         return 16 * kwargs.get("width", 64)
     if name == "mobilenetv2":
@@ -151,6 +154,27 @@ def test_convnet_variants() -> None:
     assert sum(isinstance(m, nn.MaxPool2d) for m in plain.modules()) == 3
 
 
+@pytest.mark.parametrize(("stem", "size", "first_map"), [("cifar", 32, 32), ("cifar-pad2", 32, 34), ("imagenet", 64, 16)])
+def test_resnet_stems_and_their_first_feature_map(stem: str, size: int, first_map: int) -> None:
+    """The stem's output side, worked out by hand: 3x3 s1 p1 keeps it, p2 grows it by 2, 7x7 s2 p3 + max-pool 3 s2
+    p1 quarters it; without ``stem_relu`` the stem output keeps its negative values."""
+    model = create_model("resnet18", image_size=size, width=4, stem=stem).eval()
+    x = torch.randn(2, 3, size, size)
+    assert model.stem(x).shape == (2, 4, first_map, first_map)
+    assert (model.stem(x) >= 0).all()
+    bare = create_model("resnet18", image_size=size, width=4, stem=stem, stem_relu=False).eval()
+    assert not any(isinstance(m, nn.ReLU) for m in bare.stem)
+    assert (bare.stem(x) < 0).any()
+    assert bare.features(x).shape == (2, 32)
+
+
+def test_resnet50_is_three_four_six_three_bottlenecks() -> None:
+    model = create_model("resnet50", width=4)
+    assert [len(stage) for stage in model.stages] == [3, 4, 6, 3]
+    assert all(type(block).__name__ == "Bottleneck" for stage in model.stages for block in stage)
+    assert model.stages[3][0].conv3.out_channels == 4 * 8 * 4
+
+
 def test_construction_uses_the_global_generator_without_reseeding() -> None:
     def weights() -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in create_model("resnet10", 3, width=4).parameters()])
@@ -202,6 +226,8 @@ def test_unknown_argument_raises_config_error() -> None:
         ("convnet", {"depth": 6}, "depth 6"),
         ("convnet", {"depth": 2, "widths": [4, 8, 16]}, "depth=2"),
         ("resnet18", {"width": 0}, "width must be a positive integer"),
+        ("resnet50", {"stem": "cifar-pad3"}, "stem must be one of"),
+        ("resnet18", {"stem_relu": "no"}, "stem_relu must be true or false"),
         ("mobilenetv2", {"width_mult": -1.0}, "width_mult"),
         ("vit-tiny", {"dim": 32, "heads": 3}, "divisible by heads"),
         ("vgg11", {"in_channels": 0}, "in_channels"),
