@@ -133,14 +133,22 @@ def gather_objects(obj: Any, current: World | None = None) -> list[Any]:
     return out
 
 
-def average_gradients(tensors: list[torch.Tensor], current: World | None = None) -> None:
-    """Replace each tensor's gradient by its mean over the processes (a no-op for one process)."""
+def sum_gradients(tensors: list[torch.Tensor], current: World | None = None) -> None:
+    """Replace each tensor's gradient by its sum over the processes (a no-op for one process)."""
     current = current or world()
     if current.size == 1:
         return
     for tensor in tensors:
         if tensor.grad is not None:
             dist.all_reduce(tensor.grad, op=dist.ReduceOp.SUM)
+
+
+def average_gradients(tensors: list[torch.Tensor], current: World | None = None) -> None:
+    """Replace each tensor's gradient by its mean over the processes (a no-op for one process)."""
+    current = current or world()
+    sum_gradients(tensors, current)
+    for tensor in tensors:
+        if current.size > 1 and tensor.grad is not None:
             tensor.grad.div_(current.size)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from ssdd.cli import main
+from ssdd.config import deep_update, resolve_config
 from ssdd.distilled import DistilledSet
 from ssdd.io import load_checkpoint
 from ssdd.methods import DistillConfig, Distillation
@@ -65,3 +67,14 @@ def run_with_frozen_pool(config: DistillConfig) -> tuple[DistilledSet, torch.nn.
     after = distillation.method.pool.models[0]
     assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), after.state_dict().values()))
     return distilled, network
+
+
+def matching_config(method: str, experts_dir: Path, teacher: Path | None = None, **overrides: Any) -> DistillConfig:
+    """The ``method``/tiny preset on the CPU with its experts in ``experts_dir``, then ``overrides`` (nested dicts
+    merge)."""
+    merged: dict[str, Any] = {"device": "cpu", "log_every": 1, "monitor": {"every": -1},
+                              "settings": {"experts_dir": str(experts_dir)}}
+    if teacher is not None:
+        merged["teacher"] = str(teacher)
+    deep_update(merged, copy.deepcopy(overrides))
+    return resolve_config(DistillConfig, "distill", f"{method}/tiny", overrides=merged)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import one_line
+from helpers import matching_config, one_line
 from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, leave, shard, world
 from ssdd.errors import ConfigError
@@ -410,6 +410,56 @@ def test_a_distributed_krr_st_step_is_the_single_process_step(tiny_teacher: Path
         # and both processes applied the same step to the same tensors
         assert torch.equal(first["grad"][name], second["grad"][name]), name
         assert torch.equal(first["after"][name], second["after"][name]), name
+
+
+# ---- distillation: trajectory matching deals its segments to the processes ---------------------------------------
+
+def _mkdt_iteration(teacher: str, experts: str) -> dict[str, torch.Tensor]:
+    """One iteration of the tiny MKDT run with two segments: the gradients it applied and its reported loss."""
+    config = matching_config("mkdt", Path(experts), Path(teacher), images=10,
+                             settings={"iterations": 1, "segments": 2, "experts": {"num_experts": 2}})
+    distillation = Distillation(config, None, progress=False)
+    distillation.run()
+    method = distillation.method
+    return {"images": method.images.grad.clone(), "targets": method.targets.grad.clone(),
+            "syn_lr": method.syn_lr.grad.clone(), "after": method.images.detach().clone()}
+
+
+def _mkdt_worker(rank: int, size: int, port: int, teacher: str, experts: str, cache: str, out: str) -> None:
+    current = join(rank, size, port, cache)
+    every_rank = gather_objects(_mkdt_iteration(teacher, experts), current)
+    if current.is_main:
+        torch.save(every_rank, out)
+    leave(finished=True)  # a barrier first: gloo aborts a process whose peer has gone
+
+
+def test_two_processes_matching_one_segment_each_give_the_single_process_iteration(tiny_teacher: Path,
+                                                                                   tmp_path: Path) -> None:
+    experts = str(tmp_path / "experts")
+    single = one_thread(_mkdt_iteration, str(tiny_teacher), experts)  # trains the experts both then read
+    out = tmp_path / "iteration.pt"
+    mp.spawn(_mkdt_worker, args=(2, free_port(), str(tiny_teacher), experts, os.environ["SSDD_CACHE_DIR"], str(out)),
+             nprocs=2)
+    first, second = torch.load(out)
+    for name in ("images", "targets", "syn_lr"):
+        grad = single[name]
+        assert float(grad.abs().max()) > 0, name
+        # the sum of the two processes' segment gradients is the single process's sum, to float32 rounding
+        torch.testing.assert_close(first[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+        assert torch.equal(first[name], second[name]), name
+    assert torch.equal(first["after"], second["after"])
+
+
+def test_matching_under_torchrun_needs_a_segment_per_process(tiny_teacher: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.methods import matching
+    monkeypatch.setattr(engine, "world", lambda: World(0, 2))
+    monkeypatch.setattr(matching, "world", lambda: World(0, 2))
+    config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=10,
+                             settings={"iterations": 1, "experts": {"num_experts": 1}})
+    with pytest.raises(ConfigError) as info:
+        Distillation(config, None, progress=False)
+    assert "set settings.segments to at least the number of processes (2), now 1" in one_line(info.value)
 
 
 def test_methods_that_do_not_split_refuse_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ssdd
-from helpers import interrupt_then_resume, one_line
-from ssdd.config import deep_update, resolve_config
+from helpers import interrupt_then_resume, matching_config, one_line
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
@@ -67,17 +66,6 @@ def one_thread() -> Iterator[None]:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-
-def matching_config(method: str, experts_dir: Path, teacher: Path | None = None, **overrides: Any) -> DistillConfig:
-    """The ``method``/tiny preset on the CPU with its experts in ``experts_dir``, then ``overrides`` (nested dicts
-    merge)."""
-    merged: dict[str, Any] = {"device": "cpu", "log_every": 1, "monitor": {"every": -1},
-                              "settings": {"experts_dir": str(experts_dir)}}
-    if teacher is not None:
-        merged["teacher"] = str(teacher)
-    deep_update(merged, copy.deepcopy(overrides))
-    return resolve_config(DistillConfig, "distill", f"{method}/tiny", overrides=merged)
 
 
 def config_error(config: DistillConfig) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
+from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
@@ -65,12 +66,14 @@ class MatchingSettings:
     init: str = "high-loss"  # MKDT only: high-loss | random
     checkpointed: bool = False  # recompute each unrolled step in the backward pass (memory for time)
     clamp_step_size: bool = True  # keep the learnable step size >= 1e-6 (the released code does not clamp it)
+    segments: int = 1  # (expert, start epoch) segments matched per iteration, their losses averaged; dealt to the
+    # processes under torchrun (1: the released single stream of random draws)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if min(self.iterations, self.expert_epochs, self.max_start_epoch, self.syn_steps) < 1:
-            raise ConfigError("iterations, expert_epochs, max_start_epoch and syn_steps must be >= 1")
+        if min(self.iterations, self.expert_epochs, self.max_start_epoch, self.syn_steps, self.segments) < 1:
+            raise ConfigError("iterations, expert_epochs, max_start_epoch, syn_steps and segments must be >= 1")
         if self.max_start_epoch - 1 + self.expert_epochs > self.experts.epochs:
             raise ConfigError(f"start epochs up to {self.max_start_epoch - 1} plus expert_epochs={self.expert_epochs} "
                               f"need experts of at least {self.max_start_epoch - 1 + self.expert_epochs} epochs; "
@@ -137,6 +140,7 @@ class TrajectoryMatching(Method):
     """The shared outer loop; subclasses say what the experts regress and what the set holds."""
 
     settings_class = MatchingSettings
+    splits_over_processes = True
     loss: ClassVar[str]  # the experts' and the unroll's loss: mse | ce
     target_kind: ClassVar[str]
 
@@ -163,6 +167,10 @@ class TrajectoryMatching(Method):
             groups.append({"params": [self.targets], "lr": s.lr_targets})
         self.optimizer = torch.optim.SGD(groups, momentum=s.momentum)
         self.generator = make_generator(context.seed + 2)
+        processes = world().size
+        if processes > 1 and s.segments < processes:
+            raise ConfigError(f"under torchrun each process matches its own segments: set settings.segments to at "
+                              f"least the number of processes ({processes}), now {s.segments}")
 
     # ---- what differs between MKDT and MTT -----------------------------------------------------------------------
 
@@ -181,29 +189,52 @@ class TrajectoryMatching(Method):
     def total_steps(self) -> int:
         return self.settings.iterations
 
-    def permutation(self) -> torch.Tensor:
-        """A random order of the synthetic images, from which the unroll takes its mini-batches."""
-        return torch.randperm(self.num_images, generator=self.generator)
+    def segment_draws(self) -> list[tuple[int, int, torch.Generator]]:
+        """This iteration's (expert, start epoch, generator of its mini-batch order) per segment, the same in every
+        process.  One segment draws everything from the method's generator, as the released code does; several
+        draw their expert and start epoch from it and each orders its mini-batches from a seed drawn with them."""
+        s = self.settings
+        draws = []
+        for _ in range(s.segments):
+            expert = int(torch.randint(0, len(self.experts), (1,), generator=self.generator))
+            start_epoch = int(torch.randint(0, s.max_start_epoch, (1,), generator=self.generator))
+            order = self.generator if s.segments == 1 else make_generator(
+                int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            draws.append((expert, start_epoch, order))
+        return draws
 
-    def step(self, step: int) -> dict[str, float]:
+    def segment_loss(self, expert: int, start_epoch: int, order: torch.Generator) -> torch.Tensor:
+        """The normalised matching loss of one segment: the unroll from the expert's ``start_epoch`` parameters."""
         s, device = self.settings, self.context.device
-        expert = int(torch.randint(0, len(self.experts), (1,), generator=self.generator))
-        start_epoch = int(torch.randint(0, s.max_start_epoch, (1,), generator=self.generator))
         start = self.experts.params(expert, start_epoch, device)
         target = self.experts.params(expert, start_epoch + s.expert_epochs, device)
         student = unrolled_sgd(self.network, start, self.images, self.targets, self.syn_lr, s.syn_steps,
-                               s.batch_syn or self.num_images, self.loss, self.generator, s.checkpointed,
-                               permutation=self.permutation)
-        loss = matching_loss(student, start, target)
+                               s.batch_syn or self.num_images, self.loss, order, s.checkpointed,
+                               permutation=lambda: torch.randperm(self.num_images, generator=order))
+        return matching_loss(student, start, target)
+
+    def step(self, step: int) -> dict[str, float]:
+        s = self.settings
+        current = world()
+        draws = self.segment_draws()
+        learned = [self.images, self.syn_lr] + ([self.targets] if self.learns_targets else [])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mine = 0.0
+        for _, (expert, start_epoch, order) in shard(draws, current):  # each process its share of the segments
+            loss = self.segment_loss(expert, start_epoch, order) / s.segments
+            loss.backward(inputs=learned)
+            mine += loss.item()
+        sum_gradients(learned, current)  # the mean of the segments' losses, differentiated: the same in every process
         self.optimizer.step()
         with torch.no_grad():
             if s.clamp_step_size:  # a step size that crosses zero would train the student backwards
                 self.syn_lr.clamp_(min=1e-6)
             drift = float((self.images - self.initial_images).norm() / self.initial_images.norm().clamp_min(1e-12))
-        return {"loss": loss.item(), "syn_lr": self.syn_lr.item(), "expert": expert, "start_epoch": start_epoch,
-                "drift_images": drift}
+        metrics = {"loss": float(sum_over_processes(torch.tensor([mine], dtype=torch.float64), current)),
+                   "syn_lr": self.syn_lr.item(), "drift_images": drift}
+        if s.segments == 1:
+            metrics.update(expert=draws[0][0], start_epoch=draws[0][1])
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.images.detach().cpu(), "targets": self.targets.detach().cpu(),
