@@ -10,6 +10,7 @@ reused when the suite runs again with the same settings, so a suite killed halfw
     <out>/<suite>/evaluations/<eval>/results.*   the evaluation's combined results (json, md, png)
     <out>/<suite>/stages.json                    wall time and peak memory of every stage that ran
     <out>/<suite>/report.md                      environment, commands, tables, plots, grids, time and memory
+    <out>/<suite>/report.html                    the same page, self-contained (plots and grids embedded)
 
 Under ``torchrun`` every process takes part: the teacher trains data-parallel; the other sets still to make and the
 baselines' entries that need no set form a queue from which each process takes the next job and does it alone
@@ -47,14 +48,14 @@ from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
 from ssdd.evaluation.baselines import BASELINES, SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
-from ssdd.evaluation.expectations import Expectation, judge, markdown_verdicts, summary
-from ssdd.evaluation.report import markdown_tables, plot_against_budget
+from ssdd.evaluation.expectations import Expectation, Verdict, judge, summary, verdict_blocks
+from ssdd.evaluation.report import plot_against_budget, result_tables
 from ssdd.io import atomic_write_text, locked, make_folder, process_running
 from ssdd.methods import METHODS, DistillConfig, Distillation
 from ssdd.methods.engine import default_config, method_settings, resolved_config
+from ssdd.page import Block, Code, Heading, Image, Paragraph, Table, html, markdown
 from ssdd.runs import RunDir, exclusive
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
-from ssdd.text import markdown_cell
 
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
@@ -208,7 +209,8 @@ class BenchRun:
         if self.world.is_main:
             make_folder(self.folder)
         processes = f", {self.world.size} processes" if self.world.size > 1 else ""
-        self._say(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups{processes})")
+        self._say(f"[bench] suite {self.name} into {self.folder} ({stages} stage groups{processes}); report: "
+                  f"{self.folder / 'report.md'} and {self.folder / 'report.html'}")
         teacher = self.teacher()
         sets = self.sets(teacher)
         results = {name: self.evaluation(name, stage, teacher, sets) for name, stage in self.suite.evaluations.items()}
@@ -437,62 +439,75 @@ class BenchRun:
         return points
 
     def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
-        """Write ``report.md`` (process 0; the others return its path): environment, commands, one table and plot per
-        evaluation, the sets with their grids, and the time and peak memory of every stage."""
+        """Write ``report.md``, ``report.html`` (the same page, its plots and grids embedded) and ``report.json``
+        (process 0; the others return the path of ``report.md``): environment, commands, one table and plot per
+        evaluation with its expected orderings judged, accuracy against bytes, the sets with their grids, and the
+        time and peak memory of every stage."""
         path = self.folder / "report.md"
         if not self.world.is_main:
             return path
         env = environment(self.device)
-        options = [f"--{k} {','.join(map(str, v))}" for k, v in
-                   (("methods", self.options.methods), ("targets", self.options.targets), ("seeds", self.options.seeds))
-                   if v is not None]
-        lines = [f"# ssdd bench: {self.name}", ""]
-        if self.suite.description:
-            lines += [self.suite.description.strip(), ""]
-        lines += ["This run's environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + " (each evaluation "
-                  "names where its entries were computed; each stage's device is in the last table).", "",
-                  "## Commands", "", "```bash", " ".join([f"ssdd bench --suite {self.name} --out "
-                                                          f"{shlex.quote(str(self.folder.parent))}", *options]),
-                  "# the same stages one by one:", *self.commands, "```", ""]
         verdicts = {name: judge(self.suite.evaluations[name].expect, cells) for name, cells in results.items()
                     if self.suite.evaluations[name].expect is not None}
-        for name, cells in results.items():
-            if not cells:
-                continue
-            computed = ", ".join(f"{k} {v}" for k, v in self.computed_with[name].items())
-            lines += [f"## Evaluation `{name}`", "", f"Computed with: {computed}.", "", markdown_tables(cells),
-                      f"![{name}](evaluations/{name}/results.png)", ""]
-            if verdicts.get(name):
-                lines += ["### Expected orderings", "", markdown_verdicts(verdicts[name]), ""]
-                print(f"[bench] {name}: expected orderings, {summary(verdicts[name])}")
-        points = self.budget_points(sets, results)
-        if any(len({size for name, size, _ in points if name == series}) > 1 for series, _, _ in points):
-            plot_against_budget(points, self.folder / "budget.png")
-            lines += ["## Accuracy against budget", "", "Each set at its bytes (a line per method), each baseline at "
-                      "the bytes it was drawn at; evaluations of one protocol share the axes.", "",
-                      "![accuracy against budget](budget.png)", ""]
-        if sets:
-            lines += ["## Distilled sets", "", "| set | method | images | views | bytes |", "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {markdown_cell(name)} | {markdown_cell(d.method)} | {d.num_images} | {len(d.views)} | "
-                      f"{d.byte_count:,} |" for name, d in sets.items()]
-            lines += [""] + [f"![{name}](sets/{name}/grid.png)" for name in sets] + [""]
-        lines += [TIMING_HEADING, "",
-                  "Each stage as it last ran (a resumed stage: its last part); a set's whole distillation time is the "
-                  "method's own clock, resumes included.", "",
-                  "| stage | wall time | distillation time | peak memory | device |", "| --- | --- | --- | --- | --- |"]
-        for stage, record in self.stages.items():
-            peak = record.get("peak_memory_bytes")
-            name = stage.removeprefix("set ")
-            distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
-            lines.append(f"| {markdown_cell(stage)} | {_duration(record['seconds'])} | {_duration(distill)} | "
-                         f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} | {record['device']} |")
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        for name, judged in verdicts.items():
+            if judged:
+                print(f"[bench] {name}: expected orderings, {summary(judged)}")
+        blocks = self.report_blocks(sets, results, verdicts, env)
+        atomic_write_text(path, markdown(blocks))
+        atomic_write_text(self.folder / "report.html", html(blocks, f"ssdd bench: {self.name}", self.folder))
         atomic_write_text(self.folder / "report.json", json.dumps(
             {"suite": self.name, "environment": env, "stages": self.stages,
              "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()},
              "computed_with": self.computed_with,
              "expectations": {n: [v.to_dict() for v in vs] for n, vs in verdicts.items()}}, indent=2))
         return path
+
+    def report_blocks(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]],
+                      verdicts: dict[str, list[Verdict]], env: dict[str, str]) -> list[Block]:
+        """The report's content, for both its Markdown and its HTML page."""
+        options = [f"--{k} {','.join(map(str, v))}" for k, v in
+                   (("methods", self.options.methods), ("targets", self.options.targets), ("seeds", self.options.seeds))
+                   if v is not None]
+        blocks: list[Block] = [Heading(1, f"ssdd bench: {self.name}")]
+        if self.suite.description:
+            blocks.append(Paragraph(self.suite.description.strip()))
+        blocks += [Paragraph("This run's environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + " (each "
+                             "evaluation names where its entries were computed; each stage's device is in the last "
+                             "table)."),
+                   Heading(2, "Commands"),
+                   Code([" ".join([f"ssdd bench --suite {self.name} --out {shlex.quote(str(self.folder.parent))}",
+                                   *options]), "# the same stages one by one:", *self.commands], "bash")]
+        for name, cells in results.items():
+            if not cells:
+                continue
+            computed = ", ".join(f"{k} {v}" for k, v in self.computed_with[name].items())
+            blocks += [Heading(2, f"Evaluation `{name}`"), Paragraph(f"Computed with: {computed}."),
+                       *result_tables(cells), Image(name, f"evaluations/{name}/results.png")]
+            if verdicts.get(name):
+                blocks += [Heading(3, "Expected orderings"), *verdict_blocks(verdicts[name])]
+        points = self.budget_points(sets, results)
+        if any(len({size for name, size, _ in points if name == series}) > 1 for series, _, _ in points):
+            plot_against_budget(points, self.folder / "budget.png")
+            blocks += [Heading(2, "Accuracy against budget"),
+                       Paragraph("Each set at its bytes (a line per method), each baseline at the bytes it was drawn "
+                                 "at; evaluations of one protocol share the axes."),
+                       Image("accuracy against budget", "budget.png")]
+        if sets:
+            blocks += [Heading(2, "Distilled sets"),
+                       Table(["set", "method", "images", "views", "bytes"],
+                             [[name, d.method, str(d.num_images), str(len(d.views)), f"{d.byte_count:,}"]
+                              for name, d in sets.items()]),
+                       *(Image(name, f"sets/{name}/grid.png") for name in sets)]
+        timing = Table(["stage", "wall time", "distillation time", "peak memory", "device"], [])
+        for stage, record in self.stages.items():
+            peak = record.get("peak_memory_bytes")
+            name = stage.removeprefix("set ")
+            distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
+            timing.rows.append([stage, _duration(record["seconds"]), _duration(distill),
+                                "-" if peak is None else f"{peak / 2**30:.2f} GiB", record["device"]])
+        return blocks + [Heading(2, TIMING_HEADING.removeprefix("## ")),
+                         Paragraph("Each stage as it last ran (a resumed stage: its last part); a set's whole "
+                                   "distillation time is the method's own clock, resumes included."), timing]
 
 
 def _entry_key(config: EvaluationConfig, budget: int | None, distilled: DistilledSet | None) -> dict[str, Any]:

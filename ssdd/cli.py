@@ -163,6 +163,8 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     config = resolve_config(TeacherConfig, "teacher", args.preset, args.config, overrides)
     current = init_from_env(config.device)  # under torchrun: data-parallel over the processes
     finished = args.resume and (Path(args.out) / TEACHER_FILE).exists()
+    if current.is_main:
+        _announce("teacher", args.out, f"{TEACHER_FILE}, run.log, metrics.jsonl")
     path = train_teacher(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if not current.is_main:
         return 0
@@ -175,6 +177,11 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
           f"feature dim {meta['feature_dim']}, kNN top-1 {meta.get('knn_top1')}, "
           f"linear probe top-1 {'-' if probe is None else f'{probe:.2f}%'}")
     return 0
+
+
+def _announce(command: str, folder: str, writes: str) -> None:
+    """The first line of a long command: its run folder and what it will write there."""
+    print(f"[{command}] run folder {terminal_safe(folder)}: {writes} there", flush=True)
 
 
 def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -233,6 +240,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
         config.images, config.bytes = args.images, args.bytes
     current = init_from_env(config.device)  # under torchrun: each step's real batch shared by the processes
+    if current.is_main:
+        _announce("distill", args.out, "distilled.safetensors, run.log, metrics.jsonl, curves.png")
     run = Distillation(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     distilled = run.run()
     if not current.is_main:
@@ -260,6 +269,8 @@ def _cmd_experts(args: argparse.Namespace) -> int:
         raise ConfigError(f"method {config.method} trains no experts; experts are for mkdt and mtt")
     settings = method_settings(config.method, config.settings)
     current = init_from_env(config.device)  # under torchrun the experts are dealt to the processes
+    if current.is_main:
+        _announce("experts", args.out, "one file per expert")
     device = resolve_device(config.device)
     teacher, source = resolve_inputs(config, device)
     context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.experts"))
@@ -298,6 +309,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["readout"] = {"fractions": args.fractions}
     config = resolve_config(EvaluationConfig, "evaluate", args.preset, args.config, overrides)
     current = init_from_env(config.device)  # under torchrun the cells are spread over the processes
+    if current.is_main:
+        _announce("evaluate", args.out, "results.md, results.json, results.png")
     named = [_named_set(s) for s in args.sets]
     journal = Path(args.out) / ".jobs"  # a killed evaluation rerun with the same arguments skips its finished jobs
     with folder_lock(args.out, current):  # one evaluation at a time writes --out
@@ -318,7 +331,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from ssdd.distilled import DISTILLED_FILE, load_distilled
     from ssdd.io import writable
     from ssdd.runs import is_run_folder
-    from ssdd.show import describe, save_grid
+    from ssdd.show import describe, save_grid, save_page
 
     distilled = load_distilled(args.set)
     print(describe(distilled))
@@ -329,6 +342,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"grid:         {save_grid(distilled, folder / 'grid.png', args.max_images)}")
     else:  # never beside someone else's set, nor into a folder it cannot write
         print(f"grid:         not written ({folder} is not a writable ssdd run folder); render one with --grid PATH")
+    if args.html:
+        print(f"html:         {save_page(distilled, Path(args.html), args.max_images)}")
     return 0
 
 
@@ -459,10 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("show", help="print a distilled set's metadata and byte count; render an image grid")
+    p = sub.add_parser("show", help="print a distilled set's metadata and byte count; render an image grid "
+                       "(and, with --html, a self-contained page of both)")
     p.add_argument("set", help="distilled set (file or run folder)")
     p.add_argument("--grid", help="PNG path (default: grid.png in the set's run folder, when it is one and writable)")
     p.add_argument("--max-images", type=POSITIVE_INT.argument, default=100, help="images in the grid (default 100)")
+    p.add_argument("--html", help="also write the set's page here: its metadata and image grid in one HTML file")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="run a benchmark suite end to end and write a report")
@@ -484,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.started = started
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # printed lines and progress lines in a log in the order they came
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     finished = False

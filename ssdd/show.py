@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ssdd.distilled import DistilledSet
-from ssdd.io import atomic_path
+from ssdd.io import atomic_path, atomic_write_text
+from ssdd.page import Code, Heading, Image, html
 from ssdd.text import plot_text, terminal_safe
 
 
@@ -60,6 +62,17 @@ def save_grid(distilled: DistilledSet, path: str | Path, max_images: int = 100) 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return path
+
+
+def save_page(distilled: DistilledSet, path: str | Path, max_images: int = 100) -> Path:
+    """Write one self-contained HTML page of the set: its :func:`describe` summary and its image grid (embedded)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as folder:
+        save_grid(distilled, Path(folder) / "grid.png", max_images)
+        blocks = [Heading(1, f"ssdd show: {distilled.path}"), Code(describe(distilled).splitlines()),
+                  Image(f"{distilled.method} images", "grid.png")]
+        atomic_write_text(path, html(blocks, f"ssdd show: {distilled.path.name}", folder))
     return path
 
 

@@ -1,7 +1,9 @@
-"""Escaping of text that came from files (a set's metadata, names) before it reaches a terminal or a report."""
+"""Escaping of text that came from files (a set's metadata, names) before it reaches a terminal or a report
+(Markdown, HTML, a plot)."""
 
 from __future__ import annotations
 
+import html
 import unicodedata
 
 # control (C0, DEL, C1: ESC, BEL, CSI...), format (bidi overrides, zero-width), surrogate, line/paragraph separators
@@ -32,3 +34,9 @@ def plot_text(text: str) -> str:
     """``text`` as a matplotlib label or title: on one line, with ``$`` escaped so it never starts mathtext (whose
     parse errors would fail the whole plot)."""
     return terminal_safe(text).replace("$", r"\$")
+
+
+def html_text(text: str) -> str:
+    """``text`` for an HTML page, as element content or a quoted attribute value: on one line (see
+    :func:`terminal_safe`), with ``&``, ``<``, ``>``, ``"`` and ``'`` as entities, so it can open no tag."""
+    return html.escape(terminal_safe(text), quote=True)

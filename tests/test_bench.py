@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
-    for name in ("report.md", "report.json", "stages.json", "teacher/teacher.safetensors",
+    for name in ("report.md", "report.html", "report.json", "stages.json", "teacher/teacher.safetensors",
                  "sets/paa/distilled.safetensors", "sets/paa/grid.png", "evaluations/linear/results.json",
                  "evaluations/linear/results.md", "evaluations/linear/results.png", "evaluations/linear/config.yaml",
                  "evaluations/linear/paa.json", "evaluations/linear/none.json", "evaluations/linear/random.json"):
@@ -80,6 +81,35 @@ def test_tiny_suite_writes_every_report_file(uninterrupted: Path) -> None:
     # the random baseline was drawn at the paa set's bytes, and the command says so
     paa_bytes = json.loads((uninterrupted / "evaluations/linear/random.json").read_text())["budget_bytes"]
     assert f"--bytes {paa_bytes}" in report and f"{paa_bytes:,}" in report
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium; CI installs "
+                                             "it), so report.html is not rendered")
+def test_the_html_report_renders_in_chromium_with_the_tables_numbers(uninterrupted: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    page = uninterrupted / "report.html"
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 2 and "src=\"http" not in text  # results.png, the grid
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()], capture_output=True,
+                   timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1600, 1200) and (pixels < 128).mean() > 0.01 and pixels.std() > 20  # not a blank page
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    record = json.loads((uninterrupted / "report.json").read_text())
+    for cell in map(Cell.from_dict, record["evaluations"]["linear"]):
+        assert f"<td>{cell.entry}</td>" in dom and f"{cell.mean:.1f} +- {cell.std:.1f}</" in dom, cell
+    for verdict in record["expectations"]["linear"]:
+        assert f"<td>{verdict['ordering'].replace('>', '&gt;')}</td>" in dom and verdict["outcome"] in dom
+    assert "Time and peak memory of each stage" in dom and "Distilled sets" in dom
 
 
 def test_killed_and_resumed_suite_gives_the_same_report(tmp_path: Path, uninterrupted: Path,

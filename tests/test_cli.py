@@ -17,6 +17,7 @@ from helpers import user_error
 from ssdd import __version__
 from ssdd.cli import main
 from ssdd.data import DATASETS
+from ssdd.errors import ConfigError
 from ssdd.io import read_metadata
 from ssdd.models import MODELS
 
@@ -242,6 +243,58 @@ def test_show_prints_byte_count_and_writes_grid(capsys: pytest.CaptureFixture[st
     other = tmp_path / "pictures" / "g.png"
     assert main(["show", str(tmp_path / "run"), "--grid", str(other), "--max-images", "4"]) == 0
     assert other.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_html_is_one_page_with_the_grid_embedded_and_the_metadata_escaped(capsys: pytest.CaptureFixture[str],
+                                                                                tmp_path: Path) -> None:
+    import torch
+
+    from ssdd.data import PixelSpace
+    from ssdd.distilled import DistilledSet
+
+    hostile = DistilledSet({"images": torch.zeros(4, 3, 8, 8), "targets": torch.zeros(4, 2)},
+                           PixelSpace((0.5,) * 3, (0.25,) * 3), "representation", "<script>alert(1)</script>",
+                           metadata={"teacher": '"><img src=x onerror=alert(1)>'})
+    path = hostile.save(tmp_path / "set")
+    page = tmp_path / "pages" / "set.html"
+    assert main(["show", str(path), "--grid", str(tmp_path / "g.png"), "--html", str(page)]) == 0
+    assert f"html:         {page}" in capsys.readouterr().out
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 1 and "<script" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&quot;&gt;&lt;img src=x" in text
+
+
+def test_a_long_command_into_a_file_writes_whole_lines(tmp_path: Path) -> None:
+    """Progress on a file: no carriage return, a bounded number of lines, and the run folder on the first line."""
+    log = tmp_path / "teacher.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SSDD_PROGRESS_SECONDS": "0.2"}
+    with log.open("w") as out:
+        status = subprocess.run([sys.executable, "-m", "ssdd", "teacher", "--preset", "tiny", "--device", "cpu",
+                                 "--out", str(tmp_path / "run")], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                timeout=300).returncode
+    text = log.read_text()
+    assert status == 0, text
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b" not in text
+    assert lines[0] == f"[teacher] run folder {tmp_path / 'run'}: teacher.safetensors, run.log, metrics.jsonl there"
+    assert 3 <= len(lines) <= 30, text  # 10 steps: at most one status line per 0.2 s, then the totals
+    assert lines[-3].startswith("teacher barlow-twins convnet: 10/10 (100 %)"), text
+
+
+def test_a_progress_bar_on_a_stream_writes_a_line_per_interval_and_its_totals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.progress import progress_bar
+
+    monkeypatch.setenv("SSDD_PROGRESS_SECONDS", "1000")
+    stream = io.StringIO()
+    for _ in progress_bar(range(500), desc="stage", unit="step", file=stream):
+        pass
+    with progress_bar(total=7, desc="inner", leave=False, file=stream) as bar:
+        bar.update(7)
+    assert stream.getvalue().splitlines() == [stream.getvalue().strip()]  # the inner bar ends silently
+    assert stream.getvalue().startswith("stage: 500/500 (100 %) [")
+    monkeypatch.setenv("SSDD_PROGRESS_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="SSDD_PROGRESS_SECONDS"):
+        progress_bar(total=1, file=stream)
 
 
 def test_evaluate_with_nothing_to_evaluate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

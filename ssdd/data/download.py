@@ -9,10 +9,10 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ssdd.errors import DataError
 from ssdd.io import atomic_path
+from ssdd.progress import progress_bar
 
 
 def download_file(url: str, dest: Path, md5: str) -> None:
@@ -22,7 +22,7 @@ def download_file(url: str, dest: Path, md5: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            with open(tmp, "wb") as fh, progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     fh.write(chunk)
                     digest.update(chunk)

@@ -27,10 +27,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from ssdd.errors import DataError
 from ssdd.io import MAX_IMAGE_SIDE
+from ssdd.progress import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 Decoded = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -135,8 +135,7 @@ def _from_members(members: Iterable[tuple[str, str, bytes]], what: str) -> Decod
             raise DataError(f"{what}: class folder name '{printable(cls)}' is not valid UTF-8; rename the folder")
     index = {c: i for i, c in enumerate(classes)}
     arrays, names = [], []
-    for cls, name, data in tqdm(items, desc=f"decoding {what}", unit="img", leave=False, mininterval=1.0,
-                                disable=None):  # shown on a terminal only: never mixed into redirected stderr
+    for cls, name, data in progress_bar(items, desc=f"decoding {what}", unit="img", leave=False):
         names.append(f"{cls}/{printable(name)}")
         arrays.append(_decode(data, f"{names[-1]} in {what}"))
     labels = torch.tensor([index[c] for c, _, _ in items], dtype=torch.int64)

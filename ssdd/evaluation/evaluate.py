@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ssdd.config import to_dict
 from ssdd.data import load_dataset
@@ -27,6 +26,7 @@ from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContex
 from ssdd.evaluation.relabel import RelabelSettings, relabels_on_the_fly, squeeze_labeller
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
+from ssdd.progress import progress_bar
 from ssdd.teachers import Teacher, load_teacher, teacher_features
 from ssdd.values import FRACTION, SEED
 
@@ -206,8 +206,9 @@ class Evaluator:
             print(f"[evaluate] resuming: {len(finished)} of {len(jobs)} jobs finished before ({journal.stem}-*.jsonl)")
         todo = [(index, job) for index, job in enumerate(jobs) if index not in finished]
         done: list[tuple[int, list[Result]]] = []  # this process's share of the jobs left, with their job index
-        for _, (index, (entry, arch, seed)) in tqdm(shard(todo, current), desc=f"evaluate ({cfg.protocol})",
-                                                    unit="cell", disable=not (self.progress and current.is_main)):
+        pending = progress_bar(shard(todo, current), desc=f"evaluate ({cfg.protocol})", unit="cell",
+                               disable=not (self.progress and current.is_main))
+        for _, (index, (entry, arch, seed)) in pending:
             started = time.monotonic()
             distilled = entry.distilled
             if entry.baseline is not None and entry.baseline not in SETLESS:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ssdd.errors import ConfigError
 from ssdd.evaluation.evaluate import Cell
-from ssdd.text import markdown_cell
+from ssdd.page import Block, Paragraph, Table
 
 HOLDS, WITHIN_NOISE, FAILS = "holds", "within noise", "fails"
 _ORDERING = re.compile(r"^\s*([\w.-]+)\s*(>=|>)\s*([\w.-]+)\s*$")
@@ -112,17 +112,21 @@ def summary(verdicts: list[Verdict]) -> str:
         f"{sum(v.outcome == outcome for v in verdicts)} {word}" for outcome, word in said.items())
 
 
-def markdown_verdicts(verdicts: list[Verdict]) -> str:
-    """The rule, a line counting the verdicts, and their table."""
-    lines = ["Each ordering per architecture, target and label fraction; noise: the root sum of squares of the two "
-             "standard deviations over seeds. `a > b` holds when `a` is above `b` by more than the noise, fails when "
-             "it is below by more than the noise, and is within noise otherwise; `a >= b` holds unless `a` is below "
-             "by more than the noise.", "", summary(verdicts) + ".", "",
-             "| ordering | architecture | target | labels | left | right | difference | noise | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for v in verdicts:
-        verdict = f"**{v.outcome}**" if v.outcome == FAILS else v.outcome
+RULE = ("Each ordering per architecture, target and label fraction; noise: the root sum of squares of the two "
+        "standard deviations over seeds. `a > b` holds when `a` is above `b` by more than the noise, fails when it is "
+        "below by more than the noise, and is within noise otherwise; `a >= b` holds unless `a` is below by more than "
+        "the noise.")
+
+
+def verdict_blocks(verdicts: list[Verdict]) -> list[Block]:
+    """The rule, a line counting the verdicts, and their table (a failure in bold)."""
+    table = Table(["ordering", "architecture", "target", "labels", "left", "right", "difference", "noise", "verdict"],
+                  [])
+    for r, v in enumerate(verdicts):
         labels = f"{v.fraction * 100:g} %" if v.above.protocol == "linear" else "-"
-        lines.append(f"| {markdown_cell(str(v.ordering))} | {markdown_cell(v.arch)} | {markdown_cell(v.target)} | "
-                     f"{labels} | {v.above.mean:.1f} | {v.below.mean:.1f} | {v.difference:+.1f} | {v.noise:.1f} | {verdict} |")
-    return "\n".join(lines)
+        table.rows.append([str(v.ordering), v.arch, v.target, labels, f"{v.above.mean:.1f}", f"{v.below.mean:.1f}",
+                           f"{v.difference:+.1f}", f"{v.noise:.1f}", v.outcome])
+        if v.outcome == FAILS:
+            table.strong.add((r, 8))
+    return [Paragraph(RULE), Paragraph(summary(verdicts) + "."), table]
+

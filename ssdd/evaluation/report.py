@@ -9,8 +9,9 @@ from typing import Any
 from ssdd.config import to_dict
 from ssdd.errors import ArtefactError
 from ssdd.evaluation.evaluate import Cell, EvaluationConfig
-from ssdd.text import markdown_cell, plot_text
 from ssdd.io import atomic_path, atomic_paths
+from ssdd.page import Block, Heading, Table, markdown
+from ssdd.text import plot_text
 
 RESULTS_FORMAT = 1
 
@@ -34,10 +35,10 @@ def read_results(path: str | Path) -> tuple[list[Cell], dict]:
     return cells, record
 
 
-def markdown_tables(cells: list[Cell]) -> str:
-    """One table per (protocol, architecture): entries as rows, targets (x label fractions) as columns, the best
-    mean of each column in bold."""
-    out = []
+def result_tables(cells: list[Cell]) -> list[Block]:
+    """One table per (protocol, architecture), under its heading: entries as rows, targets (x label fractions) as
+    columns, the best mean of each column in bold."""
+    blocks: list[Block] = []
     groups = dict.fromkeys((c.protocol, c.arch) for c in cells)
     for protocol, arch in groups:
         group = [c for c in cells if c.protocol == protocol and c.arch == arch]
@@ -45,21 +46,23 @@ def markdown_tables(cells: list[Cell]) -> str:
         rows = list(dict.fromkeys(c.entry for c in group))
         best = {col: max(c.mean for c in group if _column(c) == col) for col in columns}
         seeds = len(group[0].seeds)
-        out.append(f"### protocol `{protocol}`, architecture `{arch}` (top-1 %, mean +- std over {seeds} seeds)\n")
-        out.append("| set | " + " | ".join(map(markdown_cell, columns)) + " |")
-        out.append("| --- |" + " --- |" * len(columns))
-        for row in rows:
-            cells_row = []
-            for col in columns:
+        table = Table(["set", *columns], [])
+        for r, row in enumerate(rows):
+            texts = [row]
+            for i, col in enumerate(columns, start=1):
                 match = [c for c in group if c.entry == row and _column(c) == col]
-                if not match:
-                    cells_row.append("-")
-                    continue
-                text = f"{match[0].mean:.1f} +- {match[0].std:.1f}"
-                cells_row.append(f"**{text}**" if match[0].mean == best[col] else text)
-            out.append(f"| {markdown_cell(row)} | " + " | ".join(cells_row) + " |")
-        out.append("")
-    return "\n".join(out)
+                texts.append(f"{match[0].mean:.1f} +- {match[0].std:.1f}" if match else "-")
+                if match and match[0].mean == best[col]:
+                    table.strong.add((r, i))
+            table.rows.append(texts)
+        blocks += [Heading(3, f"protocol `{protocol}`, architecture `{arch}` (top-1 %, mean +- std over {seeds} "
+                              "seeds)"), table]
+    return blocks
+
+
+def markdown_tables(cells: list[Cell]) -> str:
+    """:func:`result_tables` as Markdown."""
+    return markdown(result_tables(cells))
 
 
 def plot(cells: list[Cell], path: Path) -> None:
@@ -143,8 +146,8 @@ def write_report(folder: str | Path, cells: list[Cell], config: EvaluationConfig
                else "trained on their stored logits")
         header += [f"Relabel `{config.relabel.mode}`: sets that name their squeeze model are {how}.", ""]
     md = folder / "results.md"
-    with atomic_paths(folder / "results.json", md, folder / "results.png") as (results, markdown, figure):
+    with atomic_paths(folder / "results.json", md, folder / "results.png") as (results, tables, figure):
         results.write_text(json.dumps(results_dict(cells, config, environment, command), indent=2))
-        markdown.write_text("\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
+        tables.write_text("\n".join(header) + "\n" + markdown_tables(cells) + "\n![results](results.png)\n")
         plot(cells, figure)
     return md

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
 from ssdd.device import autocast, device_batches, make_generator, seeded
 from ssdd.errors import ConfigError, check_finite
 from ssdd.models import Backbone, create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
+from ssdd.progress import progress_bar
 
 
 @dataclass
@@ -139,7 +139,7 @@ def train_network(
     gen = make_generator(seed)
     mix_rng = np.random.default_rng(seed)
     step = 0
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, unit="step", disable=not progress, leave=False)
     while step < total:
         order = torch.randperm(n, generator=gen)
         for i in range(min(steps_per_epoch, total - step)):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
@@ -31,6 +30,7 @@ from ssdd.errors import ConfigError, NumericalError, check_finite
 from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.methods.base import METHODS, Budget, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
+from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
 from ssdd.runs import RunDir, on_main
 from ssdd.show import save_curves
@@ -284,8 +284,8 @@ class Distillation:
             knn = checked["knn"]
             if self.run_dir is not None:
                 self.run_dir.metrics(step=0, **checked)
-        bar = tqdm(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
-                   disable=not (self.progress and main), dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
+                           disable=not (self.progress and main))
         started = time.monotonic() - elapsed
         last_checkpoint = time.monotonic()
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ssdd.config import to_dict
 from ssdd.data import PixelSpace, load_dataset
@@ -23,6 +22,7 @@ from ssdd.errors import ConfigError, check_finite
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
+from ssdd.progress import progress_bar
 from ssdd.runs import RunDir, on_main
 from ssdd.teachers.artefact import TEACHER_FILE, save_teacher
 from ssdd.teachers.features import FEATURES_DIR
@@ -251,8 +251,8 @@ class _TeacherTraining:
                  f"{self.total_steps}")
         self.backbone.train()
         self.projector.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
-                   unit="step", disable=not (self.progress and main), dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
+                           unit="step", disable=not (self.progress and main))
         last_checkpoint = time.monotonic()
         knn = self.last_knn
         start_time = time.monotonic()
