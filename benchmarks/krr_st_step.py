@@ -62,7 +62,8 @@ def naive_step(method, step: int) -> float:  # noqa: ANN001 - a KRRST instance
 def run_variant(args: argparse.Namespace) -> dict:
     from ssdd.config import from_dict, preset_dict
     from ssdd.data import load_dataset
-    from ssdd.methods import Budget, DistillContext
+    from ssdd.budget import Budget
+    from ssdd.methods import DistillContext
     from ssdd.methods.krr_st import KRRST, KRRSTSettings
     from ssdd.teachers import load_teacher
 

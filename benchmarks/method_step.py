@@ -24,7 +24,8 @@ def main() -> None:
     from ssdd.config import from_dict, preset_dict
     from ssdd.data import load_dataset
     from ssdd.device import precision, resolve_device
-    from ssdd.methods import METHODS, Budget, DistillContext
+    from ssdd.budget import Budget
+    from ssdd.methods import METHODS, DistillContext
     from ssdd.teachers import load_teacher
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

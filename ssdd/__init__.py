@@ -5,14 +5,14 @@ The public API mirrors the command line: ``load_dataset`` / ``list_datasets`` (d
 ``distill`` / ``list_methods`` (distillation), ``load_distilled`` (sets) and ``evaluate`` (protocols).
 """
 
-__version__ = "0.1.0"
-
-from ssdd.data import list_datasets, load_dataset  # noqa: E402
-from ssdd.distilled import DistilledSet, load_distilled  # noqa: E402
-from ssdd.evaluation import EvaluationConfig, evaluate  # noqa: E402
-from ssdd.methods import Budget, distill, list_methods  # noqa: E402
-from ssdd.models import create_model, list_models  # noqa: E402
-from ssdd.teachers import TeacherConfig, load_teacher, teacher_features, train_teacher  # noqa: E402
+from ssdd.budget import Budget
+from ssdd.data import list_datasets, load_dataset
+from ssdd.distilled import DistilledSet, load_distilled
+from ssdd.evaluation import EvaluationConfig, evaluate
+from ssdd.methods import distill, list_methods
+from ssdd.models import create_model, list_models
+from ssdd.teachers import TeacherConfig, load_teacher, teacher_features, train_teacher
+from ssdd.version import __version__
 
 __all__ = [
     "Budget", "DistilledSet", "EvaluationConfig", "TeacherConfig", "__version__", "create_model", "distill",

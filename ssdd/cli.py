@@ -236,9 +236,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"images": args.images, "bytes": args.bytes, "storage_dtype": args.storage_dtype}
     if args.pool_ageing:
         overrides["settings"] = {"pool": {"ageing": args.pool_ageing}}
-    config = _distill_config(args, overrides)
-    if (args.images is None) != (args.bytes is None):  # a budget on the command line replaces the preset's
-        config.images, config.bytes = args.images, args.bytes
+    config = _distill_config(args, overrides)  # a budget on the command line replaces the preset's
     current = init_from_env(config.device)  # under torchrun: each step's real batch shared by the processes
     if current.is_main:
         _announce("distill", args.out, "distilled.safetensors, run.log, metrics.jsonl, curves.png")

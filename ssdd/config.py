@@ -285,12 +285,17 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> C:
-    """Defaults < preset < YAML file < overrides (``None`` values in overrides are ignored)."""
+    """Defaults < preset < YAML file < overrides (``None`` values in overrides are ignored).
+
+    A layer that gives any key of one of ``cls.exclusive_keys`` (groups of alternatives, such as a budget's ``images``
+    and ``bytes``) replaces the whole group of the layers below it: ``--bytes`` replaces a preset's ``images``."""
     merged: dict[str, Any] = {}
-    if preset:
-        deep_update(merged, preset_dict(group, preset))
-    if config_file:
-        deep_update(merged, read_yaml(config_file))
-    if overrides:
-        deep_update(merged, {k: v for k, v in overrides.items() if v is not None})
+    layers = [preset_dict(group, preset) if preset else {}, read_yaml(config_file) if config_file else {},
+              {k: v for k, v in (overrides or {}).items() if v is not None}]
+    for layer in layers:
+        for alternatives in getattr(cls, "exclusive_keys", ()):
+            if any(layer.get(key) is not None for key in alternatives):
+                for key in alternatives:
+                    merged.pop(key, None)
+        deep_update(merged, layer)
     return from_dict(cls, merged)

@@ -270,7 +270,7 @@ class DistilledSet:
 
     def save(self, path: str | Path) -> Path:
         """Write the set to ``path`` (a ``.safetensors`` file, or a folder to hold ``distilled.safetensors``)."""
-        from ssdd import __version__
+        from ssdd.version import __version__
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -329,11 +329,3 @@ def load_distilled(path: str | Path) -> DistilledSet:
     if fingerprint_state(tensors) != meta["fingerprint"]:
         raise ArtefactError(f"{path}: tensors do not match the recorded fingerprint; the file was modified or damaged")
     return distilled
-
-
-def images_for_budget(budget_bytes: int, image_shape: tuple[int, int, int], target_dim: int,
-                      bytes_per_value: int = 4) -> int:
-    """How many (image, target) pairs fit in ``budget_bytes`` when both are stored at ``bytes_per_value``."""
-    c, h, w = image_shape
-    per_pair = (c * h * w + target_dim) * bytes_per_value
-    return budget_bytes // per_pair

@@ -58,6 +58,10 @@ class NumericalError(SsddError):
     """An optimisation diverged: its loss or its parameters became NaN or infinite."""
 
 
+class BudgetError(SsddError):
+    """A distilled set that stores more bytes than its budget allows (a method that spends past its plan)."""
+
+
 def check_finite(value: float, what: str, advice: str) -> None:
     """Raise :class:`NumericalError` naming ``what`` (e.g. "the loss at step 12 of the teacher") when ``value``
     is NaN or infinite; ``advice`` says where the last good state is and what to change."""

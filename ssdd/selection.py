@@ -1,12 +1,25 @@
-"""Choosing real images: random, herding, k-center and high-loss selection (coresets and baselines)."""
+"""Choosing real images: random, herding, k-center and high-loss selection (coresets, baselines, initial sets).
+
+The high-loss scores (MKDT's selection: the per-image MSE of students trained briefly to regress the teacher) are
+cached beside the teacher's feature cache: :func:`high_loss_scores`.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ssdd.data.dataset import ImageDataset
 from ssdd.device import device_batches, make_generator
 from ssdd.errors import ConfigError
+from ssdd.teachers.artefact import Teacher
+from ssdd.teachers.features import derived_cache_path, read_cached, write_cached
+from ssdd.training import TrainSettings, build_student, train_network
 
 
 def _check(n: int, available: int) -> None:
@@ -71,3 +84,51 @@ def per_image_mse(model: torch.nn.Module, images: torch.Tensor, targets: torch.T
         pred = model(batch).float().cpu()
         out.append(F.mse_loss(pred, targets[start : start + batch_size], reduction="none").mean(1))
     return torch.cat(out)
+
+
+@dataclass
+class HighLossSettings:
+    """MKDT's selection: students trained by MSE to the teacher for ``epochs`` (epoch-1 checkpoints), images
+    scored by the students' MSE averaged over ``num_experts`` of them."""
+
+    num_experts: int = 3
+    epochs: int = 1
+    arch: str = "convnet3"
+    arch_args: dict | None = None
+    lr: float = 0.1
+    batch_size: int = 256
+
+
+def high_loss_scores(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
+                     seed: int, device: torch.device) -> torch.Tensor:
+    """Per-image MSE of ``num_experts`` students trained ``epochs`` epoch(s) to regress the teacher, averaged.
+
+    Deterministic given the teacher, the source, the settings, the seed and the kind of device, so the scores are
+    cached beside the teacher's feature cache and computed once (they cost minutes of training on a CPU)."""
+    path = high_loss_cache_path(teacher, source, settings, seed, torch.device(device))
+    scores = read_cached(path, "scores", teacher, source)
+    if scores is None:
+        scores = _train_and_score(source, features, teacher, settings, seed, device)
+        write_cached(path, "scores", scores, teacher, source,
+                     {"kind": "high-loss-scores", "settings": asdict(settings), "seed": seed})
+    return scores
+
+
+def high_loss_cache_path(teacher: Teacher, source: ImageDataset, settings: HighLossSettings, seed: int,
+                         device: torch.device) -> Path | None:
+    """Where the high-loss scores of ``source`` are cached (None for a teacher not loaded from a file)."""
+    spec = json.dumps({"settings": asdict(settings), "seed": seed, "device": device.type}, sort_keys=True)
+    return derived_cache_path(teacher, source, hashlib.sha1(spec.encode()).hexdigest()[:12], prefix="high-loss-")
+
+
+def _train_and_score(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
+                     seed: int, device: torch.device) -> torch.Tensor:
+    images = teacher.pixel_space.normalize(source.images)
+    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, cosine=False)
+    scores = torch.zeros(len(source))
+    for k in range(settings.num_experts):
+        expert = build_student(settings.arch, settings.arch_args or {}, features.shape[1], source.image_shape,
+                               seed * 1000 + k)
+        train_network(expert, images, features, train, "mse", seed * 1000 + k, device, desc=f"expert {k + 1}")
+        scores += per_image_mse(expert, images, features, device)
+    return scores / settings.num_experts

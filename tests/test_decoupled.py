@@ -25,6 +25,7 @@ from torch import nn
 
 import ssdd
 from helpers import interrupt_then_resume, one_line
+from ssdd.budget import Budget
 from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.data.dataset import ImageDataset
@@ -32,8 +33,7 @@ from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.baselines import LABELLED_BASELINES, make_labelled_baseline
-from ssdd.evaluation.training import batch_loss, build_student
-from ssdd.methods import Budget, Distillation, DistillConfig, decoupled
+from ssdd.methods import Distillation, DistillConfig, decoupled
 from ssdd.methods import dm as dm_module
 from ssdd.methods.decoupled import SCDD, SQUEEZE_FILE, BatchNormStatistics, SRe2L
 from ssdd.methods.dm import dm_loss
@@ -41,6 +41,7 @@ from ssdd.probes import fit_logistic_regression
 from ssdd.selection import select_herding
 from ssdd.teachers import Teacher, load_teacher, teacher_features
 from ssdd.teachers.artefact import load_network
+from ssdd.training import batch_loss, build_student
 
 # ``ssdd.evaluation.evaluate`` is shadowed by the function of that name on the package: import the module.
 evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssdd.budget import images_for_budget
 from ssdd.data import PixelSpace
-from ssdd.distilled import DISTILLED_FILE, DistilledSet, images_for_budget, load_distilled
+from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.errors import ArtefactError, SsddError
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import create_model

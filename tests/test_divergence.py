@@ -12,11 +12,11 @@ from helpers import one_line
 
 from ssdd.config import resolve_config
 from ssdd.errors import NumericalError, SsddError, check_finite
-from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.io import load_checkpoint
 from ssdd.methods.trajectories import ExpertSettings, expert_file, train_experts
 from ssdd.teachers import TeacherConfig, load_teacher, train_teacher
 from ssdd.teachers import train as teacher_training
+from ssdd.training import TrainSettings, build_student, train_network
 
 
 def test_check_finite_passes_numbers_and_names_what_became_nan_or_inf() -> None:

@@ -22,13 +22,14 @@ from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError, SsddError
-from ssdd.evaluation import Cell, EvaluationConfig, TrainSettings, evaluate, read_results, write_report
-from ssdd.evaluation.baselines import HighLossSettings, make_baseline
+from ssdd.evaluation import Cell, EvaluationConfig, evaluate, read_results, write_report
+from ssdd.evaluation.baselines import make_baseline
 from ssdd.evaluation.journal import clear_journal, journal_files
 from ssdd.evaluation.report import markdown_tables
-from ssdd.evaluation.training import build_student, top1, train_network
 from ssdd.probes import fit_logistic_regression, linear_probe_accuracy
+from ssdd.selection import HighLossSettings
 from ssdd.teachers import Teacher, load_teacher, teacher_features
+from ssdd.training import TrainSettings, build_student, top1, train_network
 
 # ``ssdd.evaluation.evaluate`` is shadowed by the function of that name on the package: import the modules.
 evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")
@@ -277,19 +278,19 @@ def test_high_loss_scores_are_computed_once_per_teacher_source_settings_and_seed
         monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from ssdd.evaluation import baselines
+    from ssdd import selection
 
     shutil.copy(tiny_teacher, tmp_path / tiny_teacher.name)
     teacher = load_teacher(tmp_path / tiny_teacher.name)  # its own cache folder
     trained = []
-    compute = baselines._train_and_score
-    monkeypatch.setattr(baselines, "_train_and_score", lambda *args: trained.append(args[4]) or compute(*args))
-    first = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
-    again = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
+    compute = selection._train_and_score
+    monkeypatch.setattr(selection, "_train_and_score", lambda *args: trained.append(args[4]) or compute(*args))
+    first = selection.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
+    again = selection.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 0, CPU)
     assert trained == [0] and torch.equal(first, again) and first.shape == (N_SOURCE,)
-    other_seed = baselines.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 1, CPU)
+    other_seed = selection.high_loss_scores(source, features, teacher, FAST_HIGH_LOSS, 1, CPU)
     wider = HighLossSettings(**{**FAST_HIGH_LOSS.__dict__, "num_experts": 2})
-    baselines.high_loss_scores(source, features, teacher, wider, 0, CPU)
+    selection.high_loss_scores(source, features, teacher, wider, 0, CPU)
     assert trained == [0, 1, 0] and not torch.equal(first, other_seed)
     assert len(list((tmp_path / "features").glob("high-loss-*.safetensors"))) == 3
 
@@ -779,7 +780,7 @@ def test_negative_steps_are_a_clear_error() -> None:
 
 @pytest.mark.parametrize(("n", "batch", "expected"), [(10, 4, [4, 4, 2]), (9, 4, [4, 4]), (3, 8, [3])])
 def test_train_network_batches_cover_the_set_without_single_image_batches(n: int, batch: int, expected: list[int]) -> None:
-    from ssdd.evaluation.training import TrainSettings, build_student, train_network
+    from ssdd.training import TrainSettings, build_student, train_network
 
     model = build_student("convnet", {"widths": [4], "norm": "batch"}, 2, (3, 8, 8), 0)
     sizes: list[int] = []
@@ -811,7 +812,7 @@ def test_a_compiled_student_trains_like_the_eager_one() -> None:
 def test_cutmix_pastes_one_box_from_the_permuted_batch_and_returns_the_kept_share() -> None:
     import numpy as np
 
-    from ssdd.evaluation.training import mix_batch
+    from ssdd.training import mix_batch
 
     x = torch.arange(4 * 1 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8)
     settings = TrainSettings(cutmix=1.0)

@@ -23,11 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ssdd.budget import Budget
 from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.evaluation.relabel import RelabelTraining
-from ssdd.evaluation.training import batch_loss
-from ssdd.methods import Budget
 from ssdd.methods.base import DistillContext
 from ssdd.methods.decoupled import SCDD, Recover, SRe2L
 from ssdd.methods.krr import krr_fit
@@ -37,6 +36,7 @@ from ssdd.methods.pool import PoolSettings
 from ssdd.methods.trajectories import ExpertSettings, matching_loss, released_minibatches, unrolled_sgd
 from ssdd.models import create_model
 from ssdd.teachers.artefact import Teacher
+from ssdd.training import batch_loss
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 F32, F64 = torch.float32, torch.float64

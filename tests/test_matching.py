@@ -26,7 +26,6 @@ from ssdd.data import PixelSpace, make_synthetic
 from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.evaluation.training import build_student
 from ssdd.methods import Distillation, DistillConfig, trajectories
 from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
 from ssdd.data.augment import apply_dsa, sample_dsa_params
@@ -42,6 +41,7 @@ from ssdd.methods.trajectories import (
     unrolled_sgd,
 )
 from ssdd.teachers import load_teacher, teacher_features
+from ssdd.training import build_student
 
 Params = dict[str, torch.Tensor]
 

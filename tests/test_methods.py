@@ -20,15 +20,15 @@ import torch.nn.functional as F
 
 import ssdd
 from helpers import interrupt_then_resume, one_line, run_with_frozen_pool, user_error
+from ssdd.budget import Budget
 from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
-from ssdd.errors import ArtefactError, ConfigError, NumericalError, SsddError, UnknownNameError
+from ssdd.errors import ArtefactError, BudgetError, ConfigError, NumericalError, SsddError, UnknownNameError
 from ssdd.io import load_checkpoint
 from ssdd.methods import (
     METHODS,
-    Budget,
     Distillation,
     DistillConfig,
     MonitorSettings,
@@ -314,6 +314,31 @@ def test_byte_budget_sets_the_number_of_images(tiny_teacher: Path, budget: int, 
     assert distilled.num_images == images == budget // ((IMAGE_VALUES + FEATURE_DIM) * (4 if dtype == "float32" else 2))
     assert distilled.byte_count <= budget
     assert distilled.byte_count == images * (IMAGE_VALUES + FEATURE_DIM) * (4 if dtype == "float32" else 2)
+
+
+@pytest.mark.parametrize("budget", ["images", "bytes"])
+def test_the_engine_refuses_a_set_over_its_budget(tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  budget: str) -> None:
+    """A method whose set stores more than its plan (here one float32 value more than the 6 planned images with
+    their targets: a step size it never asked the budget for) gets a one-line BudgetError and no set is written."""
+    made = KRRST.distilled_set
+
+    def oversized(self: KRRST) -> DistilledSet:
+        distilled = made(self)
+        distilled.tensors["learned_lr"] = torch.ones((), dtype=torch.float32)
+        return distilled
+
+    monkeypatch.setattr(KRRST, "distilled_set", oversized)
+    config = tiny_config(tiny_teacher, settings={"steps": 2}, **({"bytes": 6 * ITEM_BYTES} if budget == "bytes" else {}))
+    if budget == "bytes":
+        config.images = None  # the preset's image budget gives way to the byte budget
+    with pytest.raises(BudgetError) as info:
+        run(config, tmp_path)
+    given = "6 images" if budget == "images" else f"{6 * ITEM_BYTES} bytes"
+    assert one_line(info.value) == (f"krr-st made a set of {6 * ITEM_BYTES + 4:,} bytes, over its budget of "
+                                    f"{6 * ITEM_BYTES:,} bytes (a budget of {given}, float32); the set was not kept: "
+                                    "the method stores more than it planned")
+    assert not (tmp_path / DISTILLED_FILE).exists()
 
 
 def test_float16_storage_halves_the_bytes(tiny_teacher: Path) -> None:

@@ -4,7 +4,6 @@ from ssdd.evaluation.evaluate import Cell, EvaluationConfig, evaluate
 from ssdd.evaluation.journal import clear_journal
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings
 from ssdd.evaluation.report import read_results, write_report
-from ssdd.evaluation.training import TrainSettings
 
-__all__ = ["PROTOCOLS", "Cell", "EvaluationConfig", "ProtocolSettings", "TrainSettings", "clear_journal", "evaluate",
+__all__ = ["PROTOCOLS", "Cell", "EvaluationConfig", "ProtocolSettings", "clear_journal", "evaluate",
            "read_results", "write_report"]

@@ -12,37 +12,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import torch
 
+from ssdd.budget import images_for_budget, labelled_images_per_class
 from ssdd.data.dataset import ImageDataset
-from ssdd.distilled import DistilledSet, images_for_budget
+from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.evaluation.training import TrainSettings, build_student, train_network
-from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
+from ssdd.selection import (HighLossSettings, high_loss_scores, select_herding, select_kcenter, select_random,
+                            select_top_loss)
 from ssdd.teachers.artefact import Teacher
-from ssdd.teachers.features import derived_cache_path, read_cached, write_cached
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
 LABELLED_BASELINES = ("random", "herding")  # under the supervised protocol: class-balanced, hard labels
 SETLESS = ("none", "teacher")  # baselines that are a network, not a set built from the source
-
-
-@dataclass
-class HighLossSettings:
-    """MKDT's selection: students trained by MSE to the teacher for ``epochs`` (epoch-1 checkpoints), images
-    scored by the students' MSE averaged over ``num_experts`` of them."""
-
-    num_experts: int = 3
-    epochs: int = 1
-    arch: str = "convnet3"
-    arch_args: dict | None = None
-    lr: float = 0.1
-    batch_size: int = 256
 
 
 def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor, teacher: Teacher,
@@ -56,41 +38,6 @@ def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor
          "teacher": {"fingerprint": teacher.fingerprint, "feature_dim": teacher.feature_dim},
          "selected_indices": indices.tolist() if indices.numel() <= 100_000 else None, **(extra or {})},
     )
-
-
-def high_loss_scores(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
-                     seed: int, device: torch.device) -> torch.Tensor:
-    """Per-image MSE of ``num_experts`` students trained ``epochs`` epoch(s) to regress the teacher, averaged.
-
-    Deterministic given the teacher, the source, the settings, the seed and the kind of device, so the scores are
-    cached beside the teacher's feature cache and computed once (they cost minutes of training on a CPU)."""
-    path = high_loss_cache_path(teacher, source, settings, seed, torch.device(device))
-    scores = read_cached(path, "scores", teacher, source)
-    if scores is None:
-        scores = _train_and_score(source, features, teacher, settings, seed, device)
-        write_cached(path, "scores", scores, teacher, source,
-                     {"kind": "high-loss-scores", "settings": asdict(settings), "seed": seed})
-    return scores
-
-
-def high_loss_cache_path(teacher: Teacher, source: ImageDataset, settings: HighLossSettings, seed: int,
-                         device: torch.device) -> Path | None:
-    """Where the high-loss scores of ``source`` are cached (None for a teacher not loaded from a file)."""
-    spec = json.dumps({"settings": asdict(settings), "seed": seed, "device": device.type}, sort_keys=True)
-    return derived_cache_path(teacher, source, hashlib.sha1(spec.encode()).hexdigest()[:12], prefix="high-loss-")
-
-
-def _train_and_score(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
-                     seed: int, device: torch.device) -> torch.Tensor:
-    images = teacher.pixel_space.normalize(source.images)
-    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, cosine=False)
-    scores = torch.zeros(len(source))
-    for k in range(settings.num_experts):
-        expert = build_student(settings.arch, settings.arch_args or {}, features.shape[1], source.image_shape,
-                               seed * 1000 + k)
-        train_network(expert, images, features, train, "mse", seed * 1000 + k, device, desc=f"expert {k + 1}")
-        scores += per_image_mse(expert, images, features, device)
-    return scores / settings.num_experts
 
 
 def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: torch.Tensor, budget_bytes: int | None,
@@ -126,9 +73,8 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
                           f"{', '.join(LABELLED_BASELINES)}")
     if budget_bytes is None:
         raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, or --images / --bytes")
-    c, h, w = source.image_shape
     classes = source.num_classes
-    ipc = budget_bytes // (c * h * w * 4 + 8) // classes
+    ipc = labelled_images_per_class(budget_bytes, source.image_shape, classes)
     if ipc < 1:
         raise ConfigError(f"a budget of {budget_bytes} bytes holds fewer than one image per class ({classes} classes)")
     rows = []

@@ -12,22 +12,24 @@ from pathlib import Path
 
 import torch
 
-from ssdd.config import to_dict
+from ssdd.budget import pair_bytes
+from ssdd.checks import SET_CHECKS
+from ssdd.config import resolve_config, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import gather_objects, shard, world
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.evaluation.baselines import (BASELINES, LABELLED_BASELINES, SETLESS, HighLossSettings, make_baseline,
-                                       make_labelled_baseline)
+from ssdd.evaluation.baselines import BASELINES, LABELLED_BASELINES, SETLESS, make_baseline, make_labelled_baseline
 from ssdd.evaluation.journal import Journal, Result
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
 from ssdd.evaluation.relabel import RelabelSettings, relabels_on_the_fly, squeeze_labeller
-from ssdd.evaluation.training import TrainSettings, build_student, train_network
 from ssdd.models import Backbone
 from ssdd.progress import progress_bar
+from ssdd.selection import HighLossSettings
 from ssdd.teachers import Teacher, load_teacher, teacher_features
+from ssdd.training import TrainSettings, build_student, train_network
 from ssdd.values import FRACTION, SEED
 
 
@@ -314,9 +316,7 @@ def check_values(distilled: DistilledSet, name: str) -> None:
 def image_budget_bytes(images: int, teacher: Teacher, protocol: str) -> int:
     """The bytes of ``images`` real images in float32 with their teacher targets (float32), or under the
     supervised protocol with int64 hard labels."""
-    c, h, w = teacher.input_shape
-    per_label = 8 if protocol == "supervised" else teacher.feature_dim * 4
-    return images * (c * h * w * 4 + per_label)
+    return images * pair_bytes(teacher.input_shape, None if protocol == "supervised" else teacher.feature_dim)
 
 
 def evaluate(
@@ -374,3 +374,15 @@ def evaluate(
         raise ConfigError("baseline 'teacher' reads out the teacher's own network: give it with --teacher")
     entries += [_Entry(b, None, b) for b in baselines]
     return Evaluator(config, teacher, progress).run(entries, budget_bytes, journal)
+
+
+@SET_CHECKS.register("protocol")
+def protocol_check(distilled: DistilledSet, preset: str, archs: list[str] | None = None,
+                   seeds: list[int] | None = None, device: str = "auto", data_root: str | None = None,
+                   teacher: Teacher | None = None) -> dict[str, float]:
+    """The evaluate preset ``preset`` run on ``distilled`` (on ``archs`` and ``seeds`` when given): mean top-1 % per
+    ``<arch> <target> <fraction>``; the distillation engine's ``monitor.protocol`` (through :data:`SET_CHECKS`)."""
+    overrides = {"archs": archs, "seeds": seeds, "device": device, "data_root": data_root}
+    config = resolve_config(EvaluationConfig, "evaluate", preset, None, overrides)
+    cells = evaluate([distilled], config, teacher=teacher, progress=False)
+    return {f"{c.arch} {c.target} {c.fraction:g}": round(c.mean, 2) for c in cells}

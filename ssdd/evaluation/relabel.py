@@ -24,8 +24,8 @@ import torch
 
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.evaluation.training import TrainSettings
 from ssdd.teachers.artefact import load_network
+from ssdd.training import TrainSettings
 
 RELABEL_MODES = ("on-the-fly", "stored")
 

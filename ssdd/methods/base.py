@@ -17,80 +17,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from ssdd.budget import Budget, Plan
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet
-from ssdd.errors import ConfigError
 from ssdd.registry import Registry
 from ssdd.teachers.artefact import Teacher
-
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much a set may store: ``images`` (N images with their targets, as the method stores them) or ``bytes``
-    (the exact byte count of every stored tensor), at ``dtype`` per stored value."""
-
-    images: int | None = None
-    bytes: int | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if (self.images is None) == (self.bytes is None):
-            raise ConfigError("give the budget as a number of images (--images N) or of bytes (--bytes B), not both or neither")
-        if (self.images is not None and self.images < 1) or (self.bytes is not None and self.bytes < 1):
-            raise ConfigError("a budget must be positive")
-        if self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self.dtype]
-
-    @property
-    def bytes_per_value(self) -> int:
-        return torch.tensor([], dtype=self.torch_dtype).element_size()
-
-    def count(self, values_per_item: int) -> int:
-        """How many items of ``values_per_item`` stored values fit (``images`` when the budget is in images)."""
-        if self.images is not None:
-            return self.images
-        n = self.bytes // (values_per_item * self.bytes_per_value)  # type: ignore[operator]
-        if n < 1:
-            raise ConfigError(f"a budget of {self.bytes} bytes holds no item of {values_per_item} {self.dtype} values "
-                              f"({values_per_item * self.bytes_per_value} bytes)")
-        return n
-
-    def fit(self, item_bytes: int, fixed_bytes: int = 0) -> int:
-        """How many items of ``item_bytes`` fit beside ``fixed_bytes`` of other stored tensors (``images`` when the
-        budget is in images)."""
-        if self.images is not None:
-            return self.images
-        n = (self.bytes - fixed_bytes) // item_bytes  # type: ignore[operator]
-        if n < 1:
-            raise ConfigError(f"a budget of {self.bytes} bytes holds no item of {item_bytes} bytes beside "
-                              f"{fixed_bytes} bytes of fixed tensors ({self.dtype})")
-        return n
-
-    def total_values(self, pair_values: int) -> int:
-        """Stored values the budget allows; an image budget means the bytes of that many (image, target) pairs
-        of ``pair_values`` values (the equal-storage comparison with KRR-ST)."""
-        if self.images is not None:
-            return self.images * pair_values
-        return self.bytes // self.bytes_per_value  # type: ignore[operator]
-
-    def describe(self) -> dict[str, Any]:
-        return {"images": self.images, "bytes": self.bytes, "dtype": self.dtype}
-
-
-def images_per_class(budget: Budget, item_bytes: int, classes: int, method: str, fixed_bytes: int = 0) -> int:
-    """Images per class a class-balanced set can hold: items of ``item_bytes`` (an image and its label) beside
-    ``fixed_bytes``; a clear error when the budget does not reach one image per class."""
-    count = budget.fit(item_bytes, fixed_bytes)
-    if count < classes:
-        raise ConfigError(f"{method} keeps the classes balanced: the budget buys {count} images, fewer than the "
-                          f"{classes} classes")
-    return count // classes
 
 
 @dataclass
@@ -113,6 +44,9 @@ class Method(abc.ABC):
     settings_class: ClassVar[type]
     needs_teacher: ClassVar[bool] = True
     splits_over_processes: ClassVar[bool] = False  # whether a run under torchrun shares each step's work
+    # how the set spends the budget, asked of ``budget`` (``budget.plan(...)``) by the constructor: under an image
+    # budget the engine refuses a set over ``plan.limit`` bytes (a byte budget is its own limit)
+    plan: Plan | None = None
 
     def __init__(self, settings: Any, context: DistillContext, budget: Budget):
         self.settings = settings

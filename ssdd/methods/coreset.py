@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.data.transforms import PixelSpace
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
+from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.selection import select_herding, select_kcenter, select_random
 from ssdd.teachers.features import teacher_features
 
@@ -64,13 +65,14 @@ class Coreset(Method):
         self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
         values = self.images[0].numel()
         if settings.targets == "teacher":
-            item_bytes = (values + teacher.feature_dim) * budget.bytes_per_value
+            item_bytes = budget.value_bytes(values + teacher.feature_dim)
         else:
-            item_bytes = values * budget.bytes_per_value + 8  # int64 labels
+            item_bytes = budget.value_bytes(values, labels=1)
         if settings.per_class:
-            self.count = images_per_class(budget, item_bytes, source.num_classes, "coreset") * source.num_classes
+            self.plan = budget.plan_per_class(item_bytes, source.num_classes, "coreset")
         else:
-            self.count = budget.fit(item_bytes)
+            self.plan = budget.plan(item_bytes)
+        self.count = self.plan.count
         if self.count > len(source):
             raise ConfigError(f"the budget asks for {self.count} images but {source.name} has {len(source)}")
         self.indices: torch.Tensor | None = None

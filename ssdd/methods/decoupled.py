@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssdd.budget import Budget
 from ssdd.config import to_dict
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import at_least_float32, make_generator
@@ -43,12 +44,12 @@ from ssdd.distributed import broadcast_object, shard, sum_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.io import read_metadata
-from ssdd.evaluation.training import TrainSettings, build_student, train_network
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
+from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.models import Backbone, create_model
 from ssdd.probes import fit_logistic_regression
 from ssdd.teachers.artefact import load_network, save_network
 from ssdd.teachers.features import teacher_features
+from ssdd.training import TrainSettings, build_student, train_network
 
 SQUEEZE_FILE = "squeeze.safetensors"
 
@@ -167,7 +168,8 @@ class Recover(Method):
         self.own = torch.tensor([c for _, c in shard(list(range(self.classes)), self.world)], device=context.device)
         self.image_shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
         c, h, w = self.image_shape  # the budget is checked before anything is trained
-        self.ipc = images_per_class(budget, (c * h * w + self.classes) * budget.bytes_per_value, self.classes, self.name)
+        self.plan = budget.plan_per_class(budget.value_bytes(c * h * w + self.classes), self.classes, self.name)
+        self.ipc = self.plan.per_class
         self.model, self.pixel_space = self.squeeze_model()
         self.model.eval().requires_grad_(False)
         self.statistics = BatchNormStatistics(self.model)

@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.evaluation.training import build_student
-from ssdd.methods.base import METHODS, Budget, DistillContext, ImageLearningMethod
+from ssdd.methods.base import METHODS, DistillContext, ImageLearningMethod
 from ssdd.methods.labelled import ClassBalancedImages
 from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_random
+from ssdd.training import build_student
 
 
 @dataclass
@@ -113,7 +114,8 @@ class DMSSL(ImageLearningMethod):
         c, h, w = self.image_shape
         self.real = on_device_if_it_fits(
             self.pixel_space.normalize(source.converted(channels=c, size=h).images.float().div(255.0)), context.device)
-        count = budget.fit((c * h * w + teacher.feature_dim) * budget.bytes_per_value)
+        self.plan = budget.plan(budget.value_bytes(c * h * w + teacher.feature_dim))
+        count = self.plan.count
         if count > len(source):
             raise ConfigError(f"the budget asks for {count} images but {source.name} has {len(source)}")
         self.initial_indices = select_random(count, len(source), context.seed)

@@ -15,10 +15,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ssdd.budget import BUDGET_KEYS, Budget, refuse_overspent
+from ssdd.checks import SET_CHECKS
 from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
@@ -27,14 +29,14 @@ from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, NumericalError, check_finite
-from ssdd.evaluation.training import TrainSettings, build_student, train_network
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method
+from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
 from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
 from ssdd.runs import RunDir, on_main
 from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
+from ssdd.training import TrainSettings, build_student, train_network
 from ssdd.values import SEED
 
 
@@ -73,6 +75,7 @@ class MonitorSettings:
 class DistillConfig:
     """Run-level settings of ``ssdd distill``; ``settings`` holds the method's own (validated by its class)."""
 
+    exclusive_keys: ClassVar = (BUDGET_KEYS,)  # a budget in images or in bytes: a layer that gives one replaces both
     method: str = "krr-st"
     dataset: str | None = None  # default: the teacher's source dataset
     teacher: str | None = None
@@ -180,7 +183,7 @@ class Distillation:
             self.teacher = teacher
             self.source = source
             self.refuse_what_cannot_fit()
-            self.log(f"{config.method}: a budget of {self.budget_text()}, seed {config.seed}, source {source.name} "
+            self.log(f"{config.method}: a budget of {self.budget.text()}, seed {config.seed}, source {source.name} "
                      f"({len(source)} images), teacher {'-' if teacher is None else teacher.path or 'in memory'}, "
                      f"device {self.device}, precision {precision()}, {self.world.size} process(es), a checkpoint "
                      f"every {config.checkpoint_minutes:g} min; every setting is in config.yaml")
@@ -199,11 +202,13 @@ class Distillation:
         (image, target) value) before any of it is allocated, and refuse a budget the device cannot hold."""
         target_values = self.teacher.feature_dim if self.teacher is not None else self.source.num_classes
         values = self.budget.total_values(math.prod(self.source.image_shape) + target_values)
-        ensure_fits(WORKING_COPIES * 4 * values, f"a budget of {self.budget_text()}", self.device,
+        ensure_fits(WORKING_COPIES * 4 * values, f"a budget of {self.budget.text()}", self.device,
                     "lower --images or --bytes, or distil on a larger machine")
 
-    def budget_text(self) -> str:
-        return f"{self.budget.images} images" if self.budget.images is not None else f"{self.budget.bytes} bytes"
+    def refuse_overspent(self, distilled: DistilledSet) -> None:
+        """Stop with a :class:`BudgetError` when ``distilled`` stores more bytes than the budget allows (under an image
+        budget, more than the method's plan said its images cost)."""
+        refuse_overspent(distilled.byte_count, self.budget, self.method.plan, self.config.method)
 
     def log(self, message: str) -> None:
         self.logger.info(message)
@@ -211,6 +216,7 @@ class Distillation:
     def check(self, distilled: DistilledSet, step: int) -> dict[str, Any]:
         """Every monitor of the set at ``step``: ``knn`` and, with ``monitor.protocol``, ``protocol`` (top-1 % by
         ``<arch> <target> <fraction>``, the mean over the seeds); the set is kept under ``sets/`` if asked."""
+        self.refuse_overspent(distilled)
         m = self.config.monitor
         checked: dict[str, Any] = {"knn": self.monitor(distilled)}
         if m.keep_sets and self.run_dir is not None:
@@ -223,15 +229,10 @@ class Distillation:
     def protocol_check(self, distilled: DistilledSet) -> dict[str, float]:
         """The monitor's protocol (an evaluate preset) run on ``distilled``: mean top-1 % per (arch, target,
         fraction)."""
-        from ssdd.config import resolve_config
-        from ssdd.evaluation.evaluate import EvaluationConfig, evaluate
-
         m, cfg = self.config.monitor, self.config
-        overrides = {"archs": m.protocol_archs, "seeds": m.protocol_seeds, "device": cfg.device,
-                     "data_root": cfg.data_root}
-        config = resolve_config(EvaluationConfig, "evaluate", m.protocol, None, overrides)
-        cells = evaluate([distilled], config, teacher=self.teacher, progress=False)
-        return {f"{c.arch} {c.target} {c.fraction:g}": round(c.mean, 2) for c in cells}
+        check = SET_CHECKS.get("protocol")  # evaluation's, registered there: methods/ never imports evaluation/
+        return check(distilled, m.protocol, archs=m.protocol_archs, seeds=m.protocol_seeds, device=cfg.device,
+                     data_root=cfg.data_root, teacher=self.teacher)
 
     def monitor(self, distilled: DistilledSet) -> float | None:
         """kNN top-1 (%) of a small student pre-trained on ``distilled``; None when the source has no labels."""
@@ -334,6 +335,7 @@ class Distillation:
         if cfg.monitor.every >= 0 and self.world.is_main:
             self.log("final monitor check")
         distilled = self.method.distilled_set()
+        self.refuse_overspent(distilled)  # before any check or file: a set over its budget is never kept
         checked = self.check(distilled, self.method.total_steps()) if cfg.monitor.every >= 0 and self.world.is_main else {}
         knn = checked.get("knn")
         teacher = self.teacher
@@ -393,7 +395,7 @@ def distill(
     if budget is None and (preset_values.get("images") or preset_values.get("bytes")):
         budget = Budget(preset_values.get("images"), preset_values.get("bytes"))
     if budget is None:
-        raise ConfigError("give a budget: a number of images or ssdd.methods.Budget(bytes=...)")
+        raise ConfigError("give a budget: a number of images or ssdd.Budget(bytes=...)")
     budget = budget if isinstance(budget, Budget) else Budget(images=int(budget))
     if monitor is None and "monitor" in preset_values:
         monitor = from_dict(MonitorSettings, preset_values["monitor"], where=f"preset {preset} monitor")

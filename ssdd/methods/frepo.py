@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ssdd.budget import Budget
 from ssdd.data.augment import random_crop_flip
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext, images_per_class
+from ssdd.methods.base import METHODS, DistillContext
 from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
 
 
@@ -77,7 +78,8 @@ class FRePo(KernelRidgeMethod):
         source, classes = context.source, context.source.num_classes
         c, h, w = self.image_shape
         self.classes = classes
-        self.ipc = images_per_class(budget, (c * h * w + classes) * budget.bytes_per_value, classes, "frepo")
+        self.plan = budget.plan_per_class(budget.value_bytes(c * h * w + classes), classes, "frepo")  # soft labels
+        self.ipc = self.plan.per_class
         gen = make_generator(context.seed)
         members = [(source.labels == k).nonzero().flatten() for k in range(classes)]
         too_few = [k for k, rows in enumerate(members) if rows.numel() < self.ipc]

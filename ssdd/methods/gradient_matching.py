@@ -16,11 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssdd.budget import Budget
 from ssdd.data.augment import DSAConfig, apply_dsa, sample_dsa_params
 from ssdd.errors import ConfigError
-from ssdd.evaluation.training import build_student
-from ssdd.methods.base import METHODS, Budget, DistillContext
+from ssdd.methods.base import METHODS, DistillContext
 from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.training import build_student
 
 
 @dataclass

@@ -22,17 +22,17 @@ from typing import Any
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator
 from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.evaluation.baselines import HighLossSettings, high_loss_scores
-from ssdd.methods.base import Budget, DistillContext, Method
+from ssdd.methods.base import DistillContext, Method
 from ssdd.methods.krr import krr_outer_loss
 from ssdd.methods.pool import ModelPool, PoolSettings
-from ssdd.selection import select_random, select_top_loss
+from ssdd.selection import HighLossSettings, high_loss_scores, select_random, select_top_loss
 from ssdd.teachers.features import crop_flip_copies, teacher_features
 
 REAL_AUGMENTATIONS = ("crop-flip", "none", "views")

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext
+from ssdd.methods.base import METHODS, DistillContext
 from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.teachers.features import teacher_features
 
@@ -37,7 +38,8 @@ class KRRST(KernelRidgeMethod):
         super().__init__(settings, context, budget)
         teacher, source = context.teacher, context.source
         c, h, w = self.image_shape
-        self.num_images = budget.count(c * h * w + teacher.feature_dim)
+        self.plan = budget.plan_values(c * h * w + teacher.feature_dim)
+        self.num_images = self.plan.count
         if self.num_images > len(source):
             raise ConfigError(f"the budget asks for {self.num_images} images but {source.name} has {len(source)}")
         chosen = self.initial_selection(self.num_images)

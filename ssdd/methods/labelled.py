@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import Budget, DistillContext, ImageLearningMethod, images_per_class
+from ssdd.methods.base import DistillContext, ImageLearningMethod
 from ssdd.resources import on_device_if_it_fits
 
 
@@ -37,7 +38,8 @@ class ClassBalancedImages(ImageLearningMethod):
         self.real = on_device_if_it_fits(self.pixel_space.normalize(images.float().div(255.0)), context.device)
         self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
         c, h, w = shape
-        self.ipc = images_per_class(budget, c * h * w * budget.bytes_per_value + 8, self.classes, name)  # int64 labels
+        self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, name)
+        self.ipc = self.plan.per_class
         too_few = [k for k, rows in enumerate(self.members) if rows.numel() < self.ipc]
         if too_few:
             raise ConfigError(f"class {too_few[0]} has fewer than the {self.ipc} images per class asked")

@@ -30,12 +30,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from ssdd.budget import Budget
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
 from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext, Method, images_per_class
+from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.io import read_metadata
 from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, expert_outputs,
                                        is_self_supervised, make_network, matching_loss, train_experts, unrolled_sgd)
@@ -276,10 +277,10 @@ class MKDT(TrajectoryMatching):
     name = "mkdt"
 
     def plan_budget(self) -> int:
-        b = self.budget.bytes_per_value
         c, h, w = self.image_shape
-        m = self.budget.fit((c * h * w + self.real_targets.shape[1]) * b, fixed_bytes=b)  # + the learned step size
-        return min(m, self.real.shape[0])
+        self.plan = self.budget.plan(self.budget.value_bytes(c * h * w + self.real_targets.shape[1]),
+                                     fixed_bytes=self.budget.value_bytes(1))  # + the learned step size
+        return min(self.plan.count, self.real.shape[0])
 
     def initial_indices(self) -> torch.Tensor:
         ctx = self.context
@@ -319,9 +320,10 @@ class MTT(TrajectoryMatching):
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape
-        b = self.budget.bytes_per_value
-        classes = self.context.source.num_classes
-        return classes * images_per_class(self.budget, c * h * w * b + 8, classes, "mtt", fixed_bytes=b)  # int64 labels
+        self.plan = self.budget.plan_per_class(self.budget.value_bytes(c * h * w, labels=1),
+                                               self.context.source.num_classes, "mtt",
+                                               fixed_bytes=self.budget.value_bytes(1))  # + the learned step size
+        return self.plan.count
 
     def initial_indices(self) -> torch.Tensor:
         labels = self.real_targets
@@ -367,7 +369,8 @@ class MTTSSL(TrajectoryMatching):
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape
-        m = self.budget.fit((c * h * w + self.context.teacher.feature_dim) * self.budget.bytes_per_value)
+        self.plan = self.budget.plan(self.budget.value_bytes(c * h * w + self.context.teacher.feature_dim))
+        m = self.plan.count
         if m > self.real.shape[0]:
             raise ConfigError(f"the budget asks for {m} images but {self.context.source.name} has {self.real.shape[0]}")
         return m

@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ssdd.budget import Budget, Plan
 from ssdd.data.augment import PREDEFINED_VIEWS, apply_view
 from ssdd.device import make_generator, seeded
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, approximate_shift, combine_bases
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, Budget, DistillContext
+from ssdd.methods.base import METHODS, DistillContext
 from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.selection import select_random
 from ssdd.teachers.features import teacher_features
@@ -226,6 +227,7 @@ class PAA(KernelRidgeMethod):
         m = min(s.images or most, available)
         b = budget.bytes_per_value
         spent = {name: v * b for name, v in fixed.items()} | {name: m * v * b for name, v in per_image.items()}
+        self.plan = Plan(m, sum(per_image.values()) * b, sum(fixed.values()) * b, total * b)
         unused = total * b - sum(spent.values())
         if m < (s.images or most):
             log.warning("PAA: the budget holds %d images but the source has %d; %s of its %s bytes stay unused",

@@ -37,12 +37,12 @@ from ssdd.data.augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ssdd.device import device_batches, make_generator
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
-from ssdd.evaluation.training import batch_loss, build_student
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import Backbone
 from ssdd.resources import on_device_if_it_fits
 from ssdd.runs import folder_lock, on_main
 from ssdd.teachers.losses import SSL_LOSSES
+from ssdd.training import batch_loss, build_student
 
 Params = dict[str, torch.Tensor]
 

@@ -126,7 +126,7 @@ def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, 
                  info: dict[str, Any]) -> dict[str, Any]:
     """Write a network artefact of ``kind``: ``backbone``'s weights (head included) and metadata (``info`` +
     architecture, pixel space, fingerprint)."""
-    from ssdd import __version__
+    from ssdd.version import __version__
 
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     metadata = {

@@ -1,4 +1,6 @@
-"""Training loops the protocols share: MSE pre-training on a set's targets, supervised training, fine-tuning."""
+"""Student networks and the one training loop: ``build_student`` (a fresh network, its weights a function of the seed),
+``train_network`` (MSE pre-training on a set's targets, supervised training on labels or soft labels, fine-tuning)
+and ``top1``.  Below both ``methods/`` (experts, squeeze models, monitors) and ``evaluation/`` (the protocols)."""
 
 from __future__ import annotations
 
