@@ -35,14 +35,16 @@ def line_seconds() -> float:
 
 
 def progress_bar(iterable: Any = None, **options: Any) -> tqdm:
-    """A tqdm bar (same arguments) on stderr: redrawn on a terminal, written as lines anywhere else."""
+    """A tqdm bar (same arguments) on stderr: redrawn on a terminal, written as lines anywhere else (where the
+    line interval and format are this module's, and the rates whole-run averages unless ``smoothing`` is given)."""
     stream = options.get("file") or sys.stderr
     if stream.isatty():
-        return tqdm(iterable, dynamic_ncols=True, **options)
+        return tqdm(iterable, **{"dynamic_ncols": True, **options})
     seconds = line_seconds()
     known = options.get("total") is not None or hasattr(iterable, "__len__")
-    return _Lines(iterable, mininterval=seconds, maxinterval=seconds, smoothing=0,
-                  bar_format=LINE_FORMAT if known else None, **options)
+    options.pop("dynamic_ncols", None)  # a line has no columns to fit
+    return _Lines(iterable, **{"smoothing": 0, **options, "mininterval": seconds, "maxinterval": seconds,
+                               "bar_format": LINE_FORMAT if known else None})
 
 
 class _Lines(plain_tqdm):

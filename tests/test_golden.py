@@ -184,7 +184,7 @@ def mkdt_iteration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     monkeypatch.setattr(method.experts, "params",
                         lambda expert, epoch, device="cpu": {k: v.to(dtype) for k, v in epochs[epoch].items()})
     permutations = iter(g["permutations"])
-    monkeypatch.setattr(method, "permutation", lambda: next(permutations))
+    monkeypatch.setattr(method, "permutation", lambda order: next(permutations))
     method.images.data = g["images"].to(dtype, copy=True)  # copies: the steps change them in place
     method.targets.data = g["targets"].to(dtype, copy=True)
     method.syn_lr.data = g["init_step_size"].to(dtype, copy=True)

@@ -692,6 +692,7 @@ def test_teacher_features_record_the_teachers_precision_and_memory_format(
     monkeypatch.setenv("SSDD_TEACHER_PRECISION", "auto")  # the teacher trained channels_last
     assert teacher_copy.encoding("cpu") == (False, True)
     teacher_copy.progress = True
+    monkeypatch.setenv("SSDD_PROGRESS_SECONDS", "1e-9")  # stderr is no terminal here: a status line per update
     auto = teacher_features(teacher_copy, ds)
     assert "img/s" in capsys.readouterr().err
     assert len(files()) == 2 and sum(forward_calls) == 24

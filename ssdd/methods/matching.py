@@ -211,8 +211,12 @@ class TrajectoryMatching(Method):
         target = self.experts.params(expert, start_epoch + s.expert_epochs, device)
         student = unrolled_sgd(self.network, start, self.images, self.targets, self.syn_lr, s.syn_steps,
                                s.batch_syn or self.num_images, self.loss, order, s.checkpointed,
-                               permutation=lambda: torch.randperm(self.num_images, generator=order))
+                               permutation=lambda: self.permutation(order))
         return matching_loss(student, start, target)
+
+    def permutation(self, order: torch.Generator) -> torch.Tensor:
+        """A random order of the synthetic images, drawn from ``order``, from which the unroll takes its batches."""
+        return torch.randperm(self.num_images, generator=order)
 
     def step(self, step: int) -> dict[str, float]:
         s = self.settings

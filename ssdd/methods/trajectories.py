@@ -38,6 +38,7 @@ from ssdd.device import device_batches, make_generator
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.io import read_metadata, save_tensors
+from ssdd.progress import progress_bar
 from ssdd.models import Backbone
 from ssdd.resources import on_device_if_it_fits
 from ssdd.runs import folder_lock, on_main
@@ -191,8 +192,8 @@ def _train_missing(folder: Path, todo: list[int], settings: ExpertSettings, imag
     steps_per_epoch = n // batch if n % batch == 1 else -(-n // batch)  # never a one-image batch
     current = world()
     blocks = [block for _, block in shard(sorted({k // settings.parallel for k in todo}), current)]
-    bar = tqdm(total=len(blocks) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
-               disable=not progress or not blocks or not current.is_main)
+    bar = progress_bar(total=len(blocks) * settings.epochs * steps_per_epoch, desc="experts", unit="step",
+                       disable=not progress or not blocks or not current.is_main)
     for block in blocks:
         # a block of `parallel` experts always trains together, so an expert's bits do not depend on which others
         # were missing; only the missing ones are written

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
 from ssdd.data.cache import cache_dir
@@ -22,6 +21,7 @@ from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
 from ssdd.probes import extract_features
+from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
 from ssdd.io import load_tensors, save_tensors, writable
 from ssdd.teachers.artefact import Teacher
@@ -131,8 +131,8 @@ def teacher_features(
     images = dataset.converted(channels=c, size=h).images
     blocks = []
     started = time.perf_counter()
-    bar = tqdm(total=copies * len(dataset), desc=f"teacher features ({_encoding_name(*encoding)})", unit="img",
-               disable=not teacher.progress, leave=False, dynamic_ncols=True, smoothing=0)  # rate: whole pass
+    bar = progress_bar(total=copies * len(dataset), desc=f"teacher features ({_encoding_name(*encoding)})", unit="img",
+                       disable=not teacher.progress, leave=False, dynamic_ncols=True, smoothing=0)  # rate: whole pass
     with bar, teacher.encoder(device) as encode:
         for view in views or ():
             rotated = apply_view(images, view)
