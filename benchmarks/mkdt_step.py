@@ -92,14 +92,14 @@ def run_variant(args: argparse.Namespace) -> dict:
             loss = official_iteration(start, target, images, targets, lr, args.steps, args.batch, generator)
         else:
             student = unrolled_sgd(network, start, images, targets, lr, args.steps, args.batch, "mse", generator,
-                                   args.checkpointed)
+                                   args.checkpointed, amp=args.amp)
             loss = matching_loss(student, start, target)
             loss.backward()
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
         losses.append(float(loss))
         images.grad = targets.grad = lr.grad = None
-    return {"variant": args.variant, "checkpointed": args.checkpointed, "median_s": statistics.median(times),
+    return {"variant": args.variant, "checkpointed": args.checkpointed, "amp": args.amp, "median_s": statistics.median(times),
             "min_s": min(times), "losses": losses,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mib": rss_before / 1024}
@@ -117,18 +117,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpointed", action="store_true", help="ssdd's variant checkpoints every step")
+    parser.add_argument("--amp", action="store_true", help="ssdd's variant runs bf16 autocast where bf16 is native")
     parser.add_argument("--variant", choices=("official", "ssdd"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    common = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "checkpointed", "rounds")]
+    common = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "checkpointed", "amp", "rounds")]
     ratios, rows = [], []
     for r in range(args.rounds):
         order = ("official", "ssdd") if r % 2 == 0 else ("ssdd", "official")
         result = {}
         for variant in order:
-            extra = ["--checkpointed"] if args.checkpointed and variant == "ssdd" else []
+            extra = [f"--{flag}" for flag in ("checkpointed", "amp") if getattr(args, flag) and variant == "ssdd"]
             out = subprocess.run([sys.executable, __file__, "--variant", variant, *common, *extra], check=True,
                                  capture_output=True, text=True).stdout
             result[variant] = json.loads(out.strip().splitlines()[-1])

@@ -293,6 +293,34 @@ def test_unrolled_sgd_equals_plain_sgd_on_the_same_batches(loss: str) -> None:
     assert all(torch.equal(start[k], v) for k, v in parameters_of(network).items())  # the network is untouched
 
 
+def test_the_amp_unroll_runs_its_forward_in_bf16_and_keeps_the_parameters_float32(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced on (emulated bf16 on any CPU): the same unroll to bf16 rounding, but not bit for bit, with float32
+    parameters and gradients; off, or where bf16 is not native, it is the float32 unroll."""
+    from ssdd import device
+
+    network = build_student("convnet", {"widths": [8], "norm": "instance"}, 4, (3, 8, 8), seed=0)
+    start = parameters_of(network)
+    images, targets = unit_data(6, "mse", seed=2)
+    images.requires_grad_(True)
+
+    def unroll(amp: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        images.grad = None
+        student = unrolled_sgd(network, start, images, targets, torch.tensor(0.05), 3, 3, "mse", make_generator(1),
+                               amp=amp)
+        sum(v.square().sum() for v in student.values()).backward()
+        return {k: v.detach() for k, v in student.items()}, images.grad.clone()
+
+    plain, plain_grad = unroll(False)
+    assert all(torch.equal(a, b) for a, b in zip(unroll(True)[0].values(), plain.values()))  # not native: float32
+    monkeypatch.setattr(device, "runs_bf16", lambda dev, enabled=True: enabled)
+    mixed, mixed_grad = unroll(True)
+    assert all(v.dtype == torch.float32 for v in mixed.values()) and mixed_grad.dtype == torch.float32
+    assert not all(torch.equal(mixed[k], plain[k]) for k in plain)
+    assert_params_close(mixed, plain, atol=2e-2)
+    assert float((mixed_grad - plain_grad).norm() / plain_grad.norm()) < 0.05  # bf16 has 8 bits of mantissa
+
+
 def test_the_self_supervised_step_loss_is_barlow_twins_between_two_views_by_hand() -> None:
     network = build_student(UNIT_ARCH, UNIT_ARGS, 4, (3, 8, 8), seed=0)
     x = unit_data(6, "mse")[0]

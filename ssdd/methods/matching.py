@@ -67,6 +67,7 @@ class MatchingSettings:
     init: str = "high-loss"  # MKDT only: high-loss | random
     checkpointed: bool = False  # recompute each unrolled step in the backward pass (memory for time)
     clamp_step_size: bool = True  # keep the learnable step size >= 1e-6 (the released code does not clamp it)
+    amp: bool = False  # bf16 autocast of the unrolled forward where native (the released code runs float32)
     segments: int = 1  # (expert, start epoch) segments matched per iteration, their losses averaged; dealt to the
     # processes under torchrun (1: the released single stream of random draws)
 
@@ -211,7 +212,7 @@ class TrajectoryMatching(Method):
         target = self.experts.params(expert, start_epoch + s.expert_epochs, device)
         student = unrolled_sgd(self.network, start, self.images, self.targets, self.syn_lr, s.syn_steps,
                                s.batch_syn or self.num_images, self.loss, order, s.checkpointed,
-                               permutation=lambda: self.permutation(order))
+                               permutation=lambda: self.permutation(order), amp=s.amp)
         return matching_loss(student, start, target)
 
     def permutation(self, order: torch.Generator) -> torch.Tensor:

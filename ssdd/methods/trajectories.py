@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
-from ssdd.device import device_batches, make_generator
+from ssdd.device import at_least_float32, autocast, device_batches, make_generator
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.io import read_metadata, save_tensors
@@ -290,12 +290,14 @@ def unrolled_sgd(
     generator: torch.Generator,
     checkpointed: bool = False,
     permutation: Callable[[], torch.Tensor] | None = None,
+    amp: bool = False,
 ) -> Params:
     """``steps`` SGD steps of ``network`` from ``start`` on mini-batches of (``images``, ``targets``) with ``loss``
     (:func:`step_loss`), every step differentiable in the images, targets, ``lr`` and ``start``.  Batches come in
     :func:`released_minibatches` order from permutations drawn from ``generator`` (or given by ``permutation``).
     ``checkpointed`` recomputes each step's activations in the backward pass instead of keeping them (less memory,
-    one more forward per step)."""
+    one more forward per step).  ``amp`` runs the network's forward under bf16 autocast where bf16 is native
+    (:func:`ssdd.device.autocast`); its outputs, the loss and the parameter updates stay float32."""
     names = list(start)
     template = network if next(iter(network.parameters())).device.type == "meta" else copy.deepcopy(network).to("meta")
     params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in start.values()]
@@ -306,7 +308,8 @@ def unrolled_sgd(
     def one_step(idx: torch.Tensor, step_lr: torch.Tensor, views: Views | None,
                  *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return functional_call(template, dict(zip(names, current)), (x,))
+            with autocast(x.device, amp):
+                return at_least_float32(functional_call(template, dict(zip(names, current)), (x,)))
 
         value = step_loss(forward, images[idx], targets[idx], loss, views)
         grads = torch.autograd.grad(value, current, create_graph=True)
