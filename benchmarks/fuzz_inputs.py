@@ -28,9 +28,9 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 def run_category(name: str, examples: int, seed: int) -> dict:
     """Generate ``examples`` cases of category ``name`` and judge each."""
-    from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings
-
     import test_malformed_input as fuzz
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
 
     strategy, build = fuzz.CATEGORIES[name]
     record = {"tried": 0, "handled": 0, "refused": 0, "accepted": 0, "problems": []}

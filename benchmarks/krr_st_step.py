@@ -86,9 +86,9 @@ STEPS = {"naive": naive_step, "floor": floor_step}
 
 
 def run_variant(args: argparse.Namespace) -> dict:
+    from ssdd.budget import Budget
     from ssdd.config import from_dict, preset_dict
     from ssdd.data import load_dataset
-    from ssdd.budget import Budget
     from ssdd.methods import DistillContext
     from ssdd.methods.krr_st import KRRST, KRRSTSettings
     from ssdd.teachers import load_teacher
@@ -142,7 +142,8 @@ def main() -> None:
     fast, naive, floor = results
     print(f"ssdd {fast['median_s']:.2f} s/step, straightforward {naive['median_s']:.2f} s/step: "
           f"{naive['median_s'] / fast['median_s']:.2f}x; floor {floor['median_s']:.2f} s/step: ssdd / floor "
-          f"{fast['median_s'] / floor['median_s']:.2f}; peak RSS {fast['peak_rss_mib']:.0f} vs {naive['peak_rss_mib']:.0f} MiB")
+          f"{fast['median_s'] / floor['median_s']:.2f}; peak RSS {fast['peak_rss_mib']:.0f} vs "
+          f"{naive['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

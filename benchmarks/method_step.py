@@ -21,10 +21,10 @@ import torch
 
 
 def main() -> None:
+    from ssdd.budget import Budget
     from ssdd.config import from_dict, preset_dict
     from ssdd.data import load_dataset
     from ssdd.device import precision, resolve_device
-    from ssdd.budget import Budget
     from ssdd.methods import METHODS, DistillContext
     from ssdd.teachers import load_teacher
 

@@ -99,8 +99,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - started)
         losses.append(float(loss))
         images.grad = targets.grad = lr.grad = None
-    return {"variant": args.variant, "checkpointed": args.checkpointed, "amp": args.amp, "median_s": statistics.median(times),
-            "min_s": min(times), "losses": losses,
+    return {"variant": args.variant, "checkpointed": args.checkpointed, "amp": args.amp,
+            "median_s": statistics.median(times), "min_s": min(times), "losses": losses,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mib": rss_before / 1024}
 
@@ -137,8 +137,10 @@ def main() -> None:
                   flush=True)
         ratios.append(result["official"]["median_s"] / result["ssdd"]["median_s"])
         rows.append(result)
-    print(f"official / ssdd per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x;"
-          f" peak RSS official {rows[-1]['official']['peak_rss_mib']:.0f} MiB, ssdd {rows[-1]['ssdd']['peak_rss_mib']:.0f} MiB")
+    print(f"official / ssdd per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x;"
+          f" peak RSS official {rows[-1]['official']['peak_rss_mib']:.0f} MiB, "
+          f"ssdd {rows[-1]['ssdd']['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 recovered for) and with the stored soft labels read at another temperature. This is the diagnosis in
 docs/results/cifar10-ipc-cpu.md; evaluate the written sets with the suite's own protocol:
 
-    python benchmarks/recovered_label_controls.py runs/bench/cifar10-ipc-cpu/sets/scdd runs/bench/cifar10-ipc-cpu/sets/sre2l \
-        --out runs/ipc-controls --temperature 4
-    ssdd evaluate scdd-hard=runs/ipc-controls/scdd-hard ... --config runs/bench/cifar10-ipc-cpu/evaluations/supervised/config.yaml
+    python benchmarks/recovered_label_controls.py runs/bench/cifar10-ipc-cpu/sets/scdd \
+        runs/bench/cifar10-ipc-cpu/sets/sre2l --out runs/ipc-controls --temperature 4
+    ssdd evaluate scdd-hard=runs/ipc-controls/scdd-hard ... \
+        --config runs/bench/cifar10-ipc-cpu/evaluations/supervised/config.yaml
 """
 
 from __future__ import annotations

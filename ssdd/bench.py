@@ -51,7 +51,7 @@ from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, Verdict, judge, summary, verdict_blocks
 from ssdd.evaluation.report import plot_against_budget, result_tables
 from ssdd.io import atomic_write_text, locked, make_folder, process_running
-from ssdd.methods import METHODS, DistillConfig, Distillation
+from ssdd.methods import METHODS, Distillation, DistillConfig
 from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.page import Block, Code, Heading, Image, Paragraph, Table, html, markdown
 from ssdd.runs import RunDir, exclusive
@@ -102,7 +102,8 @@ class Suite:
                 raise ConfigError(f"evaluation {name} names sets the suite does not make: {', '.join(unknown)}")
             bad = sorted(set(stage.baselines) - set(BASELINES))
             if bad:
-                raise ConfigError(f"evaluation {name}: unknown baseline(s) {', '.join(bad)}; use {', '.join(BASELINES)}")
+                raise ConfigError(f"evaluation {name}: unknown baseline(s) {', '.join(bad)}; "
+                                  f"use {', '.join(BASELINES)}")
             if stage.expect is not None:
                 entries = [*(stage.sets if stage.sets is not None else self.sets), *stage.baselines]
                 named = {e for o in stage.expect.parsed(f"evaluations.{name}.expect") for e in (o.above, o.below)}
@@ -235,7 +236,8 @@ class BenchRun:
         return config
 
     def evaluation_config(self, name: str) -> EvaluationConfig:
-        replaced = {k: v for k, v in (("targets", self.options.targets), ("seeds", self.options.seeds)) if v is not None}
+        options = (("targets", self.options.targets), ("seeds", self.options.seeds))
+        replaced = {k: v for k, v in options if v is not None}
         merged = self._merged("evaluate", self.suite.evaluations[name], replaced)
         return from_dict(EvaluationConfig, merged, where=f"suite {self.name} evaluation {name}")
 

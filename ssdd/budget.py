@@ -59,7 +59,8 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.bytes is None):
-            raise ConfigError("give the budget as a number of images (--images N) or of bytes (--bytes B), not both or neither")
+            raise ConfigError("give the budget as a number of images (--images N) or of bytes (--bytes B), "
+                              "not both or neither")
         if (self.images is not None and self.images < 1) or (self.bytes is not None and self.bytes < 1):
             raise ConfigError("a budget must be positive")
         if self.dtype not in STORAGE_DTYPES:
@@ -136,9 +137,9 @@ def refuse_overspent(byte_count: int, budget: Budget, plan: Plan | None, method:
     ``plan`` for an image budget) allows."""
     limit = budget.limit(plan)
     if limit is not None and byte_count > limit:
-        raise BudgetError(f"{method} made a set of {byte_count:,} bytes, over its budget of {limit:,} bytes (a budget of "
-                          f"{budget.text()}, {budget.dtype}); the set was not kept: the method stores more than it "
-                          "planned")
+        raise BudgetError(f"{method} made a set of {byte_count:,} bytes, over its budget of {limit:,} bytes "
+                          f"(a budget of {budget.text()}, {budget.dtype}); the set was not kept: the method stores "
+                          "more than it planned")
 
 
 def pair_bytes(image_shape: tuple[int, int, int], target_dim: int | None,

@@ -12,8 +12,8 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ssdd import __version__
@@ -58,7 +58,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
                 print(f"{'':<14} looked for {place}")
             if row["downloadable"]:
                 print(f"{'':<14} (fetch it with: ssdd datasets --download {row['name']})")
-    print("imagefolder:PATH  your own images: PATH/{train,test}/<class>/<images>, or PATH/<class>/<images>, or an archive")
+    print("imagefolder:PATH  your own images: PATH/{train,test}/<class>/<images>, or PATH/<class>/<images>, "
+          "or an archive")
     return 0
 
 
@@ -294,8 +295,8 @@ def _named_set(argument: str) -> tuple[str | None, str]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssdd.config import resolve_config
     from ssdd.device import resolve_device
-    from ssdd.environment import environment
     from ssdd.distributed import init_from_env
+    from ssdd.environment import environment
     from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
     from ssdd.runs import folder_lock
 
@@ -481,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="run a benchmark suite end to end and write a report")
-    p.add_argument("--suite", required=True, help=f"a shipped suite ({', '.join(list_presets('bench'))}) or a suite's YAML file")
+    p.add_argument("--suite", required=True,
+                   help=f"a shipped suite ({', '.join(list_presets('bench'))}) or a suite's YAML file")
     p.add_argument("--out", default="runs/bench", help="parent of the report folder <out>/<suite> (default runs/bench)")
     p.add_argument("--methods", help="comma-separated sets and baselines to run (default: all of the suite's)")
     p.add_argument("--targets", help="comma-separated target datasets, replacing every evaluation's")

@@ -65,7 +65,8 @@ def approximate_shift(identity_targets: torch.Tensor, weights: dict[str, torch.T
     return F.linear(hidden, weights["out.weight"], weights["out.bias"])
 
 
-def combine_bases(coefficients: torch.Tensor, bases: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def combine_bases(coefficients: torch.Tensor, bases: torch.Tensor,
+                  image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """``coefficients @ bases`` over the bases' trailing dimensions; image bases are upsampled to ``image_shape``."""
     combined = (coefficients.float() @ bases.float().flatten(1)).view(coefficients.shape[0], *bases.shape[1:])
     if image_shape is not None and tuple(combined.shape[-2:]) != tuple(image_shape[-2:]):
@@ -147,7 +148,8 @@ class DistilledSet:
         t = self.tensors
         views = self.views
         if views[0] != "identity" or len(set(views)) != len(views) or not set(views) <= set(PREDEFINED_VIEWS):
-            raise fail(f"views must start with 'identity' and name distinct views of {', '.join(PREDEFINED_VIEWS)}; got {views}")
+            raise fail(f"views must start with 'identity' and name distinct views of "
+                       f"{', '.join(PREDEFINED_VIEWS)}; got {views}")
         allowed = set(PLAIN_TENSORS) | {f"view_targets.{v}" for v in views[1:]} | {
             f"approx.{v}.{p}" for v in views[1:] for p in APPROX_PARAMS}
         unknown = sorted(set(t) - allowed)
@@ -181,7 +183,8 @@ class DistilledSet:
                 raise fail("holds no 'images' tensor (nor 'image_coefficients' with 'image_bases')")
             coef, bases = t["image_coefficients"], t["image_bases"]
             if coef.dim() != 2 or bases.dim() != 4 or coef.shape[1] != bases.shape[0]:
-                raise fail(f"image coefficients (M, U) {tuple(coef.shape)} do not fit image bases (U, C, h, w) {tuple(bases.shape)}")
+                raise fail(f"image coefficients (M, U) {tuple(coef.shape)} do not fit image bases (U, C, h, w) "
+                           f"{tuple(bases.shape)}")
             shape = self.image_shape
             if len(shape) != 3 or shape[0] != bases.shape[1] or shape[1] < bases.shape[2] or shape[2] < bases.shape[3]:
                 raise fail(f"image_shape {list(shape)} does not fit image bases {tuple(bases.shape)}")
@@ -217,16 +220,19 @@ class DistilledSet:
             dim = targets.shape[1]
         else:
             if "target_coefficients" not in t or "target_bases" not in t:
-                raise fail("target kind 'representation' needs a 'targets' tensor (or 'target_coefficients' with 'target_bases')")
+                raise fail("target kind 'representation' needs a 'targets' tensor (or 'target_coefficients' with "
+                           "'target_bases')")
             coef, bases = t["target_coefficients"], t["target_bases"]
             if coef.dim() != 2 or bases.dim() != 2 or coef.shape != (m, bases.shape[0]):
-                raise fail(f"target coefficients {tuple(coef.shape)} do not fit {m} images and target bases {tuple(bases.shape)}")
+                raise fail(f"target coefficients {tuple(coef.shape)} do not fit {m} images and target bases "
+                           f"{tuple(bases.shape)}")
             dim = bases.shape[1]
         for view in self.views[1:]:
             stored = t.get(f"view_targets.{view}")
             approx = self.approximation_weights(view)
             if (stored is None) == (approx is None):
-                raise fail(f"view {view!r} needs either 'view_targets.{view}' or approximation weights 'approx.{view}.*', not {'both' if stored is not None else 'neither'}")
+                raise fail(f"view {view!r} needs either 'view_targets.{view}' or approximation weights "
+                           f"'approx.{view}.*', not {'both' if stored is not None else 'neither'}")
             if stored is not None and tuple(stored.shape) != (m, dim):
                 raise fail(f"'view_targets.{view}' must have shape ({m}, {dim}), got {tuple(stored.shape)}")
             if approx is not None:
@@ -287,9 +293,11 @@ class DistilledSet:
             "num_images": self.num_images,
             "byte_count": self.byte_count,
             "fingerprint": fingerprint_state(self.tensors),
-            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()},
+            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                        for k, v in self.tensors.items()},
             "ssdd_version": __version__,
-            "created": self.metadata.get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": (self.metadata.get("created")
+                        or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")),
         }
         save_tensors(path, {k: v.contiguous() for k, v in self.tensors.items()}, meta)
         self.metadata = meta
@@ -322,10 +330,11 @@ def load_distilled(path: str | Path) -> DistilledSet:
         raise ArtefactError(f"{path}: images of {'x'.join(map(str, distilled.image_shape[1:]))} pixels are larger than "
                             f"the {MAX_IMAGE_SIDE} px ssdd reads")
     if distilled.byte_count != meta["byte_count"]:
-        raise ArtefactError(f"{path}: stored tensors hold {distilled.byte_count} bytes but the metadata says {meta['byte_count']}")
+        raise ArtefactError(f"{path}: stored tensors hold {distilled.byte_count} bytes but the metadata says "
+                            f"{meta['byte_count']}")
     if "fingerprint" not in meta:  # every set ssdd writes records one (the sets shipped in docs/results too)
-        raise ArtefactError(f"{path} has no fingerprint: not written by ssdd or edited; use the file ssdd wrote, or make "
-                            "the set again")
+        raise ArtefactError(f"{path} has no fingerprint: not written by ssdd or edited; use the file ssdd wrote, "
+                            "or make the set again")
     if fingerprint_state(tensors) != meta["fingerprint"]:
         raise ArtefactError(f"{path}: tensors do not match the recorded fingerprint; the file was modified or damaged")
     return distilled

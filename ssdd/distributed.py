@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
 # torch.distributed.nn.functional binds the default group as its functions' default argument when it is imported, and
 # torch imports it lazily (through torch._dynamo, on a first factory call under a device context). Imported after
 # init_process_group, it kept the group alive past destroy_process_group, and the group's gloo threads then raced the

@@ -367,10 +367,12 @@ def load_artefact(path: str | Path, kind: str, default_file: str, required: tupl
     if meta.get("kind") != kind:
         raise ArtefactError(f"{path} is a {meta.get('kind', 'unknown')!r} artefact, not a {kind}")
     if meta.get("format_version") != format_version or isinstance(meta.get("format_version"), bool):
-        raise ArtefactError(f"{path} has format version {meta.get('format_version')!r}; this ssdd reads version {format_version}")
+        raise ArtefactError(f"{path} has format version {meta.get('format_version')!r}; this ssdd reads version "
+                            f"{format_version}")
     missing = [key for key in required if key not in meta]
     if missing:
-        raise ArtefactError(f"{path}: metadata lacks {', '.join(map(repr, missing))}; the file is damaged or not from ssdd")
+        raise ArtefactError(f"{path}: metadata lacks {', '.join(map(repr, missing))}; the file is damaged or not "
+                            "from ssdd")
     return path, tensors, meta
 
 

@@ -18,8 +18,18 @@ from tqdm.auto import tqdm
 from ssdd.config import to_dict
 from ssdd.distributed import World, broadcast_object, world
 from ssdd.errors import ConfigError, RunFolderError, SsddError
-from ssdd.io import (LOCK_FILE, append_text, atomic_write_text, hold_lock, load_checkpoint, make_folder, release_lock,
-                     save_checkpoint, storage_error, writing)
+from ssdd.io import (
+    LOCK_FILE,
+    append_text,
+    atomic_write_text,
+    hold_lock,
+    load_checkpoint,
+    make_folder,
+    release_lock,
+    save_checkpoint,
+    storage_error,
+    writing,
+)
 
 T = TypeVar("T")
 CONFIG_FILE = "config.yaml"

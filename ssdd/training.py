@@ -94,7 +94,8 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) ->
     return (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width))
 
 
-def build_student(arch: str, arch_args: dict, num_outputs: int, image_shape: tuple[int, int, int], seed: int) -> Backbone:
+def build_student(arch: str, arch_args: dict, num_outputs: int, image_shape: tuple[int, int, int],
+                  seed: int) -> Backbone:
     """A freshly initialised network for ``image_shape`` images, its weights a function of ``seed`` only."""
     c, h, _ = image_shape
     with seeded(seed):

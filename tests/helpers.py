@@ -13,7 +13,7 @@ from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.distilled import DistilledSet
 from ssdd.io import load_checkpoint
-from ssdd.methods import DistillConfig, Distillation
+from ssdd.methods import Distillation, DistillConfig
 
 
 def one_line(exc: BaseException) -> str:

@@ -209,7 +209,8 @@ def test_color_matches_dsa_definition() -> None:
 
 def test_cutout_zeroes_one_square_and_keeps_the_rest() -> None:
     x = rand(1, 2, 16, 16) + 0.1  # no zeros before cutout
-    params = DSAParams(("cutout",), {"cutout_center": torch.tensor([[0.5, 0.5]]), "cutout_ratio": torch.tensor(0.25)}, 1)
+    params = DSAParams(("cutout",), {"cutout_center": torch.tensor([[0.5, 0.5]]),
+                                     "cutout_ratio": torch.tensor(0.25)}, 1)
     out = apply_dsa(x, params)
     zero = (out == 0).all(dim=1)[0]
     rows, cols = zero.nonzero(as_tuple=True)
@@ -224,7 +225,8 @@ def test_cutout_zeroes_one_square_and_keeps_the_rest() -> None:
 def test_cutout_square_side_is_ratio_times_image_side(size: int, ratio: float) -> None:
     # DSA (Zhao & Bilen) cuts a square of side int(size * ratio + 0.5) pixels.
     side = int(size * ratio + 0.5)
-    params = DSAParams(("cutout",), {"cutout_center": torch.tensor([[0.5, 0.5]]), "cutout_ratio": torch.tensor(ratio)}, 1)
+    params = DSAParams(("cutout",), {"cutout_center": torch.tensor([[0.5, 0.5]]),
+                                     "cutout_ratio": torch.tensor(ratio)}, 1)
     out = apply_dsa(torch.ones(1, 1, size, size), params)
     cut = int((out == 0).sum())
     assert cut == side * side, f"cutout_ratio={ratio} on {size} px cut {cut} pixels, expected a {side}x{side} square"

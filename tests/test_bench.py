@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import one_line, user_error
 
 import ssdd.bench as bench
 from ssdd.bench import TIMING_HEADING, BenchOptions, BenchRun, load_suite, run_suite, suites
@@ -17,8 +18,6 @@ from ssdd.distilled import load_distilled
 from ssdd.errors import ConfigError
 from ssdd.evaluation import Cell
 from ssdd.methods.engine import method_settings
-
-from helpers import one_line, user_error
 
 
 class Killed(BaseException):
@@ -165,7 +164,8 @@ def test_a_sets_entry_is_reused_whatever_the_baselines_budget(tmp_path: Path, un
         (tmp_path / "tiny/evaluations/linear/random.json").read_text())["budget_bytes"]
     monkeypatch.setattr(bench, "load_suite", lambda name: suite)
     evaluated: list[list[str]] = []
-    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: evaluated.append(k["names"] + k["baselines"]) or [])
+    monkeypatch.setattr(bench, "evaluate",
+                        lambda sets, config, **k: evaluated.append(k["names"] + k["baselines"]) or [])
     _run(tmp_path)
     assert evaluated == [["random"]]  # the baseline is drawn again at the new budget; paa and none are reused
 

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures import make_splits, write_image_folder_archive
 from helpers import user_error
+
 from ssdd import __version__
 from ssdd.cli import main
 from ssdd.data import DATASETS
@@ -557,6 +557,7 @@ def test_download_fetches_the_official_file_and_checks_its_md5(capsys: pytest.Ca
     import hashlib
 
     from fixtures import make_cifar_data, write_cifar10_archive
+
     from ssdd.data import load_dataset
 
     data = make_cifar_data()

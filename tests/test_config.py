@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -30,7 +30,7 @@ class Demo:
     scale: float = 1.0
     flag: bool = False
     mode: Literal["fast", "slow"] = "fast"
-    seed: Optional[int] = None
+    seed: int | None = None
     sizes: list[int] = field(default_factory=lambda: [1, 2])
     pair: tuple[float, float] = (0.5, 1.5)
     optim: Optim = field(default_factory=Optim)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import one_line
+
 from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError

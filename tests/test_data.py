@@ -17,9 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import ssdd.data.readers as readers
 from fixtures import (
     CLASSES,
     ShellPayload,
@@ -41,6 +38,9 @@ from fixtures import (
     write_mnist_idx,
     zero_png,
 )
+from PIL import Image
+
+import ssdd.data.readers as readers
 from ssdd.data import ImageDataset, PixelSpace, convert_images, dataset_status, load_dataset, make_synthetic
 from ssdd.data.catalog import MNIST_CLASSES, data_root
 from ssdd.errors import DataError, SsddError, UnknownNameError
@@ -237,7 +237,8 @@ def test_imagefolder_missing_path(tmp_path: Path) -> None:
 # ---- the decoded cache --------------------------------------------------------------------------------------
 
 
-def test_second_load_reads_the_cache_not_the_source(data_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_load_reads_the_cache_not_the_source(
+        data_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     splits = make_splits(seed=12)
     write_image_folder_archive(data_dir / "cifar10.tar.gz", "cifar10", splits)
     first = load_dataset("cifar10", "train")
@@ -719,7 +720,8 @@ def test_shell_payload_is_live(tmp_path: Path) -> None:
 @pytest.mark.parametrize("form", ["folder", "archive"])
 @pytest.mark.parametrize("victim", ["data_batch_1", "batches.meta", "test_batch"])
 @pytest.mark.parametrize("nested", [False, True])
-def test_forged_cifar_pickle_does_not_execute(data_dir: Path, tmp_path: Path, form: str, victim: str, nested: bool) -> None:
+def test_forged_cifar_pickle_does_not_execute(
+        data_dir: Path, tmp_path: Path, form: str, victim: str, nested: bool) -> None:
     marker = tmp_path / "pwned"
     payload = ShellPayload(marker_command(marker))
     obj = {b"data": payload, b"labels": [0]} if nested else payload

@@ -1,6 +1,6 @@
-"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) DM-SSL, and the labelled baselines of the
-supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery, the frozen squeeze model
-and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the errors.
+"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) DM-SSL, and the labelled
+baselines of the supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery, the frozen
+squeeze model and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the errors.
 
 One tiny BatchNorm teacher (conftest ``tiny_teacher``) and one SC-DD run of the ``scdd/tiny`` preset serve the module;
 the other runs are the tiny presets made smaller still, and the unit tests use one-block networks on 5x5 or 8x8
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import interrupt_then_resume, one_line
 from torch import nn
 
 import ssdd
-from helpers import interrupt_then_resume, one_line
 from ssdd.budget import Budget
 from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, make_synthetic

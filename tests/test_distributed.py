@@ -14,19 +14,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import matching_config, one_line
+
 from ssdd.config import resolve_config
 from ssdd.distributed import World, gather_objects, init_from_env, leave, shard, world
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.journal import journal_files
-from ssdd.methods import Distillation, DistillConfig
-from ssdd.methods import engine
 from ssdd.io import load_checkpoint, read_metadata
-from ssdd.models import create_model
-from ssdd.methods import trajectories
+from ssdd.methods import Distillation, DistillConfig, engine, trajectories
 from ssdd.methods.trajectories import ExpertSettings, ExpertStore, train_experts
+from ssdd.models import create_model
 from ssdd.teachers import TeacherConfig, train_teacher
 from ssdd.teachers import train as train_module
 from ssdd.teachers.losses import SSL_LOSSES, make_projector

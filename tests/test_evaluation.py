@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from fixtures import make_splits, write_image_folder
+
 from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DistilledSet
@@ -779,13 +779,15 @@ def test_negative_steps_are_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize(("n", "batch", "expected"), [(10, 4, [4, 4, 2]), (9, 4, [4, 4]), (3, 8, [3])])
-def test_train_network_batches_cover_the_set_without_single_image_batches(n: int, batch: int, expected: list[int]) -> None:
+def test_train_network_batches_cover_the_set_without_single_image_batches(
+        n: int, batch: int, expected: list[int]) -> None:
     from ssdd.training import TrainSettings, build_student, train_network
 
     model = build_student("convnet", {"widths": [4], "norm": "batch"}, 2, (3, 8, 8), 0)
     sizes: list[int] = []
     model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
-    train_network(model, torch.randn(n, 3, 8, 8), torch.randn(n, 2), TrainSettings(epochs=1, batch_size=batch), "mse", 0)
+    train_network(model, torch.randn(n, 3, 8, 8), torch.randn(n, 2), TrainSettings(epochs=1, batch_size=batch),
+                  "mse", 0)
     assert sizes == expected
 
 

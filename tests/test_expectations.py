@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from helpers import one_line
 
 from ssdd.errors import ConfigError
 from ssdd.evaluation import Cell
 from ssdd.evaluation.expectations import FAILS, HOLDS, WITHIN_NOISE, Expectation, Ordering, judge, summary
-
-from helpers import one_line
 
 
 def cell(entry: str, accuracies: list[float], fraction: float = 0.01, target: str = "cifar10",

@@ -9,14 +9,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import one_line, run_with_frozen_pool
+
 from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
-from ssdd.methods import Distillation, DistillConfig
-from ssdd.methods import krr_base
+from ssdd.methods import Distillation, DistillConfig, krr_base
 from ssdd.methods.frepo import FRePo
 from ssdd.methods.krr import krr_outer_loss
 from ssdd.methods.krr_base import KernelRidgeMethod

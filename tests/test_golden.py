@@ -76,8 +76,8 @@ def context(images: int, feature_dim: int) -> DistillContext:
     """A run's context: a random uint8 source of 32 px images in 10 classes and a teacher with ``feature_dim``
     features (the fixtures give their own real batches and targets; the teacher only sizes the set)."""
     gen = torch.Generator().manual_seed(0)
-    source = ImageDataset("golden", "train", torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=gen),
-                          torch.arange(images) % 10, [str(c) for c in range(10)])
+    pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    source = ImageDataset("golden", "train", pixels, torch.arange(images) % 10, [str(c) for c in range(10)])
     backbone = create_model("convnet", num_outputs=feature_dim, in_channels=3, image_size=32,
                             widths=[feature_dim // 16] * 3)
     teacher = Teacher(backbone, PixelSpace((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -88,7 +88,8 @@ def context(images: int, feature_dim: int) -> DistillContext:
 def network(metadata: dict[str, str], state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
     """The fixture's network (``ssdd_model`` in its metadata) with the fixture's weights, in ``dtype``."""
     spec = json.loads(metadata["ssdd_model"])
-    model = create_model(spec["name"], num_outputs=spec["num_outputs"], in_channels=3, image_size=32, width=spec["width"])
+    model = create_model(spec["name"], num_outputs=spec["num_outputs"], in_channels=3, image_size=32,
+                         width=spec["width"])
     model.load_state_dict(state)
     return model.to(dtype)
 

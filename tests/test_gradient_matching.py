@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interrupt_then_resume, one_line
 
 import ssdd
-from helpers import interrupt_then_resume, one_line
 from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError

@@ -324,7 +324,8 @@ def test_imported_teacher_records_its_file_and_source(tmp_path: Path) -> None:
     assert meta["imported"]["pixel_space"].startswith("dataset synthetic")
 
 
-def test_pixel_space_given_by_mean_and_std_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pixel_space_given_by_mean_and_std_on_the_command_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=13)
     torch.save(net.state_dict(), tmp_path / "w.pt")
     status = main(["teacher", "--import", str(tmp_path / "w.pt"), "--out", str(tmp_path / "t"), "--dataset",
@@ -395,7 +396,8 @@ def test_an_unexpected_tensor_is_listed(tmp_path: Path) -> None:
     with pytest.raises(ArtefactError) as info:
         import_teacher(file, tmp_path / "out", **SYNTHETIC)
     assert one_line(info.value) == (f"{file}: 1 tensor(s) of its backbone have no place in resnet18 "
-                                    "(layer2.0.extra.weight); is it another architecture (--arch) or format (--format)?")
+                                    "(layer2.0.extra.weight); is it another architecture (--arch) or format "
+                                    "(--format)?")
 
 
 def test_a_resnet_the_zoo_lacks_and_a_wrong_arch_are_named(tmp_path: Path) -> None:
@@ -483,7 +485,8 @@ def test_files_that_are_not_weights(tmp_path: Path) -> None:
     (tmp_path / "cut.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     (tmp_path / "folder.pt").mkdir()
     expected = {"list.pt": "holds a list, not a mapping of weights",
-                "text.pt": "is not a file torch's weights-only loader can read (Unsupported operand 110); if it", "cut.safetensors": "is a damaged safetensors file (",
+                "text.pt": "is not a file torch's weights-only loader can read (Unsupported operand 110); if it",
+                "cut.safetensors": "is a damaged safetensors file (",
                 "folder.pt": "is not a file"}
     for name, message in expected.items():
         with pytest.raises(ArtefactError) as info:
@@ -493,7 +496,8 @@ def test_files_that_are_not_weights(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         import_teacher(tmp_path / "convnet.safetensors", tmp_path / "out", format="state-dict", arch="convnet",
                        stem="cifar", **SYNTHETIC)
-    assert one_line(info.value) == "format state-dict takes the stem among the model's options: --arch-args '{stem: ...}'"
+    assert one_line(info.value) == ("format state-dict takes the stem among the model's options: "
+                                    "--arch-args '{stem: ...}'")
 
 
 # ---- the check ---------------------------------------------------------------------------------------------------
@@ -528,7 +532,8 @@ def _supervised(seed: int) -> nn.Module:
     return model
 
 
-def test_the_check_tells_a_trained_network_from_random_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_check_tells_a_trained_network_from_random_weights(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trained = _supervised(0).state_dict()
     save_file({k: v for k, v in trained.items() if not k.startswith("head.")}, str(tmp_path / "trained.safetensors"))
     torch.manual_seed(1)
@@ -570,7 +575,7 @@ def test_a_network_identical_to_the_random_reference_is_flagged() -> None:
 
 def test_exported_and_reimported_teacher_gives_identical_features_and_distillation(tmp_path: Path) -> None:
     from ssdd.config import resolve_config
-    from ssdd.methods import DistillConfig, Distillation
+    from ssdd.methods import Distillation, DistillConfig
     from ssdd.teachers import TeacherConfig, teacher_features, train_teacher
     from ssdd.teachers.layouts import to_canonical
 

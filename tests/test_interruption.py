@@ -20,7 +20,7 @@ import pytest
 from ssdd.cli import main
 from ssdd.config import deep_update, from_dict, preset_dict
 from ssdd.io import atomic_write_text
-from ssdd.methods import METHODS, DistillConfig, Distillation, list_methods
+from ssdd.methods import METHODS, Distillation, DistillConfig, list_methods
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import interruption as harness  # noqa: E402
@@ -97,7 +97,8 @@ def test_a_teacher_killed_at_a_random_moment_resumes_to_the_uninterrupted_weight
     _kill_and_resume(job, reference(job), tmp_path, moment, tiny_teacher)
 
 
-@pytest.mark.parametrize("job", [harness.teacher_job(epochs=2), harness.distill_job("krr-st")], ids=["teacher", "distill"])
+@pytest.mark.parametrize("job", [harness.teacher_job(epochs=2), harness.distill_job("krr-st")],
+                         ids=["teacher", "distill"])
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_kill_releases_the_lock(
         job: harness.Job, reference, tmp_path: Path, tiny_teacher: Path) -> None:  # noqa: ANN001 - the fixture's function
     root = reference(job)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import ShellPayload, marker_command
+
 from ssdd.errors import ArtefactError, ConfigError, RunFolderError, SsddError
 from ssdd.io import (
     atomic_path,
@@ -222,7 +222,8 @@ HOSTILE_JSON = {  # what the header becomes -> what the one-line error says
     "deep-header": (lambda t: t.rstrip()[:-1] + f', "x": {DEEP}}}', "header nests deeper than 64 levels"),
     "deep-metadata": (lambda t: in_metadata(t, '"x"', DEEP), "metadata (it nests deeper than 64 levels)"),
     "65-deep-metadata": (lambda t: in_metadata(t, '"x"', "[" * 65 + "]" * 65), "nests deeper than 64 levels"),
-    "5000-digit-header": (lambda t: t.rstrip()[:-1] + ', "x": ' + "9" * 5000 + "}", "integer of 5000 digits, more than 40"),
+    "5000-digit-header": (lambda t: t.rstrip()[:-1] + ', "x": ' + "9" * 5000 + "}",
+                          "integer of 5000 digits, more than 40"),
     "5000-digit-metadata": (lambda t: in_metadata(t, '"x"', "-" + "1" * 5000), "integer of 5000 digits"),
     "surrogate-value": (lambda t: in_metadata(t, '"x"', '"\\ud800"'), "not valid Unicode: a lone surrogate"),
     "surrogate-key": (lambda t: in_metadata(t, '"note"', '"\\udce9"'), "not valid Unicode: a lone surrogate"),

@@ -39,10 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-
 from fixtures import (
     ShellPayload,
     cifar10_members,
@@ -55,6 +51,10 @@ from fixtures import (
     write_class_folders,
     zero_png,
 )
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
 from ssdd.cli import main
 from ssdd.data import PixelSpace, load_dataset
 from ssdd.distilled import DistilledSet, load_distilled

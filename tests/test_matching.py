@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interrupt_then_resume, matching_config, one_line
 
 import ssdd
-from helpers import interrupt_then_resume, matching_config, one_line
 from ssdd.data import PixelSpace, make_synthetic
+from ssdd.data.augment import apply_dsa, sample_dsa_params
 from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.methods import Distillation, DistillConfig, trajectories
 from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
-from ssdd.data.augment import apply_dsa, sample_dsa_params
 from ssdd.methods.trajectories import (
     SSL_VIEWS,
     ExpertSettings,
@@ -120,7 +120,8 @@ def expert_by_hand(settings: ExpertSettings, images: torch.Tensor, targets: torc
             optimizer.zero_grad()
             if loss == "barlow-twins":
                 v1, v2 = two_views_by_hand(len(idx), gen)
-                barlow_twins_by_hand(network(apply_dsa(images[idx], v1)), network(apply_dsa(images[idx], v2))).backward()
+                barlow_twins_by_hand(network(apply_dsa(images[idx], v1)),
+                                     network(apply_dsa(images[idx], v2))).backward()
             else:
                 LOSS_FUNCTIONS[loss](network(images[idx]), targets[idx]).backward()
             optimizer.step()

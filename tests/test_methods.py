@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interrupt_then_resume, one_line, run_with_frozen_pool, user_error
 
 import ssdd
-from helpers import interrupt_then_resume, one_line, run_with_frozen_pool, user_error
 from ssdd.budget import Budget
 from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
@@ -106,7 +106,8 @@ def test_unknown_method_names_the_known_ones(tiny_teacher: Path) -> None:
     message = one_line(info.value)
     assert "unknown method 'krr-sd'" in message and "Did you mean krr-st" in message
     assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in message
-    with pytest.raises(UnknownNameError, match="unknown method .nope.. Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l"):
+    with pytest.raises(UnknownNameError, match="unknown method .nope.. Known: coreset, dc, dm, dm-ssl, dsa, frepo, "
+                                               "krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l"):
         Distillation(DistillConfig(method="nope", teacher=str(tiny_teacher), images=2, device="cpu"), None)
 
 
@@ -329,7 +330,8 @@ def test_the_engine_refuses_a_set_over_its_budget(tiny_teacher: Path, tmp_path: 
         return distilled
 
     monkeypatch.setattr(KRRST, "distilled_set", oversized)
-    config = tiny_config(tiny_teacher, settings={"steps": 2}, **({"bytes": 6 * ITEM_BYTES} if budget == "bytes" else {}))
+    config = tiny_config(tiny_teacher, settings={"steps": 2},
+                         **({"bytes": 6 * ITEM_BYTES} if budget == "bytes" else {}))
     if budget == "bytes":
         config.images = None  # the preset's image budget gives way to the byte budget
     with pytest.raises(BudgetError) as info:
@@ -675,7 +677,8 @@ def test_a_refused_budget_keeps_the_existing_folder_and_its_files(tiny_teacher: 
 def test_cli_unknown_method(tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = user_error(capsys, ["distill", "--method", "nope", "--teacher", str(tiny_teacher), "--images", "2",
                                "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
-    assert "unknown method 'nope'" in line and "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in line
+    assert "unknown method 'nope'" in line
+    assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in line
 
 
 def test_cli_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_path: Path,
@@ -713,7 +716,8 @@ def test_a_run_folder_gets_a_plot_of_its_curves(tiny_teacher: Path, tmp_path: Pa
 
 
 def test_an_unknown_monitor_protocol_fails_before_distilling(tiny_teacher: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown evaluate preset 'linear-step-cpu'; known presets: .*linear-steps-cpu"):
+    with pytest.raises(ConfigError,
+                       match="unknown evaluate preset 'linear-step-cpu'; known presets: .*linear-steps-cpu"):
         Distillation(tiny_config(tiny_teacher, monitor={"every": 2, "protocol": "linear-step-cpu"}), tmp_path)
     assert not (tmp_path / "config.yaml").exists()
 

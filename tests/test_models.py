@@ -154,7 +154,8 @@ def test_convnet_variants() -> None:
     assert sum(isinstance(m, nn.MaxPool2d) for m in plain.modules()) == 3
 
 
-@pytest.mark.parametrize(("stem", "size", "first_map"), [("cifar", 32, 32), ("cifar-pad2", 32, 34), ("imagenet", 64, 16)])
+@pytest.mark.parametrize(("stem", "size", "first_map"),
+                         [("cifar", 32, 32), ("cifar-pad2", 32, 34), ("imagenet", 64, 16)])
 def test_resnet_stems_and_their_first_feature_map(stem: str, size: int, first_map: int) -> None:
     """The stem's output side, worked out by hand: 3x3 s1 p1 keeps it, p2 grows it by 2, 7x7 s2 p3 + max-pool 3 s2
     p1 quarters it; without ``stem_relu`` the stem output keeps its negative values."""

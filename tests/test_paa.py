@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import interrupt_then_resume, run_with_frozen_pool
+
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import make_synthetic
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, load_distilled
@@ -214,7 +214,8 @@ def test_initial_pca_images_and_targets_are_the_chosen_ones_projected_on_the_bas
         assert (images - upsampled(downsampled(real[0][chosen], 16))).abs().max() > 1e-2
 
 
-def test_initial_random_bases_and_no_parameterisation(tiny_teacher: Path, real: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_initial_random_bases_and_no_parameterisation(
+        tiny_teacher: Path, real: tuple[torch.Tensor, torch.Tensor]) -> None:
     # random bases spanning all of the 8x8 space (U = 3 * 8 * 8 = 192) reconstruct the downsampled images
     settings = {"parameterization": "random", "image_bases": 192, "target_bases": D, "views": ["identity"], "images": 4}
     method = method_of(paa_config(tiny_teacher, budget_bytes=6_000_000, settings=settings))
@@ -224,7 +225,8 @@ def test_initial_random_bases_and_no_parameterisation(tiny_teacher: Path, real: 
                                    rtol=0, atol=1e-4)
         torch.testing.assert_close(method.targets_of().double(), real[1][chosen].double(), rtol=0, atol=1e-3)
     # parameterization none stores the chosen images and features as they are (KRR-ST's form)
-    method = method_of(paa_config(tiny_teacher, settings={"parameterization": "none", "views": ["identity"], "images": 4}))
+    method = method_of(paa_config(tiny_teacher,
+                                  settings={"parameterization": "none", "views": ["identity"], "images": 4}))
     chosen = method.initial_indices
     assert set(method.learned) == {"images", "targets"}
     torch.testing.assert_close(method.learned["images"].detach(), real[0][chosen], rtol=0, atol=1e-6)
@@ -257,7 +259,8 @@ STORED = {"view_targets": K * D}
 
 def expected_spending(images: int, total_values: int, fixed: dict[str, int], per_image: dict[str, int],
                       b: int = 4) -> dict[str, int]:
-    spent = {f"{k}_bytes": v * b for k, v in fixed.items()} | {f"{k}_bytes": images * v * b for k, v in per_image.items()}
+    spent = ({f"{k}_bytes": v * b for k, v in fixed.items()}
+             | {f"{k}_bytes": images * v * b for k, v in per_image.items()})
     return {"images": images, "budget_bytes": total_values * b, **spent,
             "unused_bytes": total_values * b - sum(spent.values())}
 
@@ -362,14 +365,16 @@ def test_budget_errors(tiny_teacher: Path) -> None:
     assert message == "at most 192 image bases and 1024 target bases exist at this size; got 193 and 16"
     message = config_error(paa_config(tiny_teacher, budget_bytes=10**7, settings={"target_bases": 1025}))
     assert message == "at most 192 image bases and 1024 target bases exist at this size; got 16 and 1025"
-    message = config_error(paa_config(tiny_teacher, budget_bytes=10**8, settings={"basis_size": None, "image_bases": 3073}))
+    message = config_error(paa_config(tiny_teacher, budget_bytes=10**8,
+                                      settings={"basis_size": None, "image_bases": 3073}))
     assert message.startswith("at most 3072 image bases")
 
 
 # ---- 3. views ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("views", "approx"), [(VIEWS, "joint"), (VIEWS, "stored"), (["identity", "hflip", "vflip"], "post")])
+@pytest.mark.parametrize(("views", "approx"),
+                         [(VIEWS, "joint"), (VIEWS, "stored"), (["identity", "hflip", "vflip"], "post")])
 def test_views_are_exactly_the_predefined_transforms(tiny_teacher: Path, views: list[str], approx: str) -> None:
     config = paa_config(tiny_teacher, settings={"views": views, "approximation": approx, "images": 6,
                                                 "inner_samples": None, "steps": 2})
@@ -409,7 +414,8 @@ def test_views_are_exactly_the_predefined_transforms(tiny_teacher: Path, views: 
     torch.testing.assert_close(images, inner_images, rtol=0, atol=1e-5)
 
 
-def test_real_batches_show_random_views_with_the_teachers_features_of_them(tiny_teacher: Path, teacher: Teacher) -> None:
+def test_real_batches_show_random_views_with_the_teachers_features_of_them(
+        tiny_teacher: Path, teacher: Teacher) -> None:
     method = method_of(paa_config(tiny_teacher, settings={"real_batch": 64, "approx_steps": 1}))
     images, features = method.real.sample(torch.Generator().manual_seed(3))
     assert images.shape == (64, C, H, W) and features.shape == (64, D)
@@ -546,7 +552,8 @@ def test_a_stored_set_materialises_identically_after_reload(tiny_teacher: Path, 
         assert a.dtype == torch.float32 and torch.equal(a, b)
     assert loaded.metadata["spending"] == distilled.metadata["spending"]
     assert loaded.byte_count == distilled.byte_count
-    assert loaded.byte_count == distilled.metadata["spending"]["budget_bytes"] - distilled.metadata["spending"]["unused_bytes"]
+    spending = distilled.metadata["spending"]
+    assert loaded.byte_count == spending["budget_bytes"] - spending["unused_bytes"]
 
 
 # ---- 6. the outer objective -------------------------------------------------------------------------------
@@ -573,7 +580,8 @@ def all_views(teacher: Teacher, real: tuple[torch.Tensor, torch.Tensor]) -> tupl
     return images, torch.cat([view_features(teacher, real[0], v) for v in VIEWS])
 
 
-def full_objective(network: torch.nn.Module, distilled: DistilledSet, target: tuple[torch.Tensor, torch.Tensor]) -> float:
+def full_objective(network: torch.nn.Module, distilled: DistilledSet,
+                   target: tuple[torch.Tensor, torch.Tensor]) -> float:
     images, targets = distilled.materialize()
     with torch.no_grad():
         return float(krr_outer_loss(network.features(images).double(), network.features(target[0]).double(),

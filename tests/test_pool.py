@@ -1,5 +1,6 @@
 """The model pool of KRR-ST (``ssdd.methods.pool.ModelPool``): online-step counters and re-initialisation (the ageing
-rules: ssdd's reset, the released code's warm start and never-reset counters, a fresh network every step), online training, seeding, and exact state round trips."""
+rules: ssdd's reset, the released code's warm start and never-reset counters, a fresh network every step), online
+training, seeding, and exact state round trips."""
 
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def test_fresh_ageing_gives_a_new_untrained_network_every_time() -> None:
     pool = make_pool(ageing="fresh")
     assert not pool.trains_online and pool.warmed
     seen = [weights(pool.models[0])]
-    for n in range(1, 4):
+    for _n in range(1, 4):
         assert pool.reinitialise_if_due(0) is True
         assert all(params_differ(weights(pool.models[0]), before) for before in seen)
         seen.append(weights(pool.models[0]))

@@ -73,7 +73,8 @@ def test_allocator_failures_become_one_line() -> None:
 
 
 def test_the_cli_reports_a_gpu_out_of_memory_as_one_line(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_teacher: Path) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        tiny_teacher: Path) -> None:
     def out_of_memory(self: Distillation) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 

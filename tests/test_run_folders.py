@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import one_line, user_error
+
 from ssdd.cli import main
 from ssdd.config import resolve_config
 from ssdd.data import PixelSpace, load_dataset
@@ -28,7 +28,7 @@ from ssdd.distilled import DistilledSet
 from ssdd.errors import RunFolderError, StorageError
 from ssdd.evaluation import Cell, EvaluationConfig, write_report
 from ssdd.io import LOCK_FILE, load_checkpoint, read_metadata, storage_error
-from ssdd.methods import METHODS, DistillConfig, Distillation
+from ssdd.methods import METHODS, Distillation, DistillConfig
 from ssdd.methods.trajectories import ExpertSettings, expert_file, train_experts
 from ssdd.runs import RunDir
 from ssdd.teachers import load_teacher, teacher_features
@@ -479,7 +479,8 @@ def test_run_log_tells_each_phase_and_the_wall_time(capsys: pytest.CaptureFixtur
 
 
 def test_the_setup_is_said_on_stderr_with_progress_and_the_wall_time_printed(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_teacher: Path) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        tiny_teacher: Path) -> None:
     argv = [a for a in distill_argv(tiny_teacher, tmp_path / "run") if a != "--no-progress"]
     assert main(argv) == 0  # stderr is not a terminal: the setup goes to run.log only
     assert "setup:" not in capsys.readouterr().err

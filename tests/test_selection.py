@@ -103,7 +103,8 @@ def covering_radius(x: torch.Tensor, centers: list[int]) -> float:
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_kcenter_covering_radius_within_twice_optimal(k: int) -> None:
     gen = torch.Generator().manual_seed(k)
-    x = torch.cat([torch.randn(4, 2, generator=gen) * 0.3 + torch.tensor(c) for c in ([0.0, 0.0], [5.0, 1.0], [2.0, 6.0])])
+    centres = ([0.0, 0.0], [5.0, 1.0], [2.0, 6.0])
+    x = torch.cat([torch.randn(4, 2, generator=gen) * 0.3 + torch.tensor(c) for c in centres])
     optimal = min(covering_radius(x, list(s)) for s in itertools.combinations(range(x.shape[0]), k))
     for seed in range(6):
         centers = select_kcenter(x, k, seed=seed).tolist()

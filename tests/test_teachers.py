@@ -24,10 +24,10 @@ from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.data.dataset import ImageDataset
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.probes import fit_logistic_regression, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.io import load_tensors, save_tensors
 from ssdd.models import create_model
 from ssdd.optim import LARS, warmup_cosine
+from ssdd.probes import fit_logistic_regression, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.teachers import (
     BarlowTwinsLoss,
     NTXentLoss,

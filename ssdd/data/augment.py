@@ -52,7 +52,10 @@ def crop_flip_params(n: int, generator: torch.Generator, padding: int = 4, flip:
     """Per-image integer shifts (n, 2) in [-padding, padding] and horizontal-flip flags (n,) for
     :func:`apply_crop_flip`."""
     shifts = torch.randint(-padding, padding + 1, (n, 2), generator=generator, device=generator.device).to(device)
-    flips = _bernoulli(n, 0.5, generator, torch.device(device)) if flip else torch.zeros(n, dtype=torch.bool, device=device)
+    if flip:
+        flips = _bernoulli(n, 0.5, generator, torch.device(device))
+    else:
+        flips = torch.zeros(n, dtype=torch.bool, device=device)
     return shifts, flips
 
 
@@ -186,7 +189,8 @@ class DSAParams:
     n: int
 
 
-def sample_dsa_params(n: int, config: DSAConfig, generator: torch.Generator, device: torch.device | str = "cpu") -> DSAParams:
+def sample_dsa_params(n: int, config: DSAConfig, generator: torch.Generator,
+                      device: torch.device | str = "cpu") -> DSAParams:
     """Draw DSA parameters for ``n`` images (``n=1``: one transform shared by every image of any batch)."""
     device = torch.device(device)
     families = config.strategy.split("_")
@@ -203,13 +207,15 @@ def sample_dsa_params(n: int, config: DSAConfig, generator: torch.Generator, dev
             v["saturation"] = u(0, 1) * config.saturation
             v["contrast"] = u(0, 1) + config.contrast
         elif op == "crop":
-            v["shift"] = torch.stack([u(-config.crop_ratio, config.crop_ratio), u(-config.crop_ratio, config.crop_ratio)], 1)
+            v["shift"] = torch.stack([u(-config.crop_ratio, config.crop_ratio),
+                                      u(-config.crop_ratio, config.crop_ratio)], 1)
         elif op == "cutout":
             v["cutout_center"] = torch.stack([u(0, 1), u(0, 1)], 1)
         elif op == "flip":
             v["flip"] = _bernoulli(n, config.flip_p, generator, device)
         elif op == "scale":
-            v["scale"] = torch.stack([u(1 / config.scale_ratio, config.scale_ratio), u(1 / config.scale_ratio, config.scale_ratio)], 1)
+            v["scale"] = torch.stack([u(1 / config.scale_ratio, config.scale_ratio),
+                                      u(1 / config.scale_ratio, config.scale_ratio)], 1)
         elif op == "rotate":
             v["angle"] = u(-config.rotate_degrees, config.rotate_degrees) * math.pi / 180
     v["cutout_ratio"] = torch.tensor(config.cutout_ratio)
@@ -237,7 +243,8 @@ def apply_dsa(x: torch.Tensor, params: DSAParams) -> torch.Tensor:
             x = (x - mean) * rows(v["contrast"]).to(x.dtype).view(shape) + mean
         elif op == "crop":
             h, w = x.shape[-2:]
-            pixels = torch.stack([(rows(v["shift"])[:, 0] * w).round() / w, (rows(v["shift"])[:, 1] * h).round() / h], 1)
+            pixels = torch.stack([(rows(v["shift"])[:, 0] * w).round() / w,
+                                  (rows(v["shift"])[:, 1] * h).round() / h], 1)
             theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
             theta[:, 0, 0] = theta[:, 1, 1] = 1
             theta[:, :, 2] = 2 * pixels.to(x.dtype)

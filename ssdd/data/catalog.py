@@ -17,7 +17,8 @@ from ssdd.registry import Registry
 
 SPLITS = ("train", "test")
 MNIST_CLASSES = [str(i) for i in range(10)]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -111,8 +112,10 @@ def _idx_source(folder: Path, classes: list[str]) -> Source:
 
 def _cifar_sources(root: Path, name: str, official: str, unpacked: str) -> list[Source]:
     return _image_folder_sources(root, name) + [
-        Source(root / official, "official python archive", lambda split: readers.read_cifar_python(root / official, name, split)),
-        Source(root / unpacked, "official python folder", lambda split: readers.read_cifar_python(root / unpacked, name, split)),
+        Source(root / official, "official python archive",
+               lambda split: readers.read_cifar_python(root / official, name, split)),
+        Source(root / unpacked, "official python folder",
+               lambda split: readers.read_cifar_python(root / unpacked, name, split)),
     ]
 
 
@@ -162,8 +165,10 @@ def _digits_source(_: Path) -> list[Source]:
     return [Source(Path("sklearn.datasets.load_digits"), "scikit-learn package", decode, present)]
 
 
-DATASETS.add("digits", DatasetSpec("digits", "scikit-learn's 8x8 digits (1797 images; needs scikit-learn)", _digits_source))
-DATASETS.add("synthetic", DatasetSpec("synthetic", "seeded class-structured noise, 32 px, 10 classes (for tests)", lambda root: []))
+DATASETS.add("digits", DatasetSpec("digits", "scikit-learn's 8x8 digits (1797 images; needs scikit-learn)",
+                                   _digits_source))
+DATASETS.add("synthetic", DatasetSpec("synthetic", "seeded class-structured noise, 32 px, 10 classes (for tests)",
+                                      lambda root: []))
 
 
 def _split_folder(path: Path, split: str) -> readers.Decoded:
@@ -181,9 +186,9 @@ def _imagefolder_sources(path: Path) -> list[Source]:
 
     def decode(split: str) -> readers.Decoded:
         if split != "train":
-            raise DataError(f"imagefolder:{path} has no {split}/ folder: a folder of class folders is one 'train' split "
-                            f"(all its images); to evaluate on it, split it into {path}/train/<class>/<images> and "
-                            f"{path}/test/<class>/<images> (held-out images)")
+            raise DataError(f"imagefolder:{path} has no {split}/ folder: a folder of class folders is one 'train' "
+                            f"split (all its images); to evaluate on it, split it into "
+                            f"{path}/train/<class>/<images> and {path}/test/<class>/<images> (held-out images)")
         return readers.read_image_folder(path)
 
     return [Source(path, "image folder (all images as train)", decode)]

@@ -48,9 +48,11 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ShapeError(f"dataset {self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ShapeError(f"dataset {self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ShapeError(f"dataset {self.name}: {self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+            raise ShapeError(f"dataset {self.name}: {self.images.shape[0]} images but labels of shape "
+                             f"{tuple(self.labels.shape)}")
         self.labels = self.labels.to(torch.int64)
         if not self.fingerprint:
             self.fingerprint = fingerprint_tensors(self.images, self.labels, "\n".join(self.classes))

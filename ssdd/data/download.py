@@ -9,7 +9,6 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-
 from ssdd.errors import DataError
 from ssdd.io import atomic_path
 from ssdd.progress import progress_bar

@@ -305,7 +305,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = math.prod(dims)  # Python integers: a forged header cannot overflow into a small count
     body = data[4 + 4 * ndim :]
     if len(body) != count:
-        raise DataError(f"{path}: header announces shape {dims} ({count} bytes) but the file holds {len(body)}; it is truncated or corrupt")
+        raise DataError(f"{path}: header announces shape {dims} ({count} bytes) but the file holds {len(body)}; "
+                        "it is truncated or corrupt")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -313,7 +314,8 @@ def read_idx_pair(images_path: Path, labels_path: Path, classes: list[str]) -> D
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"{images_path} and {labels_path} do not form a dataset (shapes {images.shape}, {labels.shape})")
+        raise DataError(f"{images_path} and {labels_path} do not form a dataset "
+                        f"(shapes {images.shape}, {labels.shape})")
     if labels.size and int(labels.max()) >= len(classes):
         raise DataError(f"{labels_path} has label {int(labels.max())} but the dataset has {len(classes)} classes")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), classes

@@ -18,8 +18,14 @@ from ssdd.budget import images_for_budget, labelled_images_per_class
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.selection import (HighLossSettings, high_loss_scores, select_herding, select_kcenter, select_random,
-                            select_top_loss)
+from ssdd.selection import (
+    HighLossSettings,
+    high_loss_scores,
+    select_herding,
+    select_kcenter,
+    select_random,
+    select_top_loss,
+)
 from ssdd.teachers.artefact import Teacher
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
@@ -42,13 +48,15 @@ def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor
 
 def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: torch.Tensor, budget_bytes: int | None,
                   seed: int, device: torch.device, high_loss: HighLossSettings | None = None) -> DistilledSet:
-    """Build baseline ``name`` (not one of :data:`SETLESS`) from ``source`` with teacher ``features`` at ``budget_bytes``."""
+    """Build baseline ``name`` (not one of :data:`SETLESS`) from ``source`` with teacher ``features`` at
+    ``budget_bytes``."""
     if name == "full":
         return real_set(source, torch.arange(len(source)), features, teacher, "full")
     if name not in BASELINES or name in SETLESS:
         raise ConfigError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}")
     if budget_bytes is None:
-        raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, or --images / --bytes")
+        raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, "
+                          "or --images / --bytes")
     n = images_for_budget(budget_bytes, source.image_shape, features.shape[1])
     if n < 1:
         raise ConfigError(f"a budget of {budget_bytes} bytes holds no image + target pair")
@@ -60,7 +68,8 @@ def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: t
     elif name == "kcenter":
         idx = select_kcenter(features, n, seed)
     else:
-        idx = select_top_loss(high_loss_scores(source, features, teacher, high_loss or HighLossSettings(), seed, device), n)
+        scores = high_loss_scores(source, features, teacher, high_loss or HighLossSettings(), seed, device)
+        idx = select_top_loss(scores, n)
     return real_set(source, idx, features, teacher, name, {"budget_bytes": budget_bytes})
 
 
@@ -72,7 +81,8 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
         raise ConfigError(f"baseline {name!r} has no labelled form; the supervised protocol takes "
                           f"{', '.join(LABELLED_BASELINES)}")
     if budget_bytes is None:
-        raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, or --images / --bytes")
+        raise ConfigError(f"baseline {name!r} needs a byte budget: give a distilled set to compare with, "
+                          "or --images / --bytes")
     classes = source.num_classes
     ipc = labelled_images_per_class(budget_bytes, source.image_shape, classes)
     if ipc < 1:

@@ -92,7 +92,7 @@ class Cell:
         return {**self.__dict__, "mean": self.mean, "std": self.std}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "Cell":
+    def from_dict(cls, record: dict) -> Cell:
         """The cell of a :meth:`to_dict` record (its derived mean and std are recomputed, not read)."""
         return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
 
@@ -216,7 +216,8 @@ class Evaluator:
             if entry.baseline is not None and entry.baseline not in SETLESS:
                 source, features = self.source()
                 if cfg.protocol == "supervised":
-                    distilled = make_labelled_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed)
+                    distilled = make_labelled_baseline(entry.baseline, source, self.teacher, features, budget_bytes,
+                                                       seed)
                 else:
                     distilled = make_baseline(entry.baseline, source, self.teacher, features, budget_bytes, seed,
                                               self.device, cfg.high_loss)
@@ -262,8 +263,8 @@ class Evaluator:
             dim = targets.shape[1] if targets.dim() == 2 else 0
             return distilled.pixel_space, distilled.image_shape, dim
         if self.teacher is None:
-            raise ConfigError("'none' and 'teacher' need the teacher (--teacher); 'none' takes its image shape and pixel "
-                              "space from it")
+            raise ConfigError("'none' and 'teacher' need the teacher (--teacher); 'none' takes its image shape and "
+                              "pixel space from it")
         return self.teacher.pixel_space, self.teacher.input_shape, self.teacher.feature_dim
 
 

@@ -16,8 +16,8 @@ import torch
 from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import seeded
-from ssdd.probes import extract_features, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.models import Backbone
+from ssdd.probes import extract_features, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.registry import Registry
 from ssdd.training import TrainSettings, top1, train_network
 

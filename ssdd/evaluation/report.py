@@ -74,8 +74,8 @@ def plot(cells: list[Cell], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     archs = list(dict.fromkeys(c.arch for c in cells))
-    fig, axes = plt.subplots(len(archs), 1, figsize=(max(6, 1.6 * len({_column(c) for c in cells}) + 3), 3.6 * len(archs)),
-                             squeeze=False)
+    width = max(6, 1.6 * len({_column(c) for c in cells}) + 3)
+    fig, axes = plt.subplots(len(archs), 1, figsize=(width, 3.6 * len(archs)), squeeze=False)
     for ax, arch in zip(axes[:, 0], archs):
         group = [c for c in cells if c.arch == arch]
         columns = list(dict.fromkeys(_column(c) for c in group))

@@ -61,7 +61,8 @@ class Coreset(Method):
             raise ConfigError(f"per-class selection and label targets need labels; {source.name} has none")
         self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
         shape = teacher.input_shape if teacher is not None else source.image_shape
-        self.images = self.pixel_space.normalize(source.converted(channels=shape[0], size=shape[1]).images.float() / 255)
+        converted = source.converted(channels=shape[0], size=shape[1])
+        self.images = self.pixel_space.normalize(converted.images.float() / 255)
         self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
         values = self.images[0].numel()
         if settings.targets == "teacher":
@@ -126,4 +127,5 @@ class Coreset(Method):
             tensors["targets"] = self.features[self.indices].to(dtype).contiguous()
             return DistilledSet(tensors, self.pixel_space, "representation", "coreset", meta)
         tensors["labels"] = source.labels[self.indices].clone()
-        return DistilledSet(tensors, self.pixel_space, "hard-label", "coreset", {**meta, "num_classes": source.num_classes})
+        return DistilledSet(tensors, self.pixel_space, "hard-label", "coreset",
+                            {**meta, "num_classes": source.num_classes})

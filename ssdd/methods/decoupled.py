@@ -40,8 +40,8 @@ from ssdd.budget import Budget
 from ssdd.config import to_dict
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import at_least_float32, make_generator
-from ssdd.distributed import broadcast_object, shard, sum_over_processes, world
 from ssdd.distilled import DistilledSet
+from ssdd.distributed import broadcast_object, shard, sum_over_processes, world
 from ssdd.errors import ConfigError
 from ssdd.io import read_metadata
 from ssdd.methods.base import METHODS, DistillContext, Method
@@ -194,7 +194,8 @@ class Recover(Method):
         """The main process's squeeze model (from the run folder, or made now and saved there) on every process."""
         made = self.main_squeeze_model() if self.world.is_main else None
         spec, state, pixel_space = broadcast_object(
-            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None, self.world)
+            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None,
+            self.world)
         if made is not None:
             return made
         model = create_model(**spec)

@@ -25,8 +25,8 @@ from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator, precision, resolve_device
-from ssdd.distributed import world
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
+from ssdd.distributed import world
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, NumericalError, check_finite
 from ssdd.methods.base import METHODS, DistillContext, Method
@@ -38,7 +38,6 @@ from ssdd.show import save_curves
 from ssdd.teachers import Teacher, load_teacher
 from ssdd.training import TrainSettings, build_student, train_network
 from ssdd.values import SEED
-
 
 # settings a resumed run may change besides runs.EXECUTION_SETTINGS: how it monitors, and the learning rates (the
 # way out of a diverged run is to resume from the last good checkpoint at a lower rate)
@@ -296,7 +295,8 @@ class Distillation:
             except FloatingPointError as error:  # a method's own numerical failure, e.g. a kernel no jitter fixes
                 raise NumericalError(f"{cfg.method}: step {step + 1} failed: {error}; "
                                      f"{self._recovery_advice(last_good)}") from None
-            check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
+            check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}",
+                         self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
                 metrics.update(self.check(method.distilled_set(), done))
@@ -336,7 +336,8 @@ class Distillation:
             self.log("final monitor check")
         distilled = self.method.distilled_set()
         self.refuse_overspent(distilled)  # before any check or file: a set over its budget is never kept
-        checked = self.check(distilled, self.method.total_steps()) if cfg.monitor.every >= 0 and self.world.is_main else {}
+        checks = cfg.monitor.every >= 0 and self.world.is_main
+        checked = self.check(distilled, self.method.total_steps()) if checks else {}
         knn = checked.get("knn")
         teacher = self.teacher
         distilled.metadata.update({
@@ -344,7 +345,8 @@ class Distillation:
             "budget": self.budget.describe(),
             "seed": cfg.seed,
             "source": {"dataset": self.source.name, "fingerprint": self.source.fingerprint, "images": len(self.source)},
-            "teacher": None if teacher is None else {"fingerprint": teacher.fingerprint, "feature_dim": teacher.feature_dim,
+            "teacher": None if teacher is None else {"fingerprint": teacher.fingerprint,
+                                                     "feature_dim": teacher.feature_dim,
                                                      "path": str(teacher.path) if teacher.path else None},
             "steps": self.method.total_steps(),
             "distill_seconds": round(seconds, 1),

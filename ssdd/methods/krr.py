@@ -39,11 +39,15 @@ def ridge_solve(kernel: torch.Tensor, rhs: torch.Tensor, ridge: float, max_tries
     jitter = lam
     for attempt in range(max_tries + 1):
         if attempt:
-            jitter = jitter * 10 if jitter > 0 else torch.finfo(kernel.dtype).eps * max(float(torch.trace(kernel).detach()), 1.0)
+            if jitter > 0:
+                jitter = jitter * 10
+            else:
+                jitter = torch.finfo(kernel.dtype).eps * max(float(torch.trace(kernel).detach()), 1.0)
         chol, info = torch.linalg.cholesky_ex(kernel + jitter * eye)
         if int(info) == 0:
             if attempt:
-                log.warning("KRR: Cholesky failed; solved with jitter %.3g (ridge term %.3g)", float(jitter), float(lam))
+                log.warning("KRR: Cholesky failed; solved with jitter %.3g (ridge term %.3g)", float(jitter),
+                            float(lam))
             return torch.cholesky_solve(rhs, chol), attempt
     raise FloatingPointError(f"KRR: kernel matrix not positive definite even with jitter {float(jitter):.3g}")
 

@@ -26,8 +26,8 @@ from ssdd.budget import Budget
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator
-from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.distilled import DistilledSet
+from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, Method
 from ssdd.methods.krr import krr_outer_loss
@@ -137,7 +137,8 @@ class KernelRidgeMethod(Method):
         super().__init__(settings, context, budget)
         processes = world().size
         if min(settings.real_batch, len(context.source)) % processes:
-            raise ConfigError(f"the real batch ({settings.real_batch}) must split evenly over the {processes} processes")
+            raise ConfigError(f"the real batch ({settings.real_batch}) must split evenly over the {processes} "
+                              "processes")
         self.pixel_space, self.image_shape, self.feature_dim = self.target_space(context)
         self.real = self.real_batches(settings, context, views)
         self.learned: dict[str, torch.Tensor] = {}

@@ -56,7 +56,8 @@ class ClassBalancedImages(ImageLearningMethod):
     def real_batch(self, c: int, size: int) -> torch.Tensor:
         """``size`` real images of class ``c`` drawn with replacement, on the run's device."""
         rows = self.members[c]
-        return self.real[rows[torch.randint(0, rows.numel(), (size,), generator=self.generator)]].to(self.context.device)
+        picks = rows[torch.randint(0, rows.numel(), (size,), generator=self.generator)]
+        return self.real[picks].to(self.context.device)
 
     def synthetic(self, c: int) -> torch.Tensor:
         """The learned images of class ``c`` (a view of the learned tensor)."""
@@ -73,4 +74,5 @@ class ClassBalancedImages(ImageLearningMethod):
         dtype = self.budget.torch_dtype
         return DistilledSet({"images": self.images.detach().cpu().to(dtype), "labels": self.image_labels.clone()},
                             self.pixel_space, "hard-label", self.name,
-                            {"num_classes": self.classes, "ipc": self.ipc, "initial_indices": self.initial_indices.tolist()})
+                            {"num_classes": self.classes, "ipc": self.ipc,
+                             "initial_indices": self.initial_indices.tolist()})

@@ -33,13 +33,23 @@ import torch
 from ssdd.budget import Budget
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import make_generator
-from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.distilled import DistilledSet
+from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.io import read_metadata
-from ssdd.methods.trajectories import (ExpertSettings, ExpertStore, expert_file, expert_loss_scores, expert_outputs,
-                                       is_self_supervised, make_network, matching_loss, train_experts, unrolled_sgd)
+from ssdd.methods.base import METHODS, DistillContext, Method
+from ssdd.methods.trajectories import (
+    ExpertSettings,
+    ExpertStore,
+    expert_file,
+    expert_loss_scores,
+    expert_outputs,
+    is_self_supervised,
+    make_network,
+    matching_loss,
+    train_experts,
+    unrolled_sgd,
+)
 from ssdd.selection import select_random, select_top_loss
 from ssdd.teachers.features import teacher_features
 from ssdd.teachers.losses import SSL_LOSSES
@@ -98,7 +108,8 @@ def trajectory_data(loss: str, context: DistillContext) -> tuple[PixelSpace, tor
         targets = teacher_features(teacher, source, device=context.device).float().cpu()
     else:
         if source.num_classes < 2:
-            raise ConfigError(f"classifier experts need a labelled source; {source.name} has {source.num_classes} class(es)")
+            raise ConfigError(f"classifier experts need a labelled source; {source.name} has {source.num_classes} "
+                              "class(es)")
         targets = source.labels.clone()
     pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
     c, h, _ = teacher.input_shape if teacher is not None else source.image_shape
@@ -126,10 +137,12 @@ def prepare_experts(loss: str, settings: MatchingSettings, context: DistillConte
     return store
 
 
-def _check_experts(folder: Path, metadata: dict[str, Any], identity: dict[str, Any], settings: MatchingSettings) -> None:
+def _check_experts(folder: Path, metadata: dict[str, Any], identity: dict[str, Any],
+                   settings: MatchingSettings) -> None:
     recorded = {k: metadata.get(k) for k in identity}
     if recorded != identity:
-        raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; use another experts_dir")
+        raise ConfigError(f"the experts in {folder} were trained for {recorded}, not {identity}; "
+                          "use another experts_dir")
     stored = metadata.get("settings", {})
     keys = ("arch", "arch_args", "epochs", "lr", "momentum", "weight_decay", "batch_size")
     for key in keys + (("projection_dim",) if is_self_supervised(identity["method_loss"]) else ()):

@@ -86,12 +86,16 @@ class PAASettings(KernelRidgeSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.parameterization not in PARAMETERIZATIONS:
-            raise ConfigError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {self.parameterization!r}")
+            raise ConfigError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, "
+                              f"got {self.parameterization!r}")
         if self.approximation not in APPROXIMATIONS:
-            raise ConfigError(f"approximation must be one of {', '.join(APPROXIMATIONS)}, got {self.approximation!r}")
+            raise ConfigError(f"approximation must be one of {', '.join(APPROXIMATIONS)}, "
+                              f"got {self.approximation!r}")
         views = list(self.views)
-        if not views or views[0] != "identity" or len(set(views)) != len(views) or not set(views) <= set(PREDEFINED_VIEWS):
-            raise ConfigError(f"views must start with identity and name distinct views of {', '.join(PREDEFINED_VIEWS)}, got {views}")
+        if (not views or views[0] != "identity" or len(set(views)) != len(views)
+                or not set(views) <= set(PREDEFINED_VIEWS)):
+            raise ConfigError(f"views must start with identity and name distinct views of "
+                              f"{', '.join(PREDEFINED_VIEWS)}, got {views}")
         if min(self.image_bases, self.target_bases, self.approx_hidden, self.pca_images) < 1:
             raise ConfigError("image_bases, target_bases, approx_hidden and pca_images must be >= 1")
         if self.basis_size is not None and self.basis_size < 1:

@@ -38,8 +38,8 @@ from ssdd.device import at_least_float32, autocast, device_batches, make_generat
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.io import read_metadata, save_tensors
-from ssdd.progress import progress_bar
 from ssdd.models import Backbone
+from ssdd.progress import progress_bar
 from ssdd.resources import on_device_if_it_fits
 from ssdd.runs import folder_lock, on_main
 from ssdd.teachers.losses import SSL_LOSSES
@@ -158,11 +158,11 @@ def train_experts(
     progress: bool = True,
 ) -> ExpertStore:
     """Train the experts not yet in ``folder`` on normalised ``images`` with ``loss`` (``mse`` to representation
-    ``targets``, ``ce`` to labels, or a self-supervised loss on two views, ``targets`` unused) and return the store.  Expert ``k`` is a function of ``seed``, ``k`` and
-    ``parallel`` only (bit for bit; different ``parallel`` values agree to float rounding).  Under torchrun the
-    blocks of ``parallel`` experts are dealt round-robin to the processes, each writing its own experts' files. While
-    experts are missing the folder is locked, so that one run at a time trains into it (a complete folder is only
-    read, and may be read-only)."""
+    ``targets``, ``ce`` to labels, or a self-supervised loss on two views, ``targets`` unused) and return the store.
+    Expert ``k`` is a function of ``seed``, ``k`` and ``parallel`` only (bit for bit; different ``parallel`` values
+    agree to float rounding).  Under torchrun the blocks of ``parallel`` experts are dealt round-robin to the
+    processes, each writing its own experts' files. While experts are missing the folder is locked, so that one run
+    at a time trains into it (a complete folder is only read, and may be read-only)."""
     if loss not in EXPERT_LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; use one of {', '.join(EXPERT_LOSSES)}")
     if is_self_supervised(loss) and settings.parallel > 1:

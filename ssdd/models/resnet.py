@@ -29,7 +29,8 @@ def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """The shortcut: identity, or a 1x1 conv-BN projection when the shape changes."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_channels))
 
 
 class BasicBlock(nn.Module):

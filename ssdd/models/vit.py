@@ -122,5 +122,6 @@ def vit_tiny(
     patch_size: int = 4,
     mlp_ratio: float = 2.0,
 ) -> ViT:
-    """Tiny ViT for 28-64 px images: 4 px patches, dim 192, 6 blocks of 3 heads, MLP ratio 2; ``image_size % patch_size == 0``."""
+    """Tiny ViT for 28-64 px images: 4 px patches, dim 192, 6 blocks of 3 heads, MLP ratio 2;
+    ``image_size % patch_size == 0``."""
     return ViT(name, num_outputs, in_channels, image_size, dim, depth, heads, patch_size, mlp_ratio)

@@ -16,9 +16,9 @@ from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import device_batches, runs_bf16
 from ssdd.errors import ArtefactError, ConfigError, SsddError
-from ssdd.probes import extract_features
 from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 from ssdd.models import Backbone, create_model
+from ssdd.probes import extract_features
 
 FORMAT_VERSION = 1
 TEACHER_FILE = "teacher.safetensors"
@@ -137,7 +137,7 @@ def save_network(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, 
         "pixel_space": pixel_space.to_dict(),
         "fingerprint": fingerprint_state(state),
         "ssdd_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **info,
     }
     save_tensors(path, state, metadata)
@@ -179,7 +179,8 @@ def load_network(path: str | Path, kind: str, default_file: str) -> tuple[Backbo
     backbone = create_model(**arch)
     backbone.load_state_dict(tensors)
     if backbone.feature_dim != meta["feature_dim"]:
-        raise ArtefactError(f"{path}: feature_dim {meta['feature_dim']} does not match the architecture's {backbone.feature_dim}")
+        raise ArtefactError(f"{path}: feature_dim {meta['feature_dim']} does not match the architecture's "
+                            f"{backbone.feature_dim}")
     return backbone, pixel_space, meta, path
 
 

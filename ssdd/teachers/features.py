@@ -20,10 +20,10 @@ from ssdd.data.cache import cache_dir
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
+from ssdd.io import load_tensors, save_tensors, writable
 from ssdd.probes import extract_features
 from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
-from ssdd.io import load_tensors, save_tensors, writable
 from ssdd.teachers.artefact import Teacher
 
 FEATURES_DIR = "features"

@@ -24,8 +24,19 @@ from ssdd.models import Backbone, create_model
 from ssdd.teachers.artefact import TEACHER_FILE, Teacher, save_teacher
 from ssdd.teachers.check import check_teacher
 from ssdd.teachers.foreign import read_weights
-from ssdd.teachers.layouts import (CIFAR_STEM, FORMATS, PIXEL_SPACE, RESNET_FORMATS, ZOO_RESNETS, Layout,
-                                   detect_format, read_layout, resnet_shape, to_canonical, to_ssdd)
+from ssdd.teachers.layouts import (
+    CIFAR_STEM,
+    FORMATS,
+    PIXEL_SPACE,
+    RESNET_FORMATS,
+    ZOO_RESNETS,
+    Layout,
+    detect_format,
+    read_layout,
+    resnet_shape,
+    to_canonical,
+    to_ssdd,
+)
 
 IMAGENET = PixelSpace((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PIXEL_SPACES = ("imagenet", "dataset")

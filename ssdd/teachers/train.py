@@ -19,9 +19,9 @@ from ssdd.device import autocast, make_generator, precision, resolve_device, see
 from ssdd.distributed import World, world
 from ssdd.environment import environment
 from ssdd.errors import ConfigError, check_finite
-from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
+from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from ssdd.progress import progress_bar
 from ssdd.runs import RunDir, on_main
 from ssdd.teachers.artefact import TEACHER_FILE, save_teacher
@@ -295,7 +295,8 @@ class _TeacherTraining:
         if self.run_dir.checkpoint_path.exists():
             return (f"the last good checkpoint is {self.run_dir.checkpoint_path}; resume from it with a lower "
                     f"learning rate (--resume --lr ...; this run's is {self.config.lr})")
-        return f"no checkpoint had been written yet; start again with a lower learning rate (--lr, now {self.config.lr})"
+        return ("no checkpoint had been written yet; start again with a lower learning rate "
+                f"(--lr, now {self.config.lr})")
 
     def finish(self, knn: float | None, seconds: float) -> Path:
         """Probe the backbone and write the teacher, last (a run is finished once it exists); the checkpoint is
