@@ -164,6 +164,12 @@ class MixBT(nn.Module):
         return self.f(x).flatten(1)
 
 
+def cifar_pad2_resnet(seed: int) -> nn.Module:
+    """The solo-learn / KRR-ST / MKDT backbone: a torchvision-named ResNet-18 with the 3x3 padding-2 stem, no max-pool
+    and no fc, with random weights."""
+    return randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=seed)
+
+
 def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights and BatchNorm statistics everywhere, so that no layer is an identity in eval mode."""
     gen = torch.Generator().manual_seed(seed)
@@ -199,7 +205,7 @@ def imported(tmp_path: Path, file: Path, **kwargs: Any) -> dict[str, Any]:
 
 
 def test_solo_learn_lightning_checkpoint(tmp_path: Path) -> None:
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None))
+    net = cifar_pad2_resnet(seed=0)
     state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
     state |= {"projector.0.weight": torch.randn(16, 8 * WIDTH), "classifier.weight": torch.randn(10, 8 * WIDTH),
               "classifier.bias": torch.zeros(10)}
@@ -217,7 +223,7 @@ def test_solo_learn_lightning_checkpoint(tmp_path: Path) -> None:
 
 
 def test_solo_learn_older_encoder_prefix(tmp_path: Path) -> None:
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=3)
+    net = cifar_pad2_resnet(seed=3)
     state = {f"encoder.{k}": v for k, v in net.state_dict().items()}
     state |= {f"momentum_encoder.{k}": v + 1 for k, v in net.state_dict().items()}
     torch.save(lightning(state), tmp_path / "old.ckpt")
@@ -227,7 +233,7 @@ def test_solo_learn_older_encoder_prefix(tmp_path: Path) -> None:
 
 
 def test_krr_st_plain_state_dict_with_the_padding_2_stem(tmp_path: Path) -> None:
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=4)
+    net = cifar_pad2_resnet(seed=4)
     torch.save(net.state_dict(), tmp_path / "krr_st.pt")
     meta = imported(tmp_path, tmp_path / "krr_st.pt")
     assert_same_features(net, tmp_path / "imported")
@@ -303,7 +309,7 @@ def test_state_dict_of_a_zoo_model_round_trips(tmp_path: Path) -> None:
 
 
 def test_ddp_module_prefix_is_removed(tmp_path: Path) -> None:
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=11)
+    net = cifar_pad2_resnet(seed=11)
     torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "ddp.pt")
     meta = imported(tmp_path, tmp_path / "ddp.pt")
     assert_same_features(net, tmp_path / "imported")
@@ -313,7 +319,7 @@ def test_ddp_module_prefix_is_removed(tmp_path: Path) -> None:
 def test_imported_teacher_records_its_file_and_source(tmp_path: Path) -> None:
     import hashlib
 
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=12)
+    net = cifar_pad2_resnet(seed=12)
     torch.save(net.state_dict(), tmp_path / "krr_st.pt")
     meta = imported(tmp_path, tmp_path / "krr_st.pt")
     assert meta["imported"]["sha256"] == hashlib.sha256((tmp_path / "krr_st.pt").read_bytes()).hexdigest()
@@ -326,7 +332,7 @@ def test_imported_teacher_records_its_file_and_source(tmp_path: Path) -> None:
 
 def test_pixel_space_given_by_mean_and_std_on_the_command_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    net = randomised(TvResNet(kernel=3, padding=2, maxpool=False, classes=None), seed=13)
+    net = cifar_pad2_resnet(seed=13)
     torch.save(net.state_dict(), tmp_path / "w.pt")
     status = main(["teacher", "--import", str(tmp_path / "w.pt"), "--out", str(tmp_path / "t"), "--dataset",
                    "synthetic", "--no-check", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"])
