@@ -9,7 +9,8 @@ a linear head to the targets, MSE), written here from the algorithm.  ssdd's ite
 :func:`ssdd.methods.trajectories.unrolled_sgd` + :func:`matching_loss` on the same inputs, with the settings given.
 
 Each variant runs in its own process, so its peak resident memory is its own; ``--rounds`` alternates them
-(A B, B A, ...) and the ratio is taken per round.
+(A B, B A, ...) and the ratio is taken per round, of wall and of process CPU time (the steadier one on a shared
+machine: run it with `--threads 1`).
 
     python benchmarks/mkdt_step.py --rounds 3 --steps 10 --width 128 --batch 256
 """
@@ -84,10 +85,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     targets = torch.randn(args.images, args.outputs, requires_grad=True)
     lr = torch.tensor(0.01, requires_grad=True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(args.warmup + args.iterations):
         generator = make_generator(i)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if args.variant == "official":
             loss = official_iteration(start, target, images, targets, lr, args.steps, args.batch, generator)
         else:
@@ -97,10 +98,12 @@ def run_variant(args: argparse.Namespace) -> dict:
             loss.backward()
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
         losses.append(float(loss))
         images.grad = targets.grad = lr.grad = None
     return {"variant": args.variant, "checkpointed": args.checkpointed, "amp": args.amp,
-            "median_s": statistics.median(times), "min_s": min(times), "losses": losses,
+            "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu_times),
+            "losses": losses,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mib": rss_before / 1024}
 
@@ -124,7 +127,7 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     common = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "checkpointed", "amp", "rounds")]
-    ratios, rows = [], []
+    ratios, cpu_ratios, rows = [], [], []
     for r in range(args.rounds):
         order = ("official", "ssdd") if r % 2 == 0 else ("ssdd", "official")
         result = {}
@@ -136,9 +139,11 @@ def main() -> None:
             print(json.dumps({"round": r, "load": round(__import__("os").getloadavg()[0], 2), **result[variant]}),
                   flush=True)
         ratios.append(result["official"]["median_s"] / result["ssdd"]["median_s"])
+        cpu_ratios.append(result["official"]["cpu_s"] / result["ssdd"]["cpu_s"])
         rows.append(result)
     print(f"official / ssdd per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
-          f"median {statistics.median(ratios):.2f}x;"
+          f"median {statistics.median(ratios):.2f}x; by process CPU time: "
+          f"{', '.join(f'{x:.2f}' for x in cpu_ratios)}, median {statistics.median(cpu_ratios):.2f}x;"
           f" peak RSS official {rows[-1]['official']['peak_rss_mib']:.0f} MiB, "
           f"ssdd {rows[-1]['ssdd']['peak_rss_mib']:.0f} MiB")
 

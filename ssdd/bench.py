@@ -56,6 +56,8 @@ from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.page import Block, Code, Heading, Image, Paragraph, Table, html, markdown
 from ssdd.runs import RunDir, exclusive
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
+from ssdd.teachers.reference import PREFIX as REFERENCE_PREFIX
+from ssdd.teachers.reference import is_reference
 
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
@@ -68,6 +70,14 @@ class Stage:
 
     preset: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherStage(Stage):
+    """The suite's teacher: ``reference`` names a teacher ssdd ships (``cifar10`` for ``reference:cifar10``), used
+    unless the run asks to train its own from the preset and overrides (``--train-teacher``)."""
+
+    reference: str | None = None
 
 
 @dataclass
@@ -88,11 +98,12 @@ class Suite:
     """A benchmark suite (preset group ``bench``)."""
 
     description: str = ""
-    teacher: Stage = field(default_factory=Stage)
+    teacher: TeacherStage = field(default_factory=TeacherStage)
     sets: dict[str, Stage] = field(default_factory=dict)
     evaluations: dict[str, EvaluationStage] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.teacher = _stage(TeacherStage, self.teacher, "teacher")
         self.sets = {name: _stage(Stage, value, f"sets.{name}") for name, value in self.sets.items()}
         self.evaluations = {name: _stage(EvaluationStage, value, f"evaluations.{name}")
                             for name, value in self.evaluations.items()}
@@ -141,7 +152,8 @@ def load_suite(suite: str) -> Suite:
 @dataclass
 class BenchOptions:
     """How to run a suite: where, on what, and which part of it (``methods`` keeps only those sets and baselines;
-    ``targets`` / ``seeds`` replace every evaluation's)."""
+    ``targets`` / ``seeds`` replace every evaluation's; ``train_teacher`` trains the suite's teacher even where it
+    names a shipped one)."""
 
     data_root: str | None = None
     device: str = "auto"
@@ -149,6 +161,7 @@ class BenchOptions:
     methods: list[str] | None = None
     targets: list[str] | None = None
     seeds: list[int] | None = None
+    train_teacher: bool = False
 
 
 class BenchRun:
@@ -230,7 +243,7 @@ class BenchRun:
 
     def set_config(self, name: str) -> DistillConfig:
         """The distillation of set ``name``, its method's settings checked."""
-        merged = self._merged("distill", self.suite.sets[name], {"teacher": str(self.folder / "teacher")})
+        merged = self._merged("distill", self.suite.sets[name], {"teacher": self.teacher_source()})
         config = from_dict(DistillConfig, merged, where=f"suite {self.name} set {name}")
         method_settings(config.method, config.settings)
         return config
@@ -241,7 +254,23 @@ class BenchRun:
         merged = self._merged("evaluate", self.suite.evaluations[name], replaced)
         return from_dict(EvaluationConfig, merged, where=f"suite {self.name} evaluation {name}")
 
+    def teacher_source(self) -> str:
+        """The teacher every stage uses: the shipped one the suite names (unless ``--train-teacher``), else the
+        suite's own ``teacher/`` folder."""
+        reference = self.suite.teacher.reference
+        if reference is not None and not self.options.train_teacher:
+            return f"{REFERENCE_PREFIX}{reference}"
+        return str(self.folder / "teacher")
+
     def teacher(self) -> Teacher:
+        source = self.teacher_source()
+        if is_reference(source):
+            teacher = load_teacher(source, device=self.device)
+            self._say(f"[bench] teacher: {source}, shipped with ssdd ({teacher.metadata['reference']['made_by']}; "
+                      f"linear probe {teacher.metadata['reference']['linear_probe_top1']} %); --train-teacher "
+                      "trains the suite's own instead")
+            self.commands.append(f"# teacher: {source}, shipped with ssdd")
+            return teacher
         folder = self.folder / "teacher"
         config = self.teacher_config()
         if (folder / TEACHER_FILE).exists():
@@ -556,10 +585,10 @@ def _evaluate_command(folder: Path, names: list[str], baselines: list[str], budg
 
 def run_suite(suite: str, out: str | Path, data_root: str | None = None, device: str = "auto", progress: bool = True,
               methods: list[str] | None = None, targets: list[str] | None = None,
-              seeds: list[int] | None = None) -> Path:
+              seeds: list[int] | None = None, train_teacher: bool = False) -> Path:
     """Run (or continue) benchmark ``suite`` (a shipped suite's name or a suite file) into ``out/<suite>``; returns
     the path of its ``report.md``."""
-    options = BenchOptions(data_root, device, progress, methods, targets, seeds)
+    options = BenchOptions(data_root, device, progress, methods, targets, seeds, train_teacher)
     run = BenchRun(suite, out, options)
     report = run.run()
     if run.world.is_main:

@@ -353,7 +353,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     init_from_env(args.device or "auto")  # under torchrun: sets and evaluation cells dealt over the processes
     run_suite(args.suite, args.out, data_root=args.data_root, device=args.device or "auto",
               progress=not args.no_progress, methods=_csv(args.methods), targets=_csv(args.targets),
-              seeds=args.seeds)
+              seeds=args.seeds, train_teacher=args.train_teacher)
     return 0
 
 
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a source dataset with a method into a DistilledSet")
     _add_run_options(p, "distill")
     p.add_argument("--method", help=f"distillation method: {', '.join(list_methods())}")
-    p.add_argument("--teacher", help="teacher artefact (file or run folder)")
+    p.add_argument("--teacher", help="teacher artefact (file or run folder), or reference:cifar10, the one ssdd ships")
     p.add_argument("--dataset", help="source dataset (default: the teacher's)")
     p.add_argument("--images", type=POSITIVE_INT.argument, help="budget: this many images (with their targets)")
     p.add_argument("--bytes", type=POSITIVE_INT.argument, help="budget: this many bytes of stored tensors")
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a distill preset whose settings.experts to use (e.g. cifar10-cpu)")
     p.add_argument("--config", help="YAML file of settings (overrides the preset)")
     p.add_argument("--out", required=True, help="experts folder (experts already there are kept)")
-    p.add_argument("--teacher", help="teacher artefact (mkdt)")
+    p.add_argument("--teacher", help="teacher artefact or reference:NAME (mkdt)")
     p.add_argument("--dataset", help="source dataset (default: the teacher's)")
     p.add_argument("--num-experts", type=POSITIVE_INT.argument)
     p.add_argument("--epochs", type=POSITIVE_INT.argument)
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sets", nargs="*", metavar="[NAME=]SET",
                    help="distilled sets (files or run folders), optionally named for the table: NAME=PATH")
     p.add_argument("--baselines", help="comma list of none, random, herding, kcenter, high-loss, full, teacher")
-    p.add_argument("--teacher", help="teacher artefact (needed by every baseline)")
+    p.add_argument("--teacher", help="teacher artefact or reference:NAME (needed by every baseline)")
     p.add_argument("--protocol", help="linear | knn | finetune | supervised")
     p.add_argument("--targets", help="comma list of target datasets (e.g. cifar10,fashion-mnist,mnist)")
     p.add_argument("--archs", help="comma list of student architectures")
@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated sets and baselines to run (default: all of the suite's)")
     p.add_argument("--targets", help="comma-separated target datasets, replacing every evaluation's")
     p.add_argument("--seeds", type=SEED.arguments(), help="comma-separated seeds, replacing every evaluation's")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="train the suite's teacher even where it names one shipped with ssdd (reference:NAME)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-root")
     p.add_argument("--no-progress", action="store_true")

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import one_line, user_error
 
 import ssdd.bench as bench
@@ -18,6 +19,7 @@ from ssdd.distilled import load_distilled
 from ssdd.errors import ConfigError
 from ssdd.evaluation import Cell
 from ssdd.methods.engine import method_settings
+from ssdd.teachers import load_teacher
 
 
 class Killed(BaseException):
@@ -340,3 +342,18 @@ def test_every_shipped_suite_resolves_every_stage(name: str, tmp_path: Path) -> 
         assert merge(config, {}) == config
     assert {"quickstart", "tiny", "cifar10-cpu", "cifar10-ipc-cpu", "cifar10-gpu"} <= set(suites())
     assert not (tmp_path / name).exists()  # resolving writes nothing
+
+
+def test_a_suite_that_names_a_shipped_teacher_uses_it_unless_asked_to_train_its_own(tmp_path: Path) -> None:
+    suite = tmp_path / "shipped.yaml"
+    suite.write_text(yaml.safe_dump({"teacher": {"reference": "cifar10", "preset": "tiny"},
+                                     "sets": {"krr": {"preset": "krr-st/tiny"}}}))
+    shipped = BenchRun(str(suite), tmp_path, BenchOptions(device="cpu", progress=False))
+    assert shipped.teacher_source() == "reference:cifar10"
+    assert shipped.set_config("krr").teacher == "reference:cifar10"
+    assert shipped.teacher().fingerprint == load_teacher("reference:cifar10").fingerprint
+    own = BenchRun(str(suite), tmp_path, BenchOptions(device="cpu", progress=False, train_teacher=True))
+    assert own.teacher_source() == own.set_config("krr").teacher == str(tmp_path / "shipped" / "teacher")
+    suite.write_text(yaml.safe_dump({"teacher": {"referense": "cifar10"}}))
+    with pytest.raises(ConfigError, match="referense"):
+        BenchRun(str(suite), tmp_path)

@@ -452,7 +452,8 @@ def test_output_cut_off_by_the_reader_stops_quietly(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ssdd", "show", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # as `ssdd show SET | head -0` would
-    err = proc.stderr.read().decode()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err  # 128 + SIGPIPE, what a shell reports for cat in the same place
     assert err == ""
 

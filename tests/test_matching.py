@@ -296,26 +296,37 @@ def test_unrolled_sgd_equals_plain_sgd_on_the_same_batches(loss: str) -> None:
 
 def test_the_amp_unroll_runs_its_forward_in_bf16_and_keeps_the_parameters_float32(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forced on (emulated bf16 on any CPU): the same unroll to bf16 rounding, but not bit for bit, with float32
-    parameters and gradients; off, or where bf16 is not native, it is the float32 unroll."""
+    """Where bf16 is native (forced here, emulated on any CPU): the same unroll to bf16 rounding, but not bit for bit,
+    with every layer (the norms' too) run in bf16 and float32 parameters and gradients; where it is not, the float32
+    unroll bit for bit."""
     from ssdd import device
 
     network = build_student("convnet", {"widths": [8], "norm": "instance"}, 4, (3, 8, 8), seed=0)
     start = parameters_of(network)
     images, targets = unit_data(6, "mse", seed=2)
     images.requires_grad_(True)
+    norm_inputs: list[torch.dtype] = []
 
     def unroll(amp: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         images.grad = None
+        norm_inputs.clear()
         student = unrolled_sgd(network, start, images, targets, torch.tensor(0.05), 3, 3, "mse", make_generator(1),
                                amp=amp)
         sum(v.square().sum() for v in student.values()).backward()
         return {k: v.detach() for k, v in student.items()}, images.grad.clone()
 
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        norm_inputs.append(args[0].dtype)
+
+    monkeypatch.setattr(device, "precision", lambda: "amp")
+    monkeypatch.setattr(device, "bf16_native_on_cpu", lambda: False)
     plain, plain_grad = unroll(False)
     assert all(torch.equal(a, b) for a, b in zip(unroll(True)[0].values(), plain.values()))  # not native: float32
-    monkeypatch.setattr(device, "runs_bf16", lambda dev, enabled=True: enabled)
-    mixed, mixed_grad = unroll(True)
+    monkeypatch.setattr(device, "bf16_native_on_cpu", lambda: True)
+    with torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, a: record(m, a) if isinstance(m, torch.nn.GroupNorm) else None):
+        mixed, mixed_grad = unroll(True)
+    assert norm_inputs and set(norm_inputs) == {torch.bfloat16}
     assert all(v.dtype == torch.float32 for v in mixed.values()) and mixed_grad.dtype == torch.float32
     assert not all(torch.equal(mixed[k], plain[k]) for k in plain)
     assert_params_close(mixed, plain, atol=2e-2)

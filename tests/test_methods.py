@@ -35,7 +35,7 @@ from ssdd.methods import (
     list_methods,
 )
 from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.krr_st import KRRST
+from ssdd.methods.krr_st import KRRST, KRRSTSettings
 from ssdd.teachers import Teacher, load_teacher, teacher_features
 
 N_SOURCE = 320  # the synthetic training split
@@ -221,7 +221,6 @@ def test_high_loss_init_starts_from_the_images_the_students_fit_worst(
 
 def test_an_unknown_init_and_frepo_with_high_loss_are_clear_errors() -> None:
     from ssdd.methods.frepo import FRePoSettings
-    from ssdd.methods.krr_st import KRRSTSettings
 
     with pytest.raises(ConfigError) as info:
         KRRSTSettings(init="best")
@@ -253,6 +252,19 @@ def test_krr_st_lowers_its_outer_objective_and_a_zero_lr_control_does_not(
     targets_only, _ = frozen_run(tiny_teacher, 0.0, 0.01)
     assert torch.equal(targets_only.tensors["images"], control.tensors["images"])
     assert full_objective(network, targets_only, real) < 0.97 * start
+
+
+def test_zero_steps_give_the_set_a_zero_lr_run_ends_with(tiny_teacher: Path) -> None:
+    """``steps: 0`` is the zero-step control of an outer-loop result: the initial set, as a run that never moves."""
+    control, _ = frozen_run(tiny_teacher, 0.0, 0.0)
+    config = DistillConfig(teacher=str(tiny_teacher), images=10, device="cpu", monitor=MonitorSettings(every=-1),
+                           settings={**FROZEN, "steps": 0})
+    zero = Distillation(config, None).run()
+    assert zero.metadata["initial_indices"] == control.metadata["initial_indices"]
+    assert all(torch.equal(zero.tensors[k], control.tensors[k]) for k in ("images", "targets"))
+    with pytest.raises(ConfigError) as info:
+        KRRSTSettings(steps=-1)
+    assert one_line(info.value) == "real_batch and pool.size must be >= 1, and steps and teacher_copies >= 0"
 
 
 @pytest.mark.parametrize(("augment", "copies"), [("crop-flip", 2), ("crop-flip", 0), ("none", 2)])

@@ -742,3 +742,40 @@ def test_the_compile_flag_runs_every_training_step_through_the_compiled_model(
     assert len(steps) == 320 // 64  # every step of the epoch
     a, b = load_tensors(plain)[0], load_tensors(path)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the reference teacher shipped with the package ----------------------------------------------------------------
+
+
+def test_the_shipped_reference_teacher_is_the_committed_cpu_teacher_with_its_provenance() -> None:
+    from ssdd.teachers.reference import reference_path
+
+    committed = Path(__file__).parents[1] / "docs/results/teacher-cifar10-cpu-avx2"
+    teacher, trained = load_teacher("reference:cifar10"), load_teacher(committed)
+    assert teacher.path == reference_path("reference:cifar10")
+    assert teacher.fingerprint == trained.fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(teacher.backbone.state_dict().values(),
+                                                 trained.backbone.state_dict().values()))
+    record = teacher.metadata["reference"]
+    assert record["linear_probe_top1"] == round(trained.metadata["linear_probe_top1"], 2)
+    assert "ssdd teacher --preset cifar10-cpu" in record["made_by"]
+    assert teacher.metadata["source"] == trained.metadata["source"]
+
+
+def test_an_unknown_reference_teacher_names_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match=r"no shipped teacher 'reference:cifar100'; the reference teachers are "
+                                          r"reference:cifar10"):
+        load_teacher("reference:cifar100")
+
+
+def test_what_is_computed_from_a_shipped_teacher_is_cached_outside_the_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssdd.teachers.features import derived_cache_path
+    from ssdd.teachers.reference import shipped_folder
+
+    monkeypatch.setenv("SSDD_CACHE_DIR", str(tmp_path))
+    teacher = load_teacher("reference:cifar10")
+    data = make_synthetic(num_classes=2, per_class=4)
+    path = derived_cache_path(teacher, data, "key")
+    assert path is not None and path.is_relative_to(tmp_path) and not path.is_relative_to(shipped_folder())
+    assert teacher.fingerprint in path.parts

@@ -44,7 +44,7 @@ class KernelRidgeSettings:
     """Settings shared by the family; the defaults are KRR-ST's CIFAR-100 values (160,000 steps, real batch 1024,
     pool of 10 BatchNorm ConvNets with widening channels, AdamW lr 1e-4 with linear decay)."""
 
-    steps: int = 160_000
+    steps: int = 160_000  # 0: the initial set itself, the zero-step control of an outer-loop result
     real_batch: int = 1024
     pool: PoolSettings = field(default_factory=PoolSettings)
     lr_images: float = 1e-4
@@ -67,8 +67,8 @@ class KernelRidgeSettings:
             raise ConfigError(f"lr_schedule must be linear or constant, got {self.lr_schedule!r}")
         if not 0 <= self.lr_end <= 1:
             raise ConfigError(f"lr_end is a multiplier of the learning rate in [0, 1], got {self.lr_end}")
-        if self.steps < 1 or self.real_batch < 1 or self.pool.size < 1 or self.teacher_copies < 0:
-            raise ConfigError("steps, real_batch and pool.size must be >= 1 and teacher_copies >= 0")
+        if self.steps < 0 or self.real_batch < 1 or self.pool.size < 1 or self.teacher_copies < 0:
+            raise ConfigError("real_batch and pool.size must be >= 1, and steps and teacher_copies >= 0")
 
 
 class RealBatches:

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ssdd.data.augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
-from ssdd.device import at_least_float32, autocast, device_batches, make_generator
+from ssdd.device import at_least_float32, autocast, device_batches, make_generator, runs_bf16
 from ssdd.distributed import barrier, shard, world
 from ssdd.errors import ArtefactError, ConfigError, check_finite
 from ssdd.io import read_metadata, save_tensors
@@ -296,20 +296,27 @@ def unrolled_sgd(
     (:func:`step_loss`), every step differentiable in the images, targets, ``lr`` and ``start``.  Batches come in
     :func:`released_minibatches` order from permutations drawn from ``generator`` (or given by ``permutation``).
     ``checkpointed`` recomputes each step's activations in the backward pass instead of keeping them (less memory,
-    one more forward per step).  ``amp`` runs the network's forward under bf16 autocast where bf16 is native
-    (:func:`ssdd.device.autocast`); its outputs, the loss and the parameter updates stay float32."""
+    one more forward per step).  ``amp`` runs the network's forward in bf16 where bf16 is native
+    (:func:`ssdd.device.runs_bf16`): its parameters cast to bf16 (the normalisation layers' too, so no activation
+    goes back to float32 inside the network), channels-last batches, under autocast; its outputs, the loss, the
+    parameter updates and every learned tensor stay float32."""
     names = list(start)
     template = network if next(iter(network.parameters())).device.type == "meta" else copy.deepcopy(network).to("meta")
     params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in start.values()]
     n = images.shape[0]
     batches = released_minibatches(n, min(batch_size, n),
                                    permutation or (lambda: torch.randperm(n, generator=generator)))
+    low_precision = runs_bf16(images.device, amp)
 
     def one_step(idx: torch.Tensor, step_lr: torch.Tensor, views: Views | None,
                  *current: torch.Tensor) -> tuple[torch.Tensor, ...]:
         def forward(x: torch.Tensor) -> torch.Tensor:
+            weights = current
+            if low_precision:  # every parameter (norms' too) and activation in bf16: no float32 round trips
+                weights = tuple(p.to(torch.bfloat16) for p in current)
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(x.device, amp):
-                return at_least_float32(functional_call(template, dict(zip(names, current)), (x,)))
+                return at_least_float32(functional_call(template, dict(zip(names, weights)), (x,)))
 
         value = step_loss(forward, images[idx], targets[idx], loss, views)
         grads = torch.autograd.grad(value, current, create_graph=True)

@@ -19,6 +19,7 @@ from ssdd.errors import ArtefactError, ConfigError, SsddError
 from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 from ssdd.models import Backbone, create_model
 from ssdd.probes import extract_features
+from ssdd.teachers.reference import is_reference, reference_path
 
 FORMAT_VERSION = 1
 TEACHER_FILE = "teacher.safetensors"
@@ -190,6 +191,9 @@ def save_teacher(path: str | Path, backbone: Backbone, pixel_space: PixelSpace, 
 
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Teacher:
-    """Load a teacher artefact (a file, or a folder holding ``teacher.safetensors``) as a frozen :class:`Teacher`."""
+    """Load a teacher artefact (a file, a folder holding ``teacher.safetensors``, or ``reference:<name>``, a teacher
+    shipped with ssdd: :mod:`ssdd.teachers.reference`) as a frozen :class:`Teacher`."""
+    if is_reference(path):
+        path = reference_path(str(path))
     backbone, pixel_space, meta, path = load_network(path, "teacher", TEACHER_FILE)
     return Teacher(backbone.to(device), pixel_space, meta, path=path)

@@ -25,6 +25,7 @@ from ssdd.probes import extract_features
 from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
 from ssdd.teachers.artefact import Teacher
+from ssdd.teachers.reference import shipped_folder
 
 FEATURES_DIR = "features"
 log = logging.getLogger(__name__)
@@ -82,13 +83,13 @@ def write_cached(path: Path | None, name: str, tensor: torch.Tensor, teacher: Te
 def derived_cache_path(teacher: Teacher, dataset: ImageDataset, key: str, prefix: str = "") -> Path | None:
     """Where something computed deterministically from ``teacher`` and ``dataset`` (told apart by ``key``, a hash
     of how it was computed) is cached: the teacher's feature folder; when that folder is read-only and does not hold
-    it, ``features/<teacher fingerprint>/`` in the cache folder (:func:`ssdd.data.cache.cache_dir`). None for a
-    teacher not loaded from a file."""
+    it, or the teacher is one ssdd ships, ``features/<teacher fingerprint>/`` in the cache folder
+    (:func:`ssdd.data.cache.cache_dir`). None for a teacher not loaded from a file."""
     if teacher.path is None:
         return None
     name = f"{prefix}{dataset.name.replace(':', '_').replace('/', '_')}-{dataset.split}-{dataset.fingerprint}-{key}"
     beside = teacher.path.parent / FEATURES_DIR / f"{name}.safetensors"
-    if beside.exists() or writable(beside.parent):
+    if teacher.path.parent != shipped_folder() and (beside.exists() or writable(beside.parent)):
         return beside
     return cache_dir() / FEATURES_DIR / teacher.fingerprint / f"{name}.safetensors"
 
