@@ -25,7 +25,7 @@ import torch
 from ssdd.budget import Budget
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
 from ssdd.data.transforms import PixelSpace
-from ssdd.device import autocast, make_generator
+from ssdd.device import autocast, make_generator, runs_bf16
 from ssdd.distilled import DistilledSet
 from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.errors import ConfigError
@@ -54,7 +54,7 @@ class KernelRidgeSettings:
     ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
     real_augment: str = "crop-flip"  # crop-flip (4 px) | none | views (a random predefined view per image)
     teacher_copies: int = 8  # cached crop+flip copies of the source; 0: run the teacher on every real batch
-    amp: bool = True  # bf16 autocast for the pool networks where native; the KRR solve stays float32
+    amp: bool = True  # bf16 autocast (channels-last) for the pool networks where native; the KRR solve stays float32
     init: str = "random"  # the real images the set starts from: random | high-loss (those students fit worst)
     high_loss: HighLossSettings = field(default_factory=HighLossSettings)  # the students of init: high-loss
 
@@ -144,7 +144,9 @@ class KernelRidgeMethod(Method):
         self.learned: dict[str, torch.Tensor] = {}
         self.initial: dict[str, torch.Tensor] = {}  # the tracked() quantities at initialisation
         self.param_groups: list[dict[str, Any]] = []
-        self.pool = ModelPool(settings.pool, self.feature_dim, self.image_shape, context.seed + 1, context.device)
+        layout = torch.channels_last if runs_bf16(context.device, settings.amp) else torch.contiguous_format
+        self.pool = ModelPool(settings.pool, self.feature_dim, self.image_shape, context.seed + 1, context.device,
+                              layout)
         self.generator = make_generator(context.seed + 2)
         self._optimizer: torch.optim.Optimizer | None = None
 

@@ -56,8 +56,9 @@ class ModelPool:
     """
 
     def __init__(self, settings: PoolSettings, num_outputs: int, image_shape: tuple[int, int, int], seed: int,
-                 device: torch.device):
+                 device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
         self.settings = settings
+        self.memory_format = memory_format  # channels_last where the members run bf16 (faster convolutions there)
         self.num_outputs = num_outputs
         self.image_shape = image_shape
         self.device = device
@@ -78,7 +79,7 @@ class ModelPool:
         with seeded(seed):
             model = create_model(self.settings.arch, num_outputs=self.num_outputs, in_channels=c, image_size=h,
                                  **self.settings.arch_args)
-        return model.to(self.device)
+        return model.to(self.device, memory_format=self.memory_format)
 
     def _optimizer(self, model: Backbone) -> torch.optim.Optimizer:
         s = self.settings
