@@ -51,7 +51,7 @@ from ssdd.evaluation.evaluate import Cell, image_budget_bytes
 from ssdd.evaluation.expectations import Expectation, Verdict, judge, summary, verdict_blocks
 from ssdd.evaluation.report import plot_against_budget, result_tables
 from ssdd.io import atomic_write_text, locked, make_folder, process_running
-from ssdd.methods import METHODS, Distillation, DistillConfig
+from ssdd.methods import METHODS, Distillation, DistillConfig, distill_preset
 from ssdd.methods.engine import default_config, method_settings, resolved_config
 from ssdd.page import Block, Code, Heading, Image, Paragraph, Table, html, markdown
 from ssdd.runs import RunDir, exclusive
@@ -217,9 +217,11 @@ class BenchRun:
         results = {name: self.evaluation(name, stage, teacher, sets) for name, stage in self.suite.evaluations.items()}
         return self.report(sets, results)
 
-    def _merged(self, group: str, stage: Stage, run: dict[str, Any]) -> dict[str, Any]:
-        """The stage's preset of ``group`` < its overrides < this run's settings."""
-        merged = dict(preset_dict(group, stage.preset)) if stage.preset else {}
+    def _merged(self, group: str, stage: Stage, run: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+        """The stage's preset of ``group`` (``preset`` when given: its resolved name) < its overrides < this run's
+        settings."""
+        preset = preset or stage.preset
+        merged = dict(preset_dict(group, preset)) if preset else {}
         deep_update(merged, stage.config)
         deep_update(merged, {**run, "data_root": self.options.data_root, "device": self.options.device})
         return merged
@@ -230,7 +232,9 @@ class BenchRun:
 
     def set_config(self, name: str) -> DistillConfig:
         """The distillation of set ``name``, its method's settings checked."""
-        merged = self._merged("distill", self.suite.sets[name], {"teacher": str(self.folder / "teacher")})
+        stage = self.suite.sets[name]
+        preset = distill_preset(stage.preset, stage.config.get("method"))
+        merged = self._merged("distill", stage, {"teacher": str(self.folder / "teacher")}, preset)
         config = from_dict(DistillConfig, merged, where=f"suite {self.name} set {name}")
         method_settings(config.method, config.settings)
         return config

@@ -30,7 +30,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +153,6 @@ class Recover(Method):
 
     settings_class = RecoverSettings
     splits_over_processes = True
-    name: ClassVar[str]
 
     def __init__(self, settings: RecoverSettings, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
@@ -166,7 +165,7 @@ class Recover(Method):
             raise ConfigError(f"{self.name} deals its {self.classes} classes to the processes; run at most "
                               f"{self.classes} processes, not {self.world.size}")
         self.own = torch.tensor([c for _, c in shard(list(range(self.classes)), self.world)], device=context.device)
-        self.image_shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
+        self.image_shape = context.image_shape
         c, h, w = self.image_shape  # the budget is checked before anything is trained
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w + self.classes), self.classes, self.name)
         self.ipc = self.plan.per_class
@@ -223,10 +222,6 @@ class Recover(Method):
     @abc.abstractmethod
     def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
         """A fresh squeeze model, its pixel space and a description for the artefact."""
-
-    def source_images(self, pixel_space: PixelSpace, shape: tuple[int, int, int]) -> torch.Tensor:
-        images = self.context.source.converted(channels=shape[0], size=shape[1]).images
-        return pixel_space.normalize(images.float().div(255.0))
 
     # ---- recover ------------------------------------------------------------------------------------------------
 
@@ -306,21 +301,18 @@ class Recover(Method):
         images = torch.cat(done)
         with torch.no_grad():
             logits = self.model(images).float() if images.shape[0] else torch.empty(0, self.classes)
-        dtype = self.budget.torch_dtype
         metadata = {"num_classes": self.classes, "ipc": len(self.recovered), "temperature": self.settings.temperature,
                     "labels": "the squeeze model's logits of the recovered images"}
         squeeze = self.context.workdir / SQUEEZE_FILE if self.context.workdir is not None else None
         if squeeze is not None and squeeze.exists():  # what on-the-fly relabelling loads, beside the set
             metadata["squeeze_model"] = {"file": SQUEEZE_FILE, "fingerprint": read_metadata(squeeze)["fingerprint"]}
-        return DistilledSet({"images": images.cpu().to(dtype), "labels": logits.cpu().to(dtype)}, self.pixel_space,
-                            "soft-label", self.name, metadata)
+        return self.make_set({"images": images, "labels": logits}, "soft-label", metadata, self.pixel_space)
 
 
 @METHODS.register("sre2l")
 class SRe2L(Recover):
     """SRe2L: the squeeze model is a supervised network trained on the labelled source."""
 
-    name = "sre2l"
     needs_teacher = False
 
     def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
@@ -334,14 +326,11 @@ class SRe2L(Recover):
         else:
             raise ConfigError("sre2l needs an architecture for its squeeze model: settings.squeeze.arch, or a teacher "
                               "whose architecture to use")
-        pixel_space = ctx.teacher.pixel_space if ctx.teacher is not None else PixelSpace.of(ctx.source.images)
-        shape = ctx.teacher.input_shape if ctx.teacher is not None else ctx.source.image_shape
-        model = build_student(arch, arch_args, self.classes, shape, ctx.seed)
+        model = build_student(arch, arch_args, self.classes, ctx.image_shape, ctx.seed)
         BatchNormStatistics(model).remove()  # refuse a network without BatchNorm before training it
-        images = self.source_images(pixel_space, shape)
-        train_network(model, images, ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
+        train_network(model, ctx.normalized_source(), ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
                       desc="squeeze (supervised)", progress=ctx.progress)
-        return model.eval(), pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
+        return model.eval(), ctx.pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
 
 
 @METHODS.register("scdd")
@@ -350,7 +339,6 @@ class SCDD(Recover):
     linear classifier fitted on the labelled source."""
 
     settings_class = SCDDSettings
-    name = "scdd"
 
     def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
         s, ctx = self.settings.squeeze, self.context

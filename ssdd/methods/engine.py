@@ -21,7 +21,7 @@ import torch
 
 from ssdd.budget import BUDGET_KEYS, Budget, refuse_overspent
 from ssdd.checks import SET_CHECKS
-from ssdd.config import deep_update, from_dict, preset_dict, to_dict
+from ssdd.config import deep_update, from_dict, list_presets, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator, precision, resolve_device
@@ -95,6 +95,17 @@ class DistillConfig:
         SEED.check(self.seed, "seed")
 
 
+def distill_preset(preset: str | None, method: str | None) -> str | None:
+    """The distill preset that ``preset`` names: ``METHOD/NAME`` or a preset of the group's top level as given, else
+    ``NAME`` among ``method``'s own presets (refused, listing them, when it has no such preset)."""
+    if not preset or "/" in preset or not method or preset in list_presets("distill"):
+        return preset
+    own = [p.partition("/")[2] for p in list_presets("distill") if p.startswith(f"{method}/")]
+    if preset not in own:
+        raise ConfigError(f"method {method} has no preset {preset!r}; its presets: {', '.join(own) or 'none'}")
+    return f"{method}/{preset}"
+
+
 def method_settings(method: str, settings: Any) -> Any:
     """The method's settings object from a dict (unknown keys are errors) or as given."""
     cls = METHODS.get(method).settings_class
@@ -115,6 +126,15 @@ def resolved_config(config: DistillConfig) -> dict[str, Any]:
 def default_config(method: str) -> dict[str, Any]:
     """The recorded form of a run of ``method`` at every default (what a setting added since a run started is)."""
     return resolved_config(DistillConfig(method=method))
+
+
+def prepare(config: DistillConfig, progress: bool = True) -> Any:
+    """Do what a run of ``config`` does before its first step and keeps on disk (its method's
+    :meth:`~ssdd.methods.base.Method.prepare`, e.g. training its experts), without distilling; returns what it made."""
+    device = resolve_device(config.device)
+    teacher, source = resolve_inputs(config, device)
+    context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.prepare"), progress=progress)
+    return METHODS.get(config.method).prepare(method_settings(config.method, config.settings), context)
 
 
 def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher | None = None,
@@ -389,7 +409,7 @@ def distill(
     there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``; an ``out`` that
     holds a run needs ``resume=True`` (a finished one is returned as it is) or ``overwrite=True`` (it starts afresh).
     """
-    preset_values = preset_dict("distill", preset if "/" in (preset or "/") else f"{method}/{preset}") if preset else {}
+    preset_values = preset_dict("distill", distill_preset(preset, method)) if preset else {}
     if isinstance(config, dict) or config is None:
         settings = dict(preset_values.get("settings", {}))
         deep_update(settings, config or {})

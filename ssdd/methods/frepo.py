@@ -97,10 +97,7 @@ class FRePo(KernelRidgeMethod):
         self.start_tracking()
 
     def target_space(self, context: DistillContext) -> tuple[PixelSpace, tuple[int, int, int], int]:
-        teacher, source = context.teacher, context.source
-        if teacher is not None:
-            return teacher.pixel_space, teacher.input_shape, source.num_classes
-        return PixelSpace.of(source.images), source.image_shape, source.num_classes
+        return context.pixel_space, context.image_shape, context.source.num_classes
 
     def real_batches(self, settings: FRePoSettings, context: DistillContext, views: Sequence[str]) -> LabelledBatches:
         return LabelledBatches(settings, context, self.pixel_space, self.image_shape)
@@ -115,5 +112,5 @@ class FRePo(KernelRidgeMethod):
         return {"images": self.learned["images"], "labels": self.labels()}
 
     def distilled_set(self) -> DistilledSet:
-        return self.make_set("frepo", {"initial_indices": self.initial_indices.tolist(), "num_classes": self.classes,
-                                       "ipc": self.ipc, "label_loss": "mse"}, target_kind="soft-label")
+        return self.kernel_set({"initial_indices": self.initial_indices.tolist(), "num_classes": self.classes,
+                                "ipc": self.ipc, "label_loss": "mse"}, target_kind="soft-label")

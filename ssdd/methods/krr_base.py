@@ -280,9 +280,7 @@ class KernelRidgeMethod(Method):
         self.pool.load_state_dict(state["pool"])
         self.generator.set_state(state["generator"])
 
-    def make_set(self, method: str, metadata: dict[str, Any], target_kind: str = "representation") -> DistilledSet:
-        """The stored tensors cast to the budget's dtype, as a DistilledSet of ``method``."""
-        dtype = self.budget.torch_dtype
-        tensors = {k: v.detach().cpu().to(dtype) for k, v in self.stored_tensors().items()}
-        return DistilledSet(tensors, self.pixel_space, target_kind, method,
-                            {**metadata, "pool_reinitialisations": self.pool.reinitialisations})
+    def kernel_set(self, metadata: dict[str, Any], target_kind: str = "representation") -> DistilledSet:
+        """The stored tensors as this method's set, with the pool's reinitialisation count."""
+        return self.make_set(self.stored_tensors(), target_kind,
+                             {**metadata, "pool_reinitialisations": self.pool.reinitialisations}, self.pixel_space)

@@ -57,4 +57,4 @@ class KRRST(KernelRidgeMethod):
         return {"images": self.learned["images"], "targets": self.learned["targets"]}
 
     def distilled_set(self) -> DistilledSet:
-        return self.make_set("krr-st", {"initial_indices": self.initial_indices.tolist()})
+        return self.kernel_set({"initial_indices": self.initial_indices.tolist()})

@@ -368,9 +368,8 @@ class PAA(KernelRidgeMethod):
         return t
 
     def distilled_set(self) -> DistilledSet:
-        distilled = self.make_set("paa", {"views": self.views, "image_shape": list(self.image_shape),
-                                          "initial_indices": self.initial_indices.tolist(),
-                                          "spending": self.spending})
+        distilled = self.kernel_set({"views": self.views, "image_shape": list(self.image_shape),
+                                     "initial_indices": self.initial_indices.tolist(), "spending": self.spending})
         distilled.metadata["approximation_mse"] = {view: {"before": b, "after": a}
                                                    for view, (b, a) in self.approximation_errors.items()}
         return distilled
