@@ -38,6 +38,7 @@ from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
 FORMAT_VERSION = 1
 DISTILLED_FILE = "distilled.safetensors"
 TARGET_KINDS = ("representation", "hard-label", "soft-label")
+LABEL_LOSSES = ("ce", "kl", "mse")  # what a labelled set may record as its ``label_loss`` (training.LOSSES)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 APPROX_PARAMS = ("hidden.weight", "hidden.bias", "out.weight", "out.bias")
 PLAIN_TENSORS = ("images", "image_coefficients", "image_bases", "targets", "target_coefficients", "target_bases",
@@ -55,7 +56,7 @@ METADATA_TYPES = {
     "views": (lambda v: isinstance(v, list), "a list"),
     "num_classes": (lambda v: _positive(v) and isinstance(v, int), "a positive integer"),
     "temperature": (_positive, "a positive number"),
-    "label_loss": (lambda v: isinstance(v, str), "a string"),
+    "label_loss": (lambda v: v in LABEL_LOSSES, f"one of {', '.join(LABEL_LOSSES)}"),
 }
 
 
@@ -130,6 +131,26 @@ class DistilledSet:
     def learned_lr(self) -> float | None:
         value = self.tensors.get("learned_lr")
         return None if value is None else float(value)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a labelled set: the soft labels' width, else as recorded, else the largest hard label + 1."""
+        labels = self.tensors["labels"]
+        if self.target_kind == "soft-label":
+            return int(labels.shape[1])
+        return int(self.metadata.get("num_classes") or int(labels.max()) + 1)
+
+    @property
+    def temperature(self) -> float | None:
+        """The soft labels' temperature the set records (None: the protocol's)."""
+        value = self.metadata.get("temperature")
+        return None if value is None else float(value)
+
+    @property
+    def label_loss(self) -> str:
+        """The loss a student trains on a labelled set's labels with: the set's recorded ``label_loss`` (FRePo's
+        label vectors: ``mse``), else ``ce`` on hard labels and ``kl`` on soft labels."""
+        return self.metadata.get("label_loss") or ("ce" if self.target_kind == "hard-label" else "kl")
 
     def approximation_weights(self, view: str) -> dict[str, torch.Tensor] | None:
         prefix = f"approx.{view}."

@@ -44,7 +44,7 @@ from ssdd.teachers.artefact import load_network
 from ssdd.training import batch_loss, build_student
 
 # ``ssdd.evaluation.evaluate`` is shadowed by the function of that name on the package: import the module.
-evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")
+students = importlib.import_module("ssdd.evaluation.students")  # where protocols train their students
 
 CLASSES = 10
 IMAGE_VALUES = 3 * 32 * 32
@@ -327,7 +327,7 @@ def capture_training(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                      "settings": settings, "labeller": kwargs.get("labeller")})
         return model.eval()
 
-    monkeypatch.setattr(evaluate_module, "train_network", fake)
+    monkeypatch.setattr(students, "train_network", fake)
     return seen
 
 

@@ -322,3 +322,23 @@ def test_a_wrong_fingerprint_is_refused(good_file: Path, fingerprint: object) ->
     resave(good_file, make_tensors("representation"), fingerprint=fingerprint)
     with pytest.raises(ArtefactError, match="do not match the recorded fingerprint"):
         load_distilled(good_file)
+
+
+def test_a_labelled_set_says_how_a_student_trains_on_it() -> None:
+    hard = DistilledSet({"images": randn(3, 3, 4, 4), "labels": torch.tensor([0, 4, 2])}, SPACE, "hard-label", "m")
+    assert (hard.label_loss, hard.temperature, hard.num_classes) == ("ce", None, 5)  # the largest label + 1
+    recorded = DistilledSet(dict(hard.tensors), SPACE, "hard-label", "m", {"num_classes": 10})
+    assert recorded.num_classes == 10
+    soft = DistilledSet({"images": randn(3, 3, 4, 4), "labels": randn(3, 7)}, SPACE, "soft-label", "m",
+                        {"temperature": 2.5})
+    assert (soft.label_loss, soft.temperature, soft.num_classes) == ("kl", 2.5, 7)
+    vectors = DistilledSet(dict(soft.tensors), SPACE, "soft-label", "m", {"label_loss": "mse"})
+    assert vectors.label_loss == "mse"
+
+
+def test_an_unknown_label_loss_is_refused_on_load(tmp_path: Path) -> None:
+    path = DistilledSet({"images": randn(3, 3, 4, 4), "labels": randn(3, 7)}, SPACE, "soft-label", "m",
+                        {"label_loss": "hinge"}).save(tmp_path / "set.safetensors")
+    with pytest.raises(ArtefactError) as info:
+        load_distilled(path)
+    assert str(info.value) == f"{path}: metadata 'label_loss' must be one of ce, kl, mse, got 'hinge'"

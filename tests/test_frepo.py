@@ -20,7 +20,7 @@ from ssdd.methods.frepo import FRePo
 from ssdd.methods.krr import krr_outer_loss
 from ssdd.methods.krr_base import KernelRidgeMethod
 
-evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")  # the module, not the function
+students = importlib.import_module("ssdd.evaluation.students")  # where protocols train their students
 CLASSES = 10
 VALUES = 3 * 32 * 32
 FROZEN = {"steps": 30, "real_batch": 64, "lr_schedule": "constant", "real_augment": "none",
@@ -94,13 +94,13 @@ def test_frepo_set_is_class_balanced_with_label_vectors_and_exact_bytes() -> Non
 def test_supervised_protocol_trains_on_frepo_labels_with_mse(monkeypatch: pytest.MonkeyPatch) -> None:
     distilled = run(config(settings={"steps": 2}))
     losses: list[str] = []
-    real_train = evaluate_module.train_network
+    real_train = students.train_network
 
     def spy(model, images, targets, settings, loss, *args, **kwargs):  # noqa: ANN001, ANN202
         losses.append(loss)
         return real_train(model, images, targets, settings, loss, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "train_network", spy)
+    monkeypatch.setattr(students, "train_network", spy)
     eval_config = resolve_config(EvaluationConfig, "evaluate", "tiny",
                                  overrides={"protocol": "supervised", "seeds": [0], "device": "cpu"})
     cells = evaluate([distilled], eval_config, progress=False)
