@@ -44,9 +44,10 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._entries, n=3)
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}."
+        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known)}."
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -10,7 +10,10 @@ checkpoints, monitoring and the final file, so no method repeats them.
 from __future__ import annotations
 
 import abc
+import importlib
+import importlib.metadata
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +25,7 @@ from ssdd.budget import Budget, Plan
 from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.distilled import DistilledSet
+from ssdd.errors import UnknownNameError
 from ssdd.registry import Registry
 from ssdd.teachers.artefact import Teacher
 
@@ -132,13 +136,49 @@ class ImageLearningMethod(Method):
         self.generator.set_state(state["generator"])
 
 
+ENTRY_POINT_GROUP = "ssdd.methods"  # where installed packages register their methods (name = "module:Class")
+
+
 class MethodRegistry(Registry[type[Method]]):
-    """The registry of methods: registering a class names it."""
+    """The registry of methods: registering a class names it.  Besides the methods registered here, it knows those
+    that installed packages declare as entry points of the group ``ssdd.methods`` (loaded when first asked for), and
+    takes any ``package.module:Class`` name of a :class:`Method` subclass (imported when first asked for)."""
 
     def add(self, name: str, obj: type[Method]) -> type[Method]:
         super().add(name, obj)
         obj.name = name
         return obj
+
+    def entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
+        """The installed packages' methods, by name (not loaded)."""
+        return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+    def names(self) -> list[str]:
+        return sorted({*super().names(), *self.entry_points()})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def get(self, name: str) -> type[Method]:
+        if not super().__contains__(name):
+            declared = self.entry_points().get(name)
+            if declared is not None:
+                return self._adopt(name, declared.load, f"entry point {declared.value!r}")
+            if ":" in name:
+                module, _, attribute = name.partition(":")
+                return self._adopt(name, lambda: getattr(importlib.import_module(module), attribute),
+                                   f"module {module!r}")
+        return super().get(name)
+
+    def _adopt(self, name: str, load: Callable[[], Any], where: str) -> type[Method]:
+        """The class ``load`` returns, checked to be a method and registered as ``name``."""
+        try:
+            cls = load()
+        except (ImportError, AttributeError) as exc:
+            raise UnknownNameError(f"method {name!r}: cannot load it from {where} ({exc})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise UnknownNameError(f"method {name!r}: {where} gives {cls!r}, not a subclass of ssdd.methods.Method")
+        return cls if cls in self.values() else self.add(name, cls)  # a class that registers itself keeps its name
 
 
 METHODS = MethodRegistry("method")
