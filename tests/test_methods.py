@@ -25,7 +25,7 @@ from ssdd.cli import main
 from ssdd.config import deep_update, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
-from ssdd.errors import ArtefactError, BudgetError, ConfigError, NumericalError, SsddError, UnknownNameError
+from ssdd.errors import ArtefactError, BudgetError, ConfigError, NumericalError, SsddError
 from ssdd.io import load_checkpoint
 from ssdd.methods import (
     METHODS,
@@ -98,17 +98,6 @@ def test_registry_refuses_a_duplicate_method_name() -> None:
         METHODS.add("krr-st", object)  # type: ignore[arg-type]
     assert METHODS.get("krr-st") is KRRST
     assert "krr-st" in list_methods()
-
-
-def test_unknown_method_names_the_known_ones(tiny_teacher: Path) -> None:
-    with pytest.raises(UnknownNameError) as info:
-        METHODS.get("krr-sd")
-    message = one_line(info.value)
-    assert "unknown method 'krr-sd'" in message and "Did you mean krr-st" in message
-    assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in message
-    with pytest.raises(UnknownNameError, match="unknown method .nope.. Known: coreset, dc, dm, dm-ssl, dsa, frepo, "
-                                               "krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l"):
-        Distillation(DistillConfig(method="nope", teacher=str(tiny_teacher), images=2, device="cpu"), None)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
