@@ -19,14 +19,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import interrupt_then_resume, matching_config, one_line
+from helpers import interrupt_then_resume, matching_config, one_line, user_error
 
 import ssdd
+from ssdd.cli import main
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.data.augment import apply_dsa, sample_dsa_params
 from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
+from ssdd.io import read_metadata
 from ssdd.methods import Distillation, DistillConfig, trajectories
 from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
 from ssdd.methods.trajectories import (
@@ -646,3 +648,24 @@ def test_mtt_budget_below_the_number_of_classes(tmp_path: Path) -> None:
     message = config_error(matching_config("mtt", tmp_path / "experts", images=CLASSES - 1,
                                            settings={"experts": {"num_experts": 1}}))
     assert f"buys {CLASSES - 1} images" in message and f"fewer than the {CLASSES} classes" in message
+
+
+def test_ssdd_experts_trains_the_experts_a_run_then_reuses(tiny_teacher: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "experts"
+    assert main(["experts", "--method", "mtt-ssl", "--preset", "tiny", "--teacher", str(tiny_teacher),
+                 "--out", str(folder), "--device", "cpu", "--no-progress"]) == 0
+    assert f"2 experts of 3 epochs in {folder}" in capsys.readouterr().out
+    files = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.safetensors")}
+    assert len(files) == 2
+    assert all(read_metadata(folder / name)["method_loss"] == "barlow-twins" for name in files)  # mtt-ssl's loss
+    config = matching_config("mtt-ssl", folder, tiny_teacher, settings={"iterations": 1})
+    Distillation(config, None, progress=False).run()
+    assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.safetensors")} == files  # reused
+
+
+def test_ssdd_experts_of_a_method_without_experts_names_those_with(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    line = user_error(capsys, ["experts", "--method", "dm", "--preset", "tiny", "--out", str(tmp_path / "e"),
+                               "--device", "cpu"])
+    assert line == "ssdd: error: method dm trains no experts; experts are for mkdt, mtt, mtt-ssl"

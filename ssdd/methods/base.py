@@ -83,8 +83,9 @@ class Method(abc.ABC):
 
     @classmethod
     def prepare(cls, settings: Any, context: DistillContext) -> Any:
-        """Make (or check) what a run needs before its first step and keeps on disk, such as expert trajectories;
-        the constructor calls it, and ``ssdd experts`` calls it alone.  Returns what it made (None: nothing)."""
+        """Make (or check) what a run needs before its first step and keeps in its run folder or ``settings``'
+        folders: expert trajectories, a squeeze model.  A run makes it when its method is built; ``ssdd experts``
+        (:func:`ssdd.methods.prepare`) makes it alone.  Returns what it made (None: nothing)."""
         return None
 
     @abc.abstractmethod

@@ -153,6 +153,7 @@ class Recover(Method):
 
     settings_class = RecoverSettings
     splits_over_processes = True
+    prepares = "a squeeze model"
 
     def __init__(self, settings: RecoverSettings, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
@@ -169,7 +170,7 @@ class Recover(Method):
         c, h, w = self.image_shape  # the budget is checked before anything is trained
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w + self.classes), self.classes, self.name)
         self.ipc = self.plan.per_class
-        self.model, self.pixel_space = self.squeeze_model()
+        self.model, self.pixel_space = self.prepare(settings, context)
         self.model.eval().requires_grad_(False)
         self.statistics = BatchNormStatistics(self.model)
         low, high = self.pixel_space.bounds(torch.float64)  # rounded to the images' dtype where they are clipped
@@ -182,45 +183,50 @@ class Recover(Method):
 
     # ---- squeeze ------------------------------------------------------------------------------------------------
 
-    def squeeze_identity(self) -> dict[str, Any]:
+    @classmethod
+    def squeeze_identity(cls, settings: RecoverSettings, context: DistillContext) -> dict[str, Any]:
         """What a squeeze model is made from; a saved one is reused only when all of it matches."""
-        ctx = self.context
-        return {"method": self.name, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
-                "teacher": ctx.teacher.fingerprint if ctx.teacher is not None else None,
-                "squeeze_settings": to_dict(self.settings.squeeze)}
+        return {"method": cls.name, "source": {"dataset": context.source.name,
+                                               "fingerprint": context.source.fingerprint},
+                "teacher": context.teacher.fingerprint if context.teacher is not None else None,
+                "squeeze_settings": to_dict(settings.squeeze)}
 
-    def squeeze_model(self) -> tuple[Backbone, PixelSpace]:
-        """The main process's squeeze model (from the run folder, or made now and saved there) on every process."""
-        made = self.main_squeeze_model() if self.world.is_main else None
+    @classmethod
+    def prepare(cls, settings: RecoverSettings, context: DistillContext) -> tuple[Backbone, PixelSpace]:
+        """The squeeze model and its pixel space: the main process's (from the run folder, or made now and saved
+        there) on every process."""
+        current = world()
+        made = cls.main_squeeze_model(settings, context) if current.is_main else None
         spec, state, pixel_space = broadcast_object(
-            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None,
-            self.world)
+            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None, current)
         if made is not None:
             return made
         model = create_model(**spec)
         model.load_state_dict(state)
-        return model.to(self.context.device), pixel_space
+        return model.to(context.device), pixel_space
 
-    def main_squeeze_model(self) -> tuple[Backbone, PixelSpace]:
+    @classmethod
+    def main_squeeze_model(cls, settings: RecoverSettings, context: DistillContext) -> tuple[Backbone, PixelSpace]:
         """The squeeze model from the run folder, or made now (and saved there)."""
-        ctx = self.context
-        identity = json.loads(json.dumps(self.squeeze_identity()))  # as it reads back from the file
-        path = ctx.workdir / SQUEEZE_FILE if ctx.workdir is not None else None
+        identity = json.loads(json.dumps(cls.squeeze_identity(settings, context)))  # as it reads back from the file
+        path = context.workdir / SQUEEZE_FILE if context.workdir is not None else None
         if path is not None and path.exists():
             model, pixel_space, meta, _ = load_network(path, "squeeze", SQUEEZE_FILE)
             differs = sorted(k for k in identity if meta.get(k) != identity[k])
             if differs:
                 raise ConfigError(f"{path} was made with another {', '.join(differs)} than this run's; "
                                   "use a new run folder")
-            return model.to(ctx.device), pixel_space
-        model, pixel_space, info = self.make_squeeze_model()
+            return model.to(context.device), pixel_space
+        model, pixel_space, info = cls.make_squeeze_model(settings, context)
         if path is not None:
             save_network(path, model, pixel_space, "squeeze", {**identity, **info})
-            ctx.log.info(f"squeeze model written to {path} ({info})")
-        return model.to(ctx.device), pixel_space
+            context.log.info(f"squeeze model written to {path} ({info})")
+        return model.to(context.device), pixel_space
 
+    @classmethod
     @abc.abstractmethod
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+    def make_squeeze_model(cls, settings: RecoverSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
         """A fresh squeeze model, its pixel space and a description for the artefact."""
 
     # ---- recover ------------------------------------------------------------------------------------------------
@@ -315,8 +321,10 @@ class SRe2L(Recover):
 
     needs_teacher = False
 
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
-        s, ctx = self.settings.squeeze, self.context
+    @classmethod
+    def make_squeeze_model(cls, settings: RecoverSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = settings.squeeze, context
         if s.arch is not None:
             arch, arch_args = s.arch, dict(s.arch_args)
         elif ctx.teacher is not None:
@@ -326,7 +334,7 @@ class SRe2L(Recover):
         else:
             raise ConfigError("sre2l needs an architecture for its squeeze model: settings.squeeze.arch, or a teacher "
                               "whose architecture to use")
-        model = build_student(arch, arch_args, self.classes, ctx.image_shape, ctx.seed)
+        model = build_student(arch, arch_args, ctx.source.num_classes, ctx.image_shape, ctx.seed)
         BatchNormStatistics(model).remove()  # refuse a network without BatchNorm before training it
         train_network(model, ctx.normalized_source(), ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
                       desc="squeeze (supervised)", progress=ctx.progress)
@@ -340,15 +348,17 @@ class SCDD(Recover):
 
     settings_class = SCDDSettings
 
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
-        s, ctx = self.settings.squeeze, self.context
+    @classmethod
+    def make_squeeze_model(cls, settings: SCDDSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = settings.squeeze, context
         teacher = ctx.teacher
         features = teacher_features(teacher, ctx.source, device=ctx.device).float().cpu()
         mean, std = features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
-        weight, bias = fit_logistic_regression((features - mean) / std, ctx.source.labels, self.classes, s.l2,
+        weight, bias = fit_logistic_regression((features - mean) / std, ctx.source.labels, ctx.source.num_classes, s.l2,
                                                s.lbfgs_iterations)
         model = copy.deepcopy(teacher.backbone).cpu()
-        model.reset_head(self.classes)
+        model.reset_head(ctx.source.num_classes)
         with torch.no_grad():  # the head on raw features: W^T ((f - mean) / std) + b
             model.head.weight.copy_((weight / std.double().unsqueeze(1)).T.float())
             model.head.bias.copy_((bias - (mean.double() / std.double()) @ weight).float())
