@@ -1,6 +1,7 @@
-"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) DM-SSL, and the labelled
-baselines of the supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery, the frozen
-squeeze model and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the errors.
+"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM and DM-SSL (ssdd.methods.feature_matching.dm), and
+the labelled baselines of the supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery,
+the frozen squeeze model and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the
+errors.
 
 One tiny BatchNorm teacher (conftest ``tiny_teacher``) and one SC-DD run of the ``scdd/tiny`` preset serve the module;
 the other runs are the tiny presets made smaller still, and the unit tests use one-block networks on 5x5 or 8x8
@@ -36,7 +37,7 @@ from ssdd.evaluation.baselines import LABELLED_BASELINES, make_labelled_baseline
 from ssdd.methods import Distillation, DistillConfig, decoupled
 from ssdd.methods import dm as dm_module
 from ssdd.methods.decoupled import SCDD, SQUEEZE_FILE, BatchNormStatistics, SRe2L
-from ssdd.methods.dm import dm_loss
+from ssdd.methods.feature_matching.dm import dm_loss
 from ssdd.probes import fit_logistic_regression
 from ssdd.selection import select_herding
 from ssdd.teachers import Teacher, load_teacher, teacher_features

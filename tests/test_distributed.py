@@ -22,8 +22,9 @@ from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.journal import journal_files
 from ssdd.io import load_checkpoint, read_metadata
-from ssdd.methods import Distillation, DistillConfig, engine, trajectories
-from ssdd.methods.trajectories import ExpertSettings, ExpertStore, train_experts
+from ssdd.methods import Distillation, DistillConfig, engine
+from ssdd.methods.trajectory import experts as expert_module
+from ssdd.methods.trajectory.experts import ExpertSettings, ExpertStore, train_experts
 from ssdd.models import create_model
 from ssdd.teachers import TeacherConfig, train_teacher
 from ssdd.teachers import train as train_module
@@ -484,13 +485,13 @@ def _experts_worker(rank: int, size: int, port: int, out: str) -> None:
     join(rank, size, port)
     images, targets = _expert_data()
     trained: list[int] = []
-    original = trajectories.make_network
+    original = expert_module.make_network
 
     def counting(settings: ExpertSettings, outputs: int, shape: tuple[int, int, int], seed: int) -> torch.nn.Module:
         trained.append(seed)
         return original(settings, outputs, shape, seed)
 
-    trajectories.make_network = counting
+    expert_module.make_network = counting
     store = train_experts(out, _expert_settings(), images, targets, "mse", seed=4, progress=False)
     counts = gather_objects(len(trained))
     if rank == 0:

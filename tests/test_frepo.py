@@ -16,9 +16,9 @@ from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.methods import Distillation, DistillConfig, krr_base
-from ssdd.methods.frepo import FRePo
-from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.krr_base import KernelRidgeMethod
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod
+from ssdd.methods.kernel_ridge.frepo import FRePo
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss
 
 students = importlib.import_module("ssdd.evaluation.students")  # where protocols train their students
 CLASSES = 10

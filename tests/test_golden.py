@@ -29,11 +29,12 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.evaluation.relabel import RelabelTraining
 from ssdd.methods.base import DistillContext
 from ssdd.methods.decoupled import SCDD, Recover, SRe2L
-from ssdd.methods.krr import krr_fit
-from ssdd.methods.krr_st import KRRST, KRRSTSettings
-from ssdd.methods.matching import MKDT, MatchingSettings
-from ssdd.methods.pool import PoolSettings
-from ssdd.methods.trajectories import ExpertSettings, matching_loss, released_minibatches, unrolled_sgd
+from ssdd.methods.kernel_ridge.krr import krr_fit
+from ssdd.methods.kernel_ridge.krr_st import KRRST, KRRSTSettings
+from ssdd.methods.kernel_ridge.pool import PoolSettings
+from ssdd.methods.trajectory.experts import ExpertSettings
+from ssdd.methods.trajectory.matching import MKDT, MatchingSettings
+from ssdd.methods.trajectory.unroll import matching_loss, released_minibatches, unrolled_sgd
 from ssdd.models import create_model
 from ssdd.teachers.artefact import Teacher
 from ssdd.training import batch_loss

@@ -1,4 +1,4 @@
-"""Trajectory matching (ssdd.methods.trajectories, ssdd.methods.matching): vmapped expert training and its resume,
+"""Trajectory matching (ssdd.methods.trajectory: experts, unroll, matching): vmapped expert training and its resume,
 the differentiable unroll and its gradients (supervised and self-supervised), the matching loss, MKDT, MTT and MTT-SSL
 end to end, and their errors.
 
@@ -29,19 +29,19 @@ from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
 from ssdd.io import read_metadata
-from ssdd.methods import Distillation, DistillConfig, trajectories
-from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
-from ssdd.methods.trajectories import (
+from ssdd.methods import Distillation, DistillConfig
+from ssdd.methods.trajectory import experts as expert_module
+from ssdd.methods.trajectory.experts import (
     SSL_VIEWS,
     ExpertSettings,
     ExpertStore,
     draw_views,
     expert_file,
-    matching_loss,
     step_loss,
     train_experts,
-    unrolled_sgd,
 )
+from ssdd.methods.trajectory.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
+from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 from ssdd.teachers import load_teacher, teacher_features
 from ssdd.training import build_student
 
@@ -227,13 +227,13 @@ def test_train_experts_trains_only_the_missing_expert(tmp_path: Path, monkeypatc
     assert "1 of 3 experts" in message and "expert_001.safetensors" in message and "`ssdd experts`" in message
 
     built: list[int] = []
-    original = trajectories.make_network
+    original = expert_module.make_network
 
     def spy(settings: ExpertSettings, outputs: int, shape: tuple[int, int, int], seed: int) -> torch.nn.Module:
         built.append(seed)
         return original(settings, outputs, shape, seed)
 
-    monkeypatch.setattr(trajectories, "make_network", spy)
+    monkeypatch.setattr(expert_module, "make_network", spy)
     store = train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)
     assert built == [1000, 1001]  # expert 1's block of `parallel` experts, not expert 2's
     assert file_state(files[0]) == before[0] and file_state(files[2]) == before[2]  # untouched

@@ -34,8 +34,8 @@ from ssdd.methods import (
     MonitorSettings,
     list_methods,
 )
-from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.krr_st import KRRST
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss
+from ssdd.methods.kernel_ridge.krr_st import KRRST
 from ssdd.teachers import Teacher, load_teacher, teacher_features
 
 N_SOURCE = 320  # the synthetic training split
@@ -209,8 +209,8 @@ def test_high_loss_init_starts_from_the_images_the_students_fit_worst(
 
 
 def test_an_unknown_init_and_frepo_with_high_loss_are_clear_errors() -> None:
-    from ssdd.methods.frepo import FRePoSettings
-    from ssdd.methods.krr_st import KRRSTSettings
+    from ssdd.methods.kernel_ridge.frepo import FRePoSettings
+    from ssdd.methods.kernel_ridge.krr_st import KRRSTSettings
 
     with pytest.raises(ConfigError) as info:
         KRRSTSettings(init="best")

@@ -1,7 +1,7 @@
 """Trajectory matching: MKDT (Joshi, Ni, Mirzasoleiman, ICLR 2025) and supervised MTT (Cazenavette et al., 2022).
 
 Both distil by making a student trained on the synthetic set follow an expert's training trajectory
-(:mod:`ssdd.methods.trajectories`): each iteration samples an expert (over all experts) and a start epoch
+(:mod:`ssdd.methods.trajectory.experts`): each iteration samples an expert (over all experts) and a start epoch
 s < ``max_start_epoch``, takes ``syn_steps`` differentiable SGD steps from the expert's epoch-s parameters on
 mini-batches of the synthetic set at a learnable step size, and minimises the distance to the expert's epoch
 s + ``expert_epochs`` parameters normalised by the expert's own displacement.  Images, targets (MKDT) and the step
@@ -38,7 +38,7 @@ from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.errors import ConfigError
 from ssdd.io import read_metadata
 from ssdd.methods.base import METHODS, DistillContext, Method
-from ssdd.methods.trajectories import (
+from ssdd.methods.trajectory.experts import (
     ExpertSettings,
     ExpertStore,
     expert_file,
@@ -46,10 +46,9 @@ from ssdd.methods.trajectories import (
     expert_outputs,
     is_self_supervised,
     make_network,
-    matching_loss,
     train_experts,
-    unrolled_sgd,
 )
+from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 from ssdd.selection import select_per_class, select_random, select_top_loss
 from ssdd.teachers.features import teacher_features
 from ssdd.teachers.losses import SSL_LOSSES

@@ -49,7 +49,7 @@ from ssdd.device import make_generator, seeded
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, approximate_shift, combine_bases
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext
-from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.selection import select_random
 from ssdd.teachers.features import teacher_features
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ssdd.data.augment import DSAConfig, apply_dsa, sample_dsa_params
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS
-from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.methods.feature_matching.labelled import ClassBalancedImages
 from ssdd.training import build_student
 
 

@@ -25,7 +25,7 @@ from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, ImageLearningMethod
-from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.methods.feature_matching.labelled import ClassBalancedImages
 from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_random
 from ssdd.training import build_student
