@@ -28,10 +28,10 @@ from ssdd.device import make_generator, precision, resolve_device
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.distributed import world
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, NumericalError, check_finite
+from ssdd.errors import ConfigError, NumericalError
 from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
-from ssdd.progress import progress_bar
+from ssdd.progress import LongRun
 from ssdd.resources import ensure_fits
 from ssdd.runs import RunDir, on_main
 from ssdd.show import save_curves
@@ -304,10 +304,7 @@ class Distillation:
             knn = checked["knn"]
             if self.run_dir is not None:
                 self.run_dir.metrics(step=0, **checked)
-        bar = progress_bar(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
-                           disable=not (self.progress and main))
-        started = time.monotonic() - elapsed
-        last_checkpoint = time.monotonic()
+        loop = LongRun(total, start, f"distill {cfg.method}", cfg.checkpoint_minutes, self.progress and main, elapsed)
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
         for step in range(start, total):
             try:
@@ -315,22 +312,20 @@ class Distillation:
             except FloatingPointError as error:  # a method's own numerical failure, e.g. a kernel no jitter fixes
                 raise NumericalError(f"{cfg.method}: step {step + 1} failed: {error}; "
                                      f"{self._recovery_advice(last_good)}") from None
-            check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}",
-                         self._recovery_advice(last_good))
+            loop.guard(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
                 metrics.update(self.check(method.distilled_set(), done))
                 knn = metrics["knn"]
             if self.run_dir is not None and (done % cfg.log_every == 0 or done == total or "knn" in metrics):
-                self.run_dir.metrics(step=done, seconds=round(time.monotonic() - started, 2), **metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", **({"knn": f"{knn:.1f}"} if knn is not None else {}))
-            if self.run_dir is not None and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
-                self.checkpoint(done, time.monotonic() - started)
-                last_checkpoint = time.monotonic()
+                self.run_dir.metrics(step=done, seconds=round(loop.seconds, 2), **metrics)
+            loop.advance({"loss": f"{metrics['loss']:.4g}", **({"knn": f"{knn:.1f}"} if knn is not None else {})})
+            if self.run_dir is not None and loop.checkpoint_due():
+                self.checkpoint(done, loop.seconds)
+                loop.checkpointed()
                 last_good = done
-        bar.close()
-        seconds = time.monotonic() - started
+        loop.close()
+        seconds = loop.seconds
         if self.run_dir is not None:
             self.checkpoint(total, seconds)
         return self.finish(seconds)
