@@ -35,8 +35,8 @@ from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.baselines import LABELLED_BASELINES, make_labelled_baseline
 from ssdd.methods import Distillation, DistillConfig, decoupled
-from ssdd.methods import dm as dm_module
 from ssdd.methods.decoupled import SCDD, SQUEEZE_FILE, BatchNormStatistics, SRe2L
+from ssdd.methods.feature_matching import dm as dm_module
 from ssdd.methods.feature_matching.dm import dm_loss
 from ssdd.probes import fit_logistic_regression
 from ssdd.selection import select_herding

@@ -451,7 +451,7 @@ def test_two_processes_matching_one_segment_each_give_the_single_process_iterati
 
 def test_matching_under_torchrun_needs_a_segment_per_process(tiny_teacher: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssdd.methods import matching
+    from ssdd.methods.trajectory import matching
     monkeypatch.setattr(engine, "world", lambda: World(0, 2))
     monkeypatch.setattr(matching, "world", lambda: World(0, 2))
     config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=10,

@@ -15,7 +15,8 @@ from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
-from ssdd.methods import Distillation, DistillConfig, krr_base
+from ssdd.methods import Distillation, DistillConfig
+from ssdd.methods.kernel_ridge import base as kernel_ridge
 from ssdd.methods.kernel_ridge.base import KernelRidgeMethod
 from ssdd.methods.kernel_ridge.frepo import FRePo
 from ssdd.methods.kernel_ridge.krr import krr_outer_loss
@@ -45,7 +46,7 @@ def test_frepo_runs_the_kernel_ridge_step_on_one_hot_real_labels(monkeypatch: py
         seen.append((syn_t.detach().clone(), real_t.detach().clone()))
         return krr_outer_loss(syn_f, real_f, syn_t, real_t, ridge)
 
-    monkeypatch.setattr(krr_base, "krr_outer_loss", spy)
+    monkeypatch.setattr(kernel_ridge, "krr_outer_loss", spy)
     distillation = Distillation(config(settings={"steps": 3}), None, progress=False)
     initial_labels = distillation.method.labels().detach().clone()
     distillation.run()

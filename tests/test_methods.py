@@ -187,7 +187,7 @@ def full_objective(network: torch.nn.Module, distilled: DistilledSet, real: tupl
 
 def test_high_loss_init_starts_from_the_images_the_students_fit_worst(
         tiny_teacher: Path, real: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssdd.methods import krr_base
+    from ssdd.methods.kernel_ridge import base as kernel_ridge
 
     scores = torch.randperm(N_SOURCE, generator=torch.Generator().manual_seed(5)).float()
     asked = []
@@ -196,7 +196,7 @@ def test_high_loss_init_starts_from_the_images_the_students_fit_worst(
         asked.append((len(source), tuple(features.shape), settings.num_experts, seed))
         return scores
 
-    monkeypatch.setattr(krr_base, "high_loss_scores", fake_scores)
+    monkeypatch.setattr(kernel_ridge, "high_loss_scores", fake_scores)
     config = tiny_config(tiny_teacher, settings={"steps": 1, "lr_images": 0.0, "lr_targets": 0.0, "init": "high-loss",
                                                  "high_loss": {"num_experts": 2}})
     distilled = run(config)
@@ -372,7 +372,7 @@ def test_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_path: 
 
 def nan_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     """Make KRR-ST's outer loss NaN at its ``call``-th evaluation (1-based, one per step)."""
-    from ssdd.methods import krr_base
+    from ssdd.methods.kernel_ridge import base as kernel_ridge
 
     calls = []
 
@@ -381,7 +381,7 @@ def nan_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
         loss = krr_outer_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == call else loss
 
-    monkeypatch.setattr(krr_base, "krr_outer_loss", poisoned)
+    monkeypatch.setattr(kernel_ridge, "krr_outer_loss", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint(
