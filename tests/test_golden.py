@@ -248,7 +248,7 @@ def test_recovery_matches_the_official_code(monkeypatch: pytest.MonkeyPatch, met
                                int(meta["schedule_iterations"]), int(meta["jitter_max"]), meta["flip"] == "true")
     squeeze = network(meta, prefixed(g, "model."), F32)
     space = PixelSpace((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-    monkeypatch.setattr(method_cls, "make_squeeze_model", lambda self: (squeeze, space, {}))
+    monkeypatch.setattr(method_cls, "make_squeeze_model", classmethod(lambda cls, settings, ctx: (squeeze, space, {})))
     method = method_cls(defaults, context(20, 16), Budget(images=10))
     method.model.to(dtype)
     check("clip low", method.low.flatten(), g["clip_low"], 1e-15)

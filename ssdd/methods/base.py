@@ -70,11 +70,10 @@ class Method(abc.ABC):
     settings_class: ClassVar[type]
     needs_teacher: ClassVar[bool] = True
     splits_over_processes: ClassVar[bool] = False  # whether a run under torchrun shares each step's work
+    prepares: ClassVar[str | None] = None  # what :meth:`prepare` makes ahead of a run, in words ("experts")
     # how the set spends the budget, asked of ``budget`` (``budget.plan(...)``) by the constructor: under an image
     # budget the engine refuses a set over ``plan.limit`` bytes (a byte budget is its own limit)
     plan: Plan | None = None
-
-    prepares: ClassVar[str | None] = None  # what :meth:`prepare` makes ahead of a run, in words ("experts")
 
     def __init__(self, settings: Any, context: DistillContext, budget: Budget):
         self.settings = settings
