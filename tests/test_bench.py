@@ -3,6 +3,7 @@ the shipped suites' configurations."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -342,3 +343,17 @@ def test_every_shipped_suite_resolves_every_stage(name: str, tmp_path: Path) -> 
         assert merge(config, {}) == config
     assert {"quickstart", "tiny", "cifar10-cpu", "cifar10-ipc-cpu", "cifar10-gpu"} <= set(suites())
     assert not (tmp_path / name).exists()  # resolving writes nothing
+
+
+def test_a_set_stage_names_its_methods_preset_as_the_command_line_does(tmp_path: Path) -> None:
+    short, full = tmp_path / "short.yaml", tmp_path / "full.yaml"
+    short.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: tiny, config: {method: paa}}\n")
+    full.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: paa/tiny}\n")
+    configs = [BenchRun(str(suite), tmp_path, BenchOptions(device="cpu", progress=False)).set_config("paa")
+               for suite in (short, full)]
+    assert dataclasses.replace(configs[0], teacher=None) == dataclasses.replace(configs[1], teacher=None)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: nosuch, config: {method: paa}}\n")
+    with pytest.raises(ConfigError) as info:
+        BenchRun(str(wrong), tmp_path, BenchOptions(device="cpu", progress=False)).set_config("paa")
+    assert one_line(info.value) == "method paa has no preset 'nosuch'; its presets: cifar10-cpu, cifar100-gpu, tiny"
