@@ -510,7 +510,7 @@ def test_each_protocol_says_what_it_takes_and_names_the_protocols_that_take_the_
     with pytest.raises(ConfigError) as excinfo:
         supervised.refuse_mismatches([("mine", "representation")], [])
     assert str(excinfo.value) == ("set 'mine' holds representations; the supervised protocol evaluates labelled sets; "
-                                  "use --protocol finetune or knn or linear")
+                                  "use --protocol linear or knn or finetune")
     with pytest.raises(ConfigError) as excinfo:
         linear.refuse_mismatches([("mine", "soft-label")], ["random", "kcenter"])
     assert str(excinfo.value) == ("set 'mine' holds soft-labels; the linear protocol evaluates representation sets; "
@@ -518,7 +518,7 @@ def test_each_protocol_says_what_it_takes_and_names_the_protocols_that_take_the_
     with pytest.raises(ConfigError) as excinfo:
         supervised.refuse_mismatches([("mine", "hard-label")], ["random", "none", "kcenter"])
     assert str(excinfo.value) == ("the supervised protocol evaluates labelled sets; baselines none, kcenter are not "
-                                  "among them; evaluate them with finetune, knn, linear (its labelled baselines are "
+                                  "among them; evaluate them with linear, knn, finetune (its labelled baselines are "
                                   "random, herding)")
 
 

@@ -78,13 +78,13 @@ class Protocol:
         take, naming the protocols that do."""
         refused = [b for b in baselines if b not in self.baselines]
         if refused:
-            others = [p.name for p in map(PROTOCOLS.get, PROTOCOLS) if set(refused) <= set(p.baselines)]
+            others = [p.name for p in PROTOCOLS.values() if set(refused) <= set(p.baselines)]
             raise ConfigError(f"the {self.name} protocol evaluates {self.takes} sets; baselines {', '.join(refused)} "
                               f"are not among them; evaluate them with {', '.join(others)} (its {self.takes} baselines "
                               f"are {', '.join(self.baselines)})")
         for name, kind in sets:
             if kind not in self.accepts:
-                others = [p.name for p in map(PROTOCOLS.get, PROTOCOLS) if kind in p.accepts]
+                others = [p.name for p in PROTOCOLS.values() if kind in p.accepts]
                 raise ConfigError(f"set {name!r} holds {kind}s; the {self.name} protocol evaluates {self.takes} sets; "
                                   f"use --protocol {' or '.join(others)}")
 
@@ -143,9 +143,9 @@ def supervised_readout(ctx: ReadoutContext) -> dict[float, float]:
 
 
 REPRESENTATION = ("representation",)
-PROTOCOLS.add("linear", Protocol("linear", REPRESENTATION, "representation", pretrained_student, linear_readout))
-PROTOCOLS.add("knn", Protocol("knn", REPRESENTATION, "representation", pretrained_student, knn_readout))
-PROTOCOLS.add("finetune", Protocol("finetune", REPRESENTATION, "representation", pretrained_student,
-                                   finetune_readout))
-PROTOCOLS.add("supervised", Protocol("supervised", ("hard-label", "soft-label"), "labelled", label_trained_student,
-                                     supervised_readout, LABELLED_BASELINES))
+for _protocol in (Protocol("linear", REPRESENTATION, "representation", pretrained_student, linear_readout),
+                  Protocol("knn", REPRESENTATION, "representation", pretrained_student, knn_readout),
+                  Protocol("finetune", REPRESENTATION, "representation", pretrained_student, finetune_readout),
+                  Protocol("supervised", ("hard-label", "soft-label"), "labelled", label_trained_student,
+                           supervised_readout, LABELLED_BASELINES)):
+    PROTOCOLS.add(_protocol.name, _protocol)
