@@ -32,7 +32,7 @@ import torch.nn.functional as F
 def naive_step(method, step: int) -> float:  # noqa: ANN001 - a KRRST instance
     """One outer step written directly from the paper (see the module docstring)."""
     from ssdd.data.augment import random_crop_flip
-    from ssdd.methods.krr import with_bias_column
+    from ssdd.methods.kernel_ridge.krr import with_bias_column
 
     s = method.settings
     ctx = method.context
@@ -90,7 +90,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from ssdd.config import from_dict, preset_dict
     from ssdd.data import load_dataset
     from ssdd.methods import DistillContext
-    from ssdd.methods.krr_st import KRRST, KRRSTSettings
+    from ssdd.methods.kernel_ridge.krr_st import KRRST, KRRSTSettings
     from ssdd.teachers import load_teacher
 
     torch.set_num_threads(args.threads)

@@ -16,14 +16,8 @@ import torch
 from ssdd.device import make_generator
 from ssdd.distilled import load_distilled
 from ssdd.io import read_metadata
-from ssdd.methods.trajectories import (
-    ExpertSettings,
-    ExpertStore,
-    expert_file,
-    make_network,
-    matching_loss,
-    unrolled_sgd,
-)
+from ssdd.methods.trajectory.experts import ExpertSettings, ExpertStore, expert_file, make_network
+from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 
 
 def main() -> None:

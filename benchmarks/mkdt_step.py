@@ -6,7 +6,8 @@ appends ``vector - syn_lr * grad``; the loss is ``mse_loss(last, target, sum) / 
 (both over the number of parameters) and one backward reaches the images, the targets and the step size.
 :func:`official_iteration` writes that down (ConvNet-3, GroupNorm(C, C) as instance norm, ReLU, average pooling,
 a linear head to the targets, MSE), written here from the algorithm.  ssdd's iteration is
-:func:`ssdd.methods.trajectories.unrolled_sgd` + :func:`matching_loss` on the same inputs, with the settings given.
+:func:`ssdd.methods.trajectory.unroll.unrolled_sgd` + :func:`matching_loss` on the same inputs, with the settings
+given.
 
 Each variant runs in its own process, so its peak resident memory is its own; ``--rounds`` alternates them
 (A B, B A, ...) and the ratio is taken per round, of wall and of process CPU time (the steadier one on a shared
@@ -73,7 +74,8 @@ def official_iteration(start: dict, target: dict, images: torch.Tensor, targets:
 
 def run_variant(args: argparse.Namespace) -> dict:
     from ssdd.device import make_generator
-    from ssdd.methods.trajectories import ExpertSettings, make_network, matching_loss, unrolled_sgd
+    from ssdd.methods.trajectory.experts import ExpertSettings, make_network
+    from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -90,7 +90,8 @@ def variant_network(base: nn.Module, variant: str) -> nn.Module:
 
 def main() -> None:
     from ssdd.device import make_generator
-    from ssdd.methods.trajectories import ExpertSettings, make_network, matching_loss, unrolled_sgd
+    from ssdd.methods.trajectory.experts import ExpertSettings, make_network
+    from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=128)

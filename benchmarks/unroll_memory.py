@@ -22,7 +22,8 @@ import torch
 
 def one_config(syn_steps: int, checkpointed: bool, width: int, batch: int, images: int, device: str) -> dict:
     from ssdd.device import make_generator
-    from ssdd.methods.trajectories import ExpertSettings, make_network, matching_loss, unrolled_sgd
+    from ssdd.methods.trajectory.experts import ExpertSettings, make_network
+    from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 
     torch.manual_seed(0)
     network = make_network(ExpertSettings(arch="convnet3", arch_args={"width": width}), 512, (3, 32, 32), 0).to(device)

@@ -212,17 +212,12 @@ def _setting_overrides(assignments: list[str]) -> dict[str, Any]:
 def _distill_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The DistillConfig of ``ssdd distill`` / ``ssdd experts``: preset (``NAME`` or ``METHOD/NAME``) < --config <
     the command line's options < --set."""
-    from ssdd.config import deep_update, list_presets, resolve_config
-    from ssdd.methods import METHODS, DistillConfig
+    from ssdd.config import deep_update, resolve_config
+    from ssdd.methods import METHODS, DistillConfig, distill_preset
 
     if args.method is not None:
         METHODS.get(args.method)  # an unknown method is named as such, with the close ones, before any preset
-    preset = args.preset
-    if preset and "/" not in preset and args.method and preset not in list_presets("distill"):
-        own = [p.partition("/")[2] for p in list_presets("distill") if p.startswith(f"{args.method}/")]
-        if preset not in own:
-            raise ConfigError(f"method {args.method} has no preset {preset!r}; its presets: {', '.join(own) or 'none'}")
-        preset = f"{args.method}/{preset}"
+    preset = distill_preset(args.preset, args.method)
     merged: dict[str, Any] = {"method": args.method, "teacher": args.teacher, "dataset": args.dataset,
                               "seed": args.seed, "device": args.device, "data_root": args.data_root}
     deep_update(merged, overrides)
@@ -255,26 +250,19 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_experts(args: argparse.Namespace) -> int:
-    from ssdd.device import resolve_device
     from ssdd.distributed import init_from_env
-    from ssdd.methods import METHODS, DistillContext
-    from ssdd.methods.engine import method_settings, resolve_inputs
-    from ssdd.methods.matching import TrajectoryMatching, prepare_experts, trajectory_data
+    from ssdd.methods import METHODS, prepare
 
     experts = {"num_experts": args.num_experts, "epochs": args.epochs, "parallel": args.parallel}
-    config = _distill_config(args, {"settings": {"experts": {k: v for k, v in experts.items() if v is not None}}})
-    method = METHODS.get(config.method)
-    if not issubclass(method, TrajectoryMatching):
-        raise ConfigError(f"method {config.method} trains no experts; experts are for mkdt and mtt")
-    settings = method_settings(config.method, config.settings)
+    config = _distill_config(args, {"settings": {"experts": {k: v for k, v in experts.items() if v is not None},
+                                                 "experts_dir": args.out}})
+    if METHODS.get(config.method).prepares != "experts":
+        trainers = [name for name in METHODS.names() if METHODS.get(name).prepares == "experts"]
+        raise ConfigError(f"method {config.method} trains no experts; experts are for {', '.join(trainers)}")
     current = init_from_env(config.device)  # under torchrun the experts are dealt to the processes
     if current.is_main:
         _announce("experts", args.out, "one file per expert")
-    device = resolve_device(config.device)
-    teacher, source = resolve_inputs(config, device)
-    context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.experts"))
-    _, images, targets = trajectory_data(method.loss, context)
-    store = prepare_experts(method.loss, settings, context, args.out, images, targets, progress=not args.no_progress)
+    store = prepare(config, progress=not args.no_progress)
     if current.is_main:
         print(f"{len(store)} experts of {store.epochs} epochs in {store.folder}")
     return 0

@@ -16,12 +16,16 @@ tensors (every name a set may hold) are, for M stored images:
 :meth:`DistilledSet.materialize` returns plain ``(images, targets)`` tensors whatever is stored (every view of
 every image, view-major), and :attr:`DistilledSet.byte_count` is the exact number of bytes of the stored tensors,
 the budget every comparison is made at.
+
+Each way of storing a part (the images, the representation targets, one view's targets) is an :class:`Encoding`
+registered in ``ENCODINGS``: the tensors it owns, their check and the plain tensor they make.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +38,15 @@ from ssdd.data.dataset import fingerprint_state
 from ssdd.data.transforms import PixelSpace
 from ssdd.errors import ArtefactError, ShapeError, SsddError
 from ssdd.io import MAX_IMAGE_SIDE, load_artefact, save_tensors
+from ssdd.registry import Registry
 
 FORMAT_VERSION = 1
 DISTILLED_FILE = "distilled.safetensors"
 TARGET_KINDS = ("representation", "hard-label", "soft-label")
+LABEL_LOSSES = ("ce", "kl", "mse")  # what a labelled set may record as its ``label_loss`` (training.LOSSES)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 APPROX_PARAMS = ("hidden.weight", "hidden.bias", "out.weight", "out.bias")
-PLAIN_TENSORS = ("images", "image_coefficients", "image_bases", "targets", "target_coefficients", "target_bases",
-                 "labels", "learned_lr")
+OTHER_TENSORS = ("labels", "learned_lr")  # the tensors no encoding owns
 
 
 def _positive(value: Any) -> bool:
@@ -55,7 +60,7 @@ METADATA_TYPES = {
     "views": (lambda v: isinstance(v, list), "a list"),
     "num_classes": (lambda v: _positive(v) and isinstance(v, int), "a positive integer"),
     "temperature": (_positive, "a positive number"),
-    "label_loss": (lambda v: isinstance(v, str), "a string"),
+    "label_loss": (lambda v: v in LABEL_LOSSES, f"one of {', '.join(LABEL_LOSSES)}"),
 }
 
 
@@ -72,6 +77,156 @@ def combine_bases(coefficients: torch.Tensor, bases: torch.Tensor,
     if image_shape is not None and tuple(combined.shape[-2:]) != tuple(image_shape[-2:]):
         combined = F.interpolate(combined, size=tuple(image_shape[-2:]), mode="bilinear", align_corners=False)
     return combined
+
+
+Fail = Callable[[str], ArtefactError]  # the error factory of DistilledSet.validate (its message prefixed with the set)
+
+
+class Encoding:
+    """One way a set stores one of its parts: ``images``, ``targets`` (representations) or ``view`` (one predefined
+    view's targets).  ``owns(view)`` names its tensors; ``check`` validates them (returning the images' shape, the
+    targets' dimension, or None) and ``make`` gives the plain tensor: images, targets or the view's targets."""
+
+    part: str
+    summary: str  # the encoding in words, for messages ("{view}" stands for the view)
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> Any:
+        raise NotImplementedError
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+ENCODINGS: Registry[Encoding] = Registry("set encoding")
+
+
+class PlainImages(Encoding):
+    part, summary = "images", "'images'"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return ("images",)
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> tuple[int, ...]:
+        images = distilled.tensors["images"]
+        if images.dim() != 4:
+            raise fail(f"'images' must be a float (M, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        return tuple(images.shape[1:])
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        return distilled.tensors["images"].float()
+
+
+class ImageBases(Encoding):
+    """``image_coefficients`` (M, U) times ``image_bases`` (U, C, h, w), upsampled to the set's ``image_shape``."""
+
+    part, summary = "images", "image coefficients/bases"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return ("image_coefficients", "image_bases")
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> tuple[int, ...]:
+        coef, bases = distilled.tensors["image_coefficients"], distilled.tensors["image_bases"]
+        if coef.dim() != 2 or bases.dim() != 4 or coef.shape[1] != bases.shape[0]:
+            raise fail(f"image coefficients (M, U) {tuple(coef.shape)} do not fit image bases (U, C, h, w) "
+                       f"{tuple(bases.shape)}")
+        shape = distilled.image_shape
+        if len(shape) != 3 or shape[0] != bases.shape[1] or shape[1] < bases.shape[2] or shape[2] < bases.shape[3]:
+            raise fail(f"image_shape {list(shape)} does not fit image bases {tuple(bases.shape)}")
+        return shape
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        t = distilled.tensors
+        return combine_bases(t["image_coefficients"], t["image_bases"], distilled.image_shape)
+
+
+class PlainTargets(Encoding):
+    part, summary = "targets", "'targets'"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return ("targets",)
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> int:
+        targets = distilled.tensors["targets"]
+        if targets.dim() != 2:
+            raise fail(f"targets must be a float (M, d) tensor, got {tuple(targets.shape)}")
+        if targets.shape[0] != m:
+            raise fail(f"{m} images but {targets.shape[0]} targets")
+        return int(targets.shape[1])
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        return distilled.tensors["targets"].float()
+
+
+class TargetBases(Encoding):
+    """``target_coefficients`` (M, V) times ``target_bases`` (V, d)."""
+
+    part, summary = "targets", "target coefficients/bases"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return ("target_coefficients", "target_bases")
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> int:
+        coef, bases = distilled.tensors["target_coefficients"], distilled.tensors["target_bases"]
+        if coef.dim() != 2 or bases.dim() != 2 or coef.shape != (m, bases.shape[0]):
+            raise fail(f"target coefficients {tuple(coef.shape)} do not fit {m} images and target bases "
+                       f"{tuple(bases.shape)}")
+        return int(bases.shape[1])
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        return combine_bases(distilled.tensors["target_coefficients"], distilled.tensors["target_bases"])
+
+
+class StoredViewTargets(Encoding):
+    part, summary = "view", "'view_targets.{view}'"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return (f"view_targets.{view}",)
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> None:
+        stored = distilled.tensors[f"view_targets.{view}"]
+        if tuple(stored.shape) != (m, dim):
+            raise fail(f"'view_targets.{view}' must have shape ({m}, {dim}), got {tuple(stored.shape)}")
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        return distilled.tensors[f"view_targets.{view}"].float()
+
+
+class ApproximatedViewTargets(Encoding):
+    """A 2-layer ReLU MLP ``approx.<view>.*`` that maps the identity target to the view's shift from it."""
+
+    part, summary = "view", "approximation weights 'approx.{view}.*'"
+
+    def owns(self, view: str = "") -> tuple[str, ...]:
+        return tuple(f"approx.{view}.{p}" for p in APPROX_PARAMS)
+
+    def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> None:
+        approx = distilled.approximation_weights(view)
+        if set(approx) != set(APPROX_PARAMS):
+            raise fail(f"approximation network of view {view!r} needs {', '.join(APPROX_PARAMS)}")
+        hidden = approx["hidden.weight"].shape
+        expected = {"hidden.weight": (hidden[0], dim), "hidden.bias": (hidden[0],), "out.weight": (dim, hidden[0]),
+                    "out.bias": (dim,)}
+        for name, shape in expected.items():
+            if tuple(approx[name].shape) != shape:
+                raise fail(f"'approx.{view}.{name}' must have shape {shape}, got {tuple(approx[name].shape)}")
+
+    def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
+        weights = {k: v.float() for k, v in distilled.approximation_weights(view).items()}
+        return identity + approximate_shift(identity, weights)
+
+
+for _name, _encoding in (("images", PlainImages()), ("image-bases", ImageBases()), ("targets", PlainTargets()),
+                         ("target-bases", TargetBases()), ("view-targets", StoredViewTargets()),
+                         ("view-approximation", ApproximatedViewTargets())):
+    ENCODINGS.add(_name, _encoding)
+
+
+def encodings_of(part: str) -> list[Encoding]:
+    """The registered encodings of ``part`` (images, targets, view), in registration order."""
+    return [e for e in ENCODINGS.values() if e.part == part]
 
 
 @dataclass
@@ -96,6 +251,11 @@ class DistilledSet:
     def views(self) -> list[str]:
         return list(self.metadata.get("views") or ["identity"])
 
+    def encoding(self, part: str, view: str = "") -> Encoding | None:
+        """The encoding of ``part`` (images, targets, view) whose tensors the set holds (the first, when it holds the
+        tensors of several, which :meth:`validate` refuses); None when it holds none."""
+        return next((e for e in encodings_of(part) if any(n in self.tensors for n in e.owns(view))), None)
+
     @property
     def parameterized(self) -> bool:
         """Whether images are stored as coefficients times bases."""
@@ -117,9 +277,7 @@ class DistilledSet:
     @property
     def images(self) -> torch.Tensor:
         """The identity view of every stored image (float32, pixel space)."""
-        if "images" in self.tensors:
-            return self.tensors["images"].float()
-        return combine_bases(self.tensors["image_coefficients"], self.tensors["image_bases"], self.image_shape)
+        return self.encoding("images").make(self, None, "")
 
     @property
     def byte_count(self) -> int:
@@ -130,6 +288,26 @@ class DistilledSet:
     def learned_lr(self) -> float | None:
         value = self.tensors.get("learned_lr")
         return None if value is None else float(value)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a labelled set: the soft labels' width, else as recorded, else the largest hard label + 1."""
+        labels = self.tensors["labels"]
+        if self.target_kind == "soft-label":
+            return int(labels.shape[1])
+        return int(self.metadata.get("num_classes") or int(labels.max()) + 1)
+
+    @property
+    def temperature(self) -> float | None:
+        """The soft labels' temperature the set records (None: the protocol's)."""
+        value = self.metadata.get("temperature")
+        return None if value is None else float(value)
+
+    @property
+    def label_loss(self) -> str:
+        """The loss a student trains on a labelled set's labels with: the set's recorded ``label_loss`` (FRePo's
+        label vectors: ``mse``), else ``ce`` on hard labels and ``kl`` on soft labels."""
+        return self.metadata.get("label_loss") or ("ce" if self.target_kind == "hard-label" else "kl")
 
     def approximation_weights(self, view: str) -> dict[str, torch.Tensor] | None:
         prefix = f"approx.{view}."
@@ -150,8 +328,8 @@ class DistilledSet:
         if views[0] != "identity" or len(set(views)) != len(views) or not set(views) <= set(PREDEFINED_VIEWS):
             raise fail(f"views must start with 'identity' and name distinct views of "
                        f"{', '.join(PREDEFINED_VIEWS)}; got {views}")
-        allowed = set(PLAIN_TENSORS) | {f"view_targets.{v}" for v in views[1:]} | {
-            f"approx.{v}.{p}" for v in views[1:] for p in APPROX_PARAMS}
+        allowed = set(OTHER_TENSORS) | {n for e in ENCODINGS.values() if e.part != "view" for n in e.owns()} | {
+            n for e in encodings_of("view") for v in views[1:] for n in e.owns(v)}
         unknown = sorted(set(t) - allowed)
         if unknown:
             raise fail(f"unexpected tensors {', '.join(unknown)}")
@@ -168,31 +346,30 @@ class DistilledSet:
         if "learned_lr" in t and (t["learned_lr"].dim() != 0 or float(t["learned_lr"]) <= 0):
             raise fail(f"'learned_lr' must be a positive scalar, got shape {tuple(t['learned_lr'].shape)}")
 
-    def _check_images(self, fail) -> int:  # noqa: ANN001 - the error factory of validate()
-        t = self.tensors
+    def _one(self, part: str, fail: Fail, view: str = "") -> Encoding:
+        """The one encoding of ``part`` the set holds, refused when it holds several or none."""
+        held = [e for e in encodings_of(part) if any(n in self.tensors for n in e.owns(view))]
+        words = [e.summary.format(view=view) for e in encodings_of(part)]
+        if part == "view" and len(held) != 1:
+            raise fail(f"view {view!r} needs either {' or '.join(words)}, not {'both' if held else 'neither'}")
+        if len(held) > 1:
+            raise fail(f"holds both {held[0].summary} and {held[1].summary}; store one or the other")
+        if not held:
+            subject = "holds no images" if part == "images" else f"target kind {self.target_kind!r} needs targets"
+            raise fail(f"{subject}: store {' or '.join(words)}")
+        missing = [n for n in held[0].owns(view) if n not in self.tensors]
+        if missing and part != "view":
+            raise fail(f"holds {held[0].summary} without {', '.join(repr(n) for n in missing)}")
+        return held[0]
+
+    def _check_images(self, fail: Fail) -> int:
+        shape = self._one("images", fail).check(self, fail, 0, 0, "")
         channels = len(self.pixel_space.mean)
-        if "images" in t:
-            if "image_coefficients" in t or "image_bases" in t:
-                raise fail("holds both 'images' and image coefficients/bases; store one or the other")
-            images = t["images"]
-            if images.dim() != 4:
-                raise fail(f"'images' must be a float (M, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
-            shape = tuple(images.shape[1:])
-        else:
-            if "image_coefficients" not in t or "image_bases" not in t:
-                raise fail("holds no 'images' tensor (nor 'image_coefficients' with 'image_bases')")
-            coef, bases = t["image_coefficients"], t["image_bases"]
-            if coef.dim() != 2 or bases.dim() != 4 or coef.shape[1] != bases.shape[0]:
-                raise fail(f"image coefficients (M, U) {tuple(coef.shape)} do not fit image bases (U, C, h, w) "
-                           f"{tuple(bases.shape)}")
-            shape = self.image_shape
-            if len(shape) != 3 or shape[0] != bases.shape[1] or shape[1] < bases.shape[2] or shape[2] < bases.shape[3]:
-                raise fail(f"image_shape {list(shape)} does not fit image bases {tuple(bases.shape)}")
         if shape[0] != channels:
             raise fail(f"images have {shape[0]} channels but the pixel space has {channels}")
         return self.num_images
 
-    def _check_targets(self, fail, m: int) -> None:  # noqa: ANN001 - the error factory of validate()
+    def _check_targets(self, fail: Fail, m: int) -> None:
         t = self.tensors
         if self.target_kind != "representation":
             labels = t.get("labels")
@@ -209,56 +386,21 @@ class DistilledSet:
             return
         if "labels" in t:
             raise fail("a representation set stores 'targets', not 'labels'")
-        if "targets" in t:
-            if "target_coefficients" in t or "target_bases" in t:
-                raise fail("holds both 'targets' and target coefficients/bases; store one or the other")
-            targets = t["targets"]
-            if targets.dim() != 2:
-                raise fail(f"targets must be a float (M, d) tensor, got {tuple(targets.shape)}")
-            if targets.shape[0] != m:
-                raise fail(f"{m} images but {targets.shape[0]} targets")
-            dim = targets.shape[1]
-        else:
-            if "target_coefficients" not in t or "target_bases" not in t:
-                raise fail("target kind 'representation' needs a 'targets' tensor (or 'target_coefficients' with "
-                           "'target_bases')")
-            coef, bases = t["target_coefficients"], t["target_bases"]
-            if coef.dim() != 2 or bases.dim() != 2 or coef.shape != (m, bases.shape[0]):
-                raise fail(f"target coefficients {tuple(coef.shape)} do not fit {m} images and target bases "
-                           f"{tuple(bases.shape)}")
-            dim = bases.shape[1]
+        dim = self._one("targets", fail).check(self, fail, m, 0, "")
         for view in self.views[1:]:
-            stored = t.get(f"view_targets.{view}")
-            approx = self.approximation_weights(view)
-            if (stored is None) == (approx is None):
-                raise fail(f"view {view!r} needs either 'view_targets.{view}' or approximation weights "
-                           f"'approx.{view}.*', not {'both' if stored is not None else 'neither'}")
-            if stored is not None and tuple(stored.shape) != (m, dim):
-                raise fail(f"'view_targets.{view}' must have shape ({m}, {dim}), got {tuple(stored.shape)}")
-            if approx is not None:
-                if set(approx) != set(APPROX_PARAMS):
-                    raise fail(f"approximation network of view {view!r} needs {', '.join(APPROX_PARAMS)}")
-                hidden = approx["hidden.weight"].shape
-                expected = {"hidden.weight": (hidden[0], dim), "hidden.bias": (hidden[0],),
-                            "out.weight": (dim, hidden[0]), "out.bias": (dim,)}
-                for name, shape in expected.items():
-                    if tuple(approx[name].shape) != shape:
-                        raise fail(f"'approx.{view}.{name}' must have shape {shape}, got {tuple(approx[name].shape)}")
+            self._one("view", fail, view).check(self, fail, m, dim, view)
 
     def identity_targets(self) -> torch.Tensor:
         """Targets (or labels) of the identity view of every stored image."""
-        t = self.tensors
         if self.target_kind == "hard-label":
-            return t["labels"]
+            return self.tensors["labels"]
         if self.target_kind == "soft-label":
-            return t["labels"].float()
-        if "targets" in t:
-            return t["targets"].float()
-        return combine_bases(t["target_coefficients"], t["target_bases"])
+            return self.tensors["labels"].float()
+        return self.encoding("targets").make(self, None, "")
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain ``(images, targets)``: float32 images in the set's pixel space and their targets or labels, one
-        block of M per view (view-major), whatever parameterisation is stored."""
+        block of M per view (view-major), whatever encodings are stored."""
         images = self.images
         targets = self.identity_targets()
         if len(self.views) == 1:
@@ -266,12 +408,7 @@ class DistilledSet:
         image_blocks, target_blocks = [images], [targets]
         for view in self.views[1:]:
             image_blocks.append(apply_view(images, view))
-            stored = self.tensors.get(f"view_targets.{view}")
-            if stored is not None:
-                target_blocks.append(stored.float())
-            else:
-                weights = {k: v.float() for k, v in self.approximation_weights(view).items()}  # type: ignore[union-attr]
-                target_blocks.append(targets + approximate_shift(targets, weights))
+            target_blocks.append(self.encoding("view", view).make(self, targets, view))
         return torch.cat(image_blocks), torch.cat(target_blocks)
 
     def save(self, path: str | Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
-from ssdd.errors import ConfigError
+from ssdd.errors import ConfigError, check_finite
 from ssdd.values import POSITIVE
 
 DEFAULT_SECONDS = 30.0
@@ -82,3 +82,40 @@ class _Lines(plain_tqdm):
 
     def moveto(self, n: int) -> None:
         """No cursor movement: nested bars each write their own lines."""
+
+
+class LongRun:
+    """The outer loop of a long run (teacher training, distillation): its progress bar, its clock (resumed parts
+    included), the timer of its periodic checkpoints and its divergence guard."""
+
+    def __init__(self, total: int, initial: int, desc: str, checkpoint_minutes: float, show: bool,
+                 elapsed: float = 0.0):
+        self.bar = progress_bar(total=total, initial=initial, desc=desc, unit="step", disable=not show)
+        self.checkpoint_minutes = checkpoint_minutes
+        self.started = time.monotonic() - elapsed
+        self.last_checkpoint = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of the loop so far, the parts before a resume included."""
+        return time.monotonic() - self.started
+
+    def guard(self, value: float, what: str, advice: str) -> None:
+        """Stop the run with a :class:`~ssdd.errors.NumericalError` when ``value`` is not finite."""
+        check_finite(value, what, advice)
+
+    def advance(self, postfix: dict[str, Any]) -> None:
+        """One step done; ``postfix`` is shown beside the bar."""
+        self.bar.update(1)
+        self.bar.set_postfix(postfix)
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint (or the start)."""
+        return time.monotonic() - self.last_checkpoint > self.checkpoint_minutes * 60
+
+    def checkpointed(self) -> None:
+        """A checkpoint was written: the timer starts again."""
+        self.last_checkpoint = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()

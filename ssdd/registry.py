@@ -44,12 +44,17 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._entries, n=3)
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}."
+        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known)}."
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def values(self) -> list[T]:
+        """The registered objects in the order they were registered."""
+        return list(self._entries.values())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -1,4 +1,5 @@
-"""Choosing real images: random, herding, k-center and high-loss selection (coresets, baselines, initial sets).
+"""Choosing real images: random, herding, k-center and high-loss selection (coresets, baselines, initial sets),
+over a whole source (:func:`select`) or class by class (:func:`select_per_class`).
 
 The high-loss scores (MKDT's selection: the per-image MSE of students trained briefly to regress the teacher) are
 cached beside the teacher's feature cache: :func:`high_loss_scores`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +68,32 @@ def select_kcenter(features: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         chosen.append(i)
         nearest = torch.minimum(nearest, (x - x[i]).pow(2).sum(1))
     return torch.tensor(chosen, dtype=torch.long)
+
+
+SELECTIONS = ("random", "herding", "kcenter")  # the selections that need only the rows of a selection space
+
+
+def select(selection: str, rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` of ``rows`` (one per image, in the space the selection measures in) chosen by ``selection``."""
+    if selection == "random":
+        return select_random(n, rows.shape[0], seed)
+    if selection == "herding":
+        return select_herding(rows, n)
+    if selection == "kcenter":
+        return select_kcenter(rows, n, seed)
+    raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+
+
+def select_per_class(labels: torch.Tensor, classes: int, per_class: int,
+                     pick: Callable[[torch.Tensor, int], torch.Tensor], dataset: str) -> torch.Tensor:
+    """``per_class`` images of every class, class by class: ``pick(members, c)`` gives the positions among class
+    ``c``'s indices ``members`` (e.g. ``lambda members, c: select("herding", rows[members], per_class, seed)``)."""
+    members = [(labels == c).nonzero().flatten() for c in range(classes)]
+    for c, rows in enumerate(members):
+        if rows.numel() < per_class:
+            raise ConfigError(f"class {c} of {dataset} has {rows.numel()} images, fewer than the {per_class} per "
+                              "class asked")
+    return torch.cat([rows[pick(rows, c)] for c, rows in enumerate(members)])
 
 
 def select_top_loss(per_image_loss: torch.Tensor, n: int) -> torch.Tensor:

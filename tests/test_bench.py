@@ -3,6 +3,7 @@ the shipped suites' configurations."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ import yaml
 from helpers import one_line, user_error
 
 import ssdd.bench as bench
+import ssdd.bench.stages as stage_module
 from ssdd.bench import TIMING_HEADING, BenchOptions, BenchRun, load_suite, run_suite, suites
+from ssdd.bench.report import budget_points
 from ssdd.config import merge
 from ssdd.distilled import load_distilled
 from ssdd.errors import ConfigError
@@ -117,7 +120,7 @@ def test_killed_and_resumed_suite_gives_the_same_report(tmp_path: Path, uninterr
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
     kill = [True]
-    real_evaluate = bench.evaluate
+    real_evaluate = stage_module.evaluate
 
     def killed_on_second_entry(*args: object, **kwargs: object) -> object:
         calls.append(list(kwargs["names"]) + list(kwargs["baselines"]))
@@ -125,7 +128,7 @@ def test_killed_and_resumed_suite_gives_the_same_report(tmp_path: Path, uninterr
             raise Killed
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "evaluate", killed_on_second_entry)
+    monkeypatch.setattr(stage_module, "evaluate", killed_on_second_entry)
     with pytest.raises(Killed):
         _run(tmp_path)
     folder = tmp_path / "tiny"
@@ -145,7 +148,7 @@ def test_methods_filter_reports_only_the_chosen_rows_and_reuses_the_rest(tmp_pat
                                                                           monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     shutil.copytree(uninterrupted, tmp_path / "tiny")
-    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("nothing should be evaluated again"))
+    monkeypatch.setattr(stage_module, "evaluate", lambda *a, **k: pytest.fail("nothing should be evaluated again"))
     report = _run(tmp_path, methods=["none"])
     assert "(2 stage groups)" in capsys.readouterr().out  # the teacher and the evaluation: no set is kept
     record = json.loads((tmp_path / "tiny/report.json").read_text())
@@ -164,9 +167,9 @@ def test_a_sets_entry_is_reused_whatever_the_baselines_budget(tmp_path: Path, un
     suite = load_suite("tiny")
     suite.evaluations["linear"].bytes = 2 * json.loads(
         (tmp_path / "tiny/evaluations/linear/random.json").read_text())["budget_bytes"]
-    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(stage_module, "load_suite", lambda name: suite)
     evaluated: list[list[str]] = []
-    monkeypatch.setattr(bench, "evaluate",
+    monkeypatch.setattr(stage_module, "evaluate",
                         lambda sets, config, **k: evaluated.append(k["names"] + k["baselines"]) or [])
     _run(tmp_path)
     assert evaluated == [["random"]]  # the baseline is drawn again at the new budget; paa and none are reused
@@ -218,7 +221,7 @@ def test_a_suite_that_varies_the_budget_plots_accuracy_against_bytes(tmp_path: P
     assert sets["large"].byte_count == 2 * sets["small"].byte_count  # 20 images and targets instead of 10
     record = json.loads((tmp_path / "budget/report.json").read_text())
     results = {name: [Cell.from_dict(c) for c in cells] for name, cells in record["evaluations"].items()}
-    points = {(series, size, cell.entry, cell.fraction) for series, size, cell in run.budget_points(sets, results)}
+    points = {(series, size, cell.entry, cell.fraction) for series, size, cell in budget_points(run, sets, results)}
     assert points == {(series, sets[at].byte_count, entry, f) for at in ("small", "large") for f in (0.1, 1.0)
                       for series, entry in (("krr-st", at), ("random", "random"))}  # `none` has no bytes
 
@@ -234,7 +237,7 @@ def test_baseline_without_its_set_is_a_clear_error(tmp_path: Path, uninterrupted
 def test_changed_seeds_evaluate_again(tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copytree(uninterrupted, tmp_path / "tiny")
     seen: list[list[int]] = []
-    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: seen.append(config.seeds) or [])
+    monkeypatch.setattr(stage_module, "evaluate", lambda sets, config, **k: seen.append(config.seeds) or [])
     _run(tmp_path, methods=["none"], seeds=[3])
     assert seen == [[3]]
 
@@ -244,7 +247,7 @@ def test_two_runs_into_one_folder_keep_each_others_stage_times(tmp_path: Path, u
     """Two runs with other --methods at the same time (e.g. one per core): the second's writes must not put back the
     stage records it read before the first one finished."""
     shutil.copytree(uninterrupted, tmp_path / "tiny")
-    monkeypatch.setattr(bench, "evaluate", lambda sets, config, **k: [])
+    monkeypatch.setattr(stage_module, "evaluate", lambda sets, config, **k: [])
     first, second = (BenchRun("tiny", tmp_path, BenchOptions(device="cpu", progress=False, methods=[m], seeds=[3]))
                      for m in ("none", "random"))  # both started: each read stages.json as the whole run left it
     first.run()
@@ -263,7 +266,7 @@ def test_a_set_made_with_other_settings_is_refused(tmp_path: Path, uninterrupted
     shutil.copytree(uninterrupted, tmp_path / "tiny")
     suite = load_suite("tiny")
     suite.sets["paa"].config = {"settings": {"steps": 7}}
-    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(stage_module, "load_suite", lambda name: suite)
     with pytest.raises(ConfigError) as info:
         _run(tmp_path)
     message = one_line(info.value)
@@ -357,3 +360,17 @@ def test_a_suite_that_names_a_shipped_teacher_uses_it_unless_asked_to_train_its_
     suite.write_text(yaml.safe_dump({"teacher": {"referense": "cifar10"}}))
     with pytest.raises(ConfigError, match="referense"):
         BenchRun(str(suite), tmp_path)
+
+
+def test_a_set_stage_names_its_methods_preset_as_the_command_line_does(tmp_path: Path) -> None:
+    short, full = tmp_path / "short.yaml", tmp_path / "full.yaml"
+    short.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: tiny, config: {method: paa}}\n")
+    full.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: paa/tiny}\n")
+    configs = [BenchRun(str(suite), tmp_path, BenchOptions(device="cpu", progress=False)).set_config("paa")
+               for suite in (short, full)]
+    assert dataclasses.replace(configs[0], teacher=None) == dataclasses.replace(configs[1], teacher=None)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("teacher: {preset: tiny}\nsets:\n  paa: {preset: nosuch, config: {method: paa}}\n")
+    with pytest.raises(ConfigError) as info:
+        BenchRun(str(wrong), tmp_path, BenchOptions(device="cpu", progress=False)).set_config("paa")
+    assert one_line(info.value) == "method paa has no preset 'nosuch'; its presets: cifar10-cpu, cifar100-gpu, tiny"

@@ -1,6 +1,7 @@
-"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM (ssdd.methods.dm) DM-SSL, and the labelled
-baselines of the supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery, the frozen
-squeeze model and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the errors.
+"""The decoupled family (ssdd.methods.decoupled: SC-DD, SRe2L), DM and DM-SSL (ssdd.methods.feature_matching.dm), and
+the labelled baselines of the supervised protocol (ssdd.evaluation.baselines): the BatchNorm-statistics loss, recovery,
+the frozen squeeze model and its soft labels, their temperature in the evaluator, DM's loss and descent, resume, and the
+errors.
 
 One tiny BatchNorm teacher (conftest ``tiny_teacher``) and one SC-DD run of the ``scdd/tiny`` preset serve the module;
 the other runs are the tiny presets made smaller still, and the unit tests use one-block networks on 5x5 or 8x8
@@ -34,9 +35,9 @@ from ssdd.errors import ArtefactError, ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.baselines import LABELLED_BASELINES, make_labelled_baseline
 from ssdd.methods import Distillation, DistillConfig, decoupled
-from ssdd.methods import dm as dm_module
 from ssdd.methods.decoupled import SCDD, SQUEEZE_FILE, BatchNormStatistics, SRe2L
-from ssdd.methods.dm import dm_loss
+from ssdd.methods.feature_matching import dm as dm_module
+from ssdd.methods.feature_matching.dm import dm_loss
 from ssdd.probes import fit_logistic_regression
 from ssdd.selection import select_herding
 from ssdd.teachers import Teacher, load_teacher, teacher_features
@@ -44,7 +45,7 @@ from ssdd.teachers.artefact import load_network
 from ssdd.training import batch_loss, build_student
 
 # ``ssdd.evaluation.evaluate`` is shadowed by the function of that name on the package: import the module.
-evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")
+students = importlib.import_module("ssdd.evaluation.students")  # where protocols train their students
 
 CLASSES = 10
 IMAGE_VALUES = 3 * 32 * 32
@@ -327,7 +328,7 @@ def capture_training(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                      "settings": settings, "labeller": kwargs.get("labeller")})
         return model.eval()
 
-    monkeypatch.setattr(evaluate_module, "train_network", fake)
+    monkeypatch.setattr(students, "train_network", fake)
     return seen
 
 

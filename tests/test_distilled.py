@@ -11,7 +11,7 @@ import torch
 
 from ssdd.budget import images_for_budget
 from ssdd.data import PixelSpace
-from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
+from ssdd.distilled import DISTILLED_FILE, ENCODINGS, DistilledSet, load_distilled
 from ssdd.errors import ArtefactError, SsddError
 from ssdd.io import read_metadata, save_tensors
 from ssdd.models import create_model
@@ -322,3 +322,69 @@ def test_a_wrong_fingerprint_is_refused(good_file: Path, fingerprint: object) ->
     resave(good_file, make_tensors("representation"), fingerprint=fingerprint)
     with pytest.raises(ArtefactError, match="do not match the recorded fingerprint"):
         load_distilled(good_file)
+
+
+def test_a_labelled_set_says_how_a_student_trains_on_it() -> None:
+    hard = DistilledSet({"images": randn(3, 3, 4, 4), "labels": torch.tensor([0, 4, 2])}, SPACE, "hard-label", "m")
+    assert (hard.label_loss, hard.temperature, hard.num_classes) == ("ce", None, 5)  # the largest label + 1
+    recorded = DistilledSet(dict(hard.tensors), SPACE, "hard-label", "m", {"num_classes": 10})
+    assert recorded.num_classes == 10
+    soft = DistilledSet({"images": randn(3, 3, 4, 4), "labels": randn(3, 7)}, SPACE, "soft-label", "m",
+                        {"temperature": 2.5})
+    assert (soft.label_loss, soft.temperature, soft.num_classes) == ("kl", 2.5, 7)
+    vectors = DistilledSet(dict(soft.tensors), SPACE, "soft-label", "m", {"label_loss": "mse"})
+    assert vectors.label_loss == "mse"
+
+
+def test_an_unknown_label_loss_is_refused_on_load(tmp_path: Path) -> None:
+    path = DistilledSet({"images": randn(3, 3, 4, 4), "labels": randn(3, 7)}, SPACE, "soft-label", "m",
+                        {"label_loss": "hinge"}).save(tmp_path / "set.safetensors")
+    with pytest.raises(ArtefactError) as info:
+        load_distilled(path)
+    assert str(info.value) == f"{path}: metadata 'label_loss' must be one of ce, kl, mse, got 'hinge'"
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def test_the_committed_sets_load_unchanged() -> None:
+    paths = sorted(RESULTS.rglob(DISTILLED_FILE))
+    assert paths, f"no committed sets under {RESULTS}"
+    for path in paths:
+        distilled = load_distilled(path)
+        images, targets = distilled.materialize()
+        assert images.shape[0] == targets.shape[0] == read_metadata(path)["num_images"]
+        assert torch.equal(images, distilled.tensors["images"].float())  # stored plainly: made as they are stored
+
+
+def test_every_encoding_owns_its_tensors_and_makes_its_part() -> None:
+    coefficients, bases = randn(M, 2, seed=4), randn(2, C, H, H, seed=5)
+    images = DistilledSet({"image_coefficients": coefficients, "image_bases": bases, "targets": randn(M, 6, seed=6)},
+                          SPACE, "representation", "m")
+    assert images.encoding("images") is ENCODINGS.get("image-bases")
+    torch.testing.assert_close(images.images, (coefficients @ bases.flatten(1)).view(M, C, H, H))
+    identity, shift = randn(M, 6, seed=7), randn(M, 6, seed=8)
+    views = DistilledSet({"images": randn(M, C, H, H), "target_coefficients": torch.eye(M)[:, :4],
+                          "target_bases": identity[:4], "view_targets.hflip": identity + shift}, SPACE,
+                         "representation", "m", {"views": ["identity", "hflip"]})
+    assert [views.encoding(p, "hflip") for p in ("images", "targets", "view")] == [
+        ENCODINGS.get("images"), ENCODINGS.get("target-bases"), ENCODINGS.get("view-targets")]
+    _, targets = views.materialize()
+    torch.testing.assert_close(targets[:4], identity[:4])
+    torch.testing.assert_close(targets[M:], identity + shift)
+    assert {e.part for e in ENCODINGS.values()} == {"images", "targets", "view"}
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"targets": randn(M, 6)}, "holds no images: store 'images' or image coefficients/bases"),
+    ({"image_coefficients": randn(M, 2), "targets": randn(M, 6)},
+     "holds image coefficients/bases without 'image_bases'"),
+    ({"images": randn(M, C, H, H)}, "target kind 'representation' needs targets: store 'targets' or target "
+                                    "coefficients/bases"),
+    ({"images": randn(M, C, H, H), "targets": randn(M, 6), "target_bases": randn(2, 6)},
+     "holds both 'targets' and target coefficients/bases; store one or the other"),
+])
+def test_a_set_missing_or_doubling_a_part_is_refused_naming_the_encodings(tensors: dict, message: str) -> None:
+    with pytest.raises(ArtefactError) as info:
+        DistilledSet(tensors, SPACE, "representation", "m")
+    assert str(info.value) == f"distilled set: {message}"

@@ -22,8 +22,9 @@ from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
 from ssdd.evaluation.journal import journal_files
 from ssdd.io import load_checkpoint, read_metadata
-from ssdd.methods import Distillation, DistillConfig, engine, trajectories
-from ssdd.methods.trajectories import ExpertSettings, ExpertStore, train_experts
+from ssdd.methods import Distillation, DistillConfig, engine
+from ssdd.methods.trajectory import experts as expert_module
+from ssdd.methods.trajectory.experts import ExpertSettings, ExpertStore, train_experts
 from ssdd.models import create_model
 from ssdd.teachers import TeacherConfig, train_teacher
 from ssdd.teachers import train as train_module
@@ -450,7 +451,7 @@ def test_two_processes_matching_one_segment_each_give_the_single_process_iterati
 
 def test_matching_under_torchrun_needs_a_segment_per_process(tiny_teacher: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssdd.methods import matching
+    from ssdd.methods.trajectory import matching
     monkeypatch.setattr(engine, "world", lambda: World(0, 2))
     monkeypatch.setattr(matching, "world", lambda: World(0, 2))
     config = matching_config("mkdt", tmp_path / "experts", tiny_teacher, images=10,
@@ -484,13 +485,13 @@ def _experts_worker(rank: int, size: int, port: int, out: str) -> None:
     join(rank, size, port)
     images, targets = _expert_data()
     trained: list[int] = []
-    original = trajectories.make_network
+    original = expert_module.make_network
 
     def counting(settings: ExpertSettings, outputs: int, shape: tuple[int, int, int], seed: int) -> torch.nn.Module:
         trained.append(seed)
         return original(settings, outputs, shape, seed)
 
-    trajectories.make_network = counting
+    expert_module.make_network = counting
     store = train_experts(out, _expert_settings(), images, targets, "mse", seed=4, progress=False)
     counts = gather_objects(len(trained))
     if rank == 0:

@@ -13,7 +13,7 @@ from helpers import one_line
 from ssdd.config import resolve_config
 from ssdd.errors import NumericalError, SsddError, check_finite
 from ssdd.io import load_checkpoint
-from ssdd.methods.trajectories import ExpertSettings, expert_file, train_experts
+from ssdd.methods.trajectory.experts import ExpertSettings, expert_file, train_experts
 from ssdd.teachers import TeacherConfig, load_teacher, train_teacher
 from ssdd.teachers import train as teacher_training
 from ssdd.training import TrainSettings, build_student, train_network

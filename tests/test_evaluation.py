@@ -34,6 +34,7 @@ from ssdd.training import TrainSettings, build_student, top1, train_network
 # ``ssdd.evaluation.evaluate`` is shadowed by the function of that name on the package: import the modules.
 evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")
 protocols = importlib.import_module("ssdd.evaluation.protocols")
+students = importlib.import_module("ssdd.evaluation.students")
 
 CPU = torch.device("cpu")
 N_SOURCE = 320  # the synthetic dataset: 10 classes x 32 images per split
@@ -195,7 +196,7 @@ def test_linear_readout_encodes_only_the_labelled_images(monkeypatch: pytest.Mon
         return extract(encoder, images, *args, **kwargs)
 
     monkeypatch.setattr(protocols, "extract_features", counting_extract)
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())
     for fractions in ((0.1, 0.25), (0.1, 0.25, 1.0)):
         calls = probes.setdefault(fractions, [])
         monkeypatch.setattr(protocols, "linear_probe_accuracy",
@@ -235,7 +236,7 @@ def test_protocol_end_to_end(protocol: str, real20: DistilledSet) -> None:
 
 
 def test_sets_with_the_same_method_get_distinct_rows(monkeypatch: pytest.MonkeyPatch, real20: DistilledSet) -> None:
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())
     twin = DistilledSet(dict(real20.tensors), real20.pixel_space, "representation", "real20")
     cells = evaluate([real20, twin], tiny(protocol="knn"), progress=False)
     assert len(cells) == 2 and len({c.entry for c in cells}) == 2
@@ -243,7 +244,7 @@ def test_sets_with_the_same_method_get_distinct_rows(monkeypatch: pytest.MonkeyP
 
 
 def test_named_sets_get_their_names_as_rows(monkeypatch: pytest.MonkeyPatch, real20: DistilledSet) -> None:
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())
     twin = DistilledSet(dict(real20.tensors), real20.pixel_space, "representation", "real20")
     cells = evaluate([real20, twin, twin], tiny(protocol="knn", seeds=[0]), names=["ablated", None], progress=False)
     assert [c.entry for c in cells] == ["ablated", "real20", "real20'"]
@@ -329,7 +330,7 @@ def test_evaluate_builds_baselines_at_the_sets_budget(monkeypatch: pytest.Monkey
         return built[-1]
 
     monkeypatch.setattr(evaluate_module, "make_baseline", spy)
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())  # no pre-training
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())  # no pre-training
     config = tiny(protocol="knn")
     cells = evaluate([real20], config, baselines=["random"], teacher=teacher, progress=False)
     assert {c.entry for c in cells} == {"real20", "random"}
@@ -485,7 +486,7 @@ def test_none_under_supervised_fails_before_any_training(monkeypatch: pytest.Mon
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a student was trained before the impossible 'none' + supervised entry was refused")
 
-    monkeypatch.setattr(evaluate_module, "train_network", no_training)
+    monkeypatch.setattr(students, "train_network", no_training)
     with pytest.raises(ConfigError):
         evaluate([labelled_set("hard-label")], tiny(protocol="supervised"), baselines=["none"], teacher=teacher,
                  progress=False)
@@ -504,6 +505,23 @@ def test_labelled_set_under_a_representation_protocol_is_a_config_error(protocol
     assert "hard" in str(excinfo.value) and "supervised" in str(excinfo.value)
 
 
+def test_each_protocol_says_what_it_takes_and_names_the_protocols_that_take_the_rest() -> None:
+    supervised, linear = protocols.PROTOCOLS.get("supervised"), protocols.PROTOCOLS.get("linear")
+    with pytest.raises(ConfigError) as excinfo:
+        supervised.refuse_mismatches([("mine", "representation")], [])
+    assert str(excinfo.value) == ("set 'mine' holds representations; the supervised protocol evaluates labelled sets; "
+                                  "use --protocol linear or knn or finetune")
+    with pytest.raises(ConfigError) as excinfo:
+        linear.refuse_mismatches([("mine", "soft-label")], ["random", "kcenter"])
+    assert str(excinfo.value) == ("set 'mine' holds soft-labels; the linear protocol evaluates representation sets; "
+                                  "use --protocol supervised")
+    with pytest.raises(ConfigError) as excinfo:
+        supervised.refuse_mismatches([("mine", "hard-label")], ["random", "none", "kcenter"])
+    assert str(excinfo.value) == ("the supervised protocol evaluates labelled sets; baselines none, kcenter are not "
+                                  "among them; evaluate them with linear, knn, finetune (its labelled baselines are "
+                                  "random, herding)")
+
+
 def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(ConfigError) as excinfo:
         EvaluationConfig(protocol="lineer")
@@ -519,7 +537,7 @@ def test_teacher_baseline_reads_out_the_teachers_own_features(monkeypatch: pytes
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     monkeypatch.setattr(protocols, "linear_probe_accuracy", lambda tf, tl, *a, **k: calls.append((tf, tl)) or 50.0)
     trained: list[object] = []
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: trained.append(model) or model.eval())
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: trained.append(model) or model.eval())
     config = tiny(seeds=[0, 1], archs=["convnet", "convnet3"], readout={"fractions": [1.0]})
     cells = evaluate([], config, baselines=["teacher"], teacher=teacher, progress=False)
     assert not trained  # nothing is pre-trained ...
@@ -608,7 +626,7 @@ def capture_pretraining(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TrainSett
         seen.append((settings, loss))
         return model.eval()
 
-    monkeypatch.setattr(evaluate_module, "train_network", fake)
+    monkeypatch.setattr(students, "train_network", fake)
     return seen
 
 
@@ -743,7 +761,7 @@ def test_finetune_head_is_a_function_of_the_seed(monkeypatch: pytest.MonkeyPatch
         return model.eval()
 
     monkeypatch.setattr(protocols, "train_network", fake_train)
-    monkeypatch.setattr(evaluate_module, "train_network", lambda model, *a, **k: model.eval())
+    monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())
     with torch.random.fork_rng(devices=[]):
         evaluate([real20], tiny(protocol="finetune", seeds=[0, 1]), progress=False)
         seed1_after_seed0 = heads[1]
@@ -876,7 +894,7 @@ def test_targets_whose_squares_overflow_float32_are_refused_before_any_training(
     from helpers import user_error
 
     trained = []
-    monkeypatch.setattr(evaluate_module, "train_network", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(students, "train_network", lambda *a, **k: trained.append(1))
     targets = randn(4, 5)
     targets[1, 2] = 3e38  # float32 holds it; its square (and the loss) does not
     path = representation_set(pixels(0.5), targets).save(tmp_path / "set")

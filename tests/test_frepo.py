@@ -15,12 +15,13 @@ from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, evaluate
-from ssdd.methods import Distillation, DistillConfig, krr_base
-from ssdd.methods.frepo import FRePo
-from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.krr_base import KernelRidgeMethod
+from ssdd.methods import Distillation, DistillConfig
+from ssdd.methods.kernel_ridge import base as kernel_ridge
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod
+from ssdd.methods.kernel_ridge.frepo import FRePo
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss
 
-evaluate_module = importlib.import_module("ssdd.evaluation.evaluate")  # the module, not the function
+students = importlib.import_module("ssdd.evaluation.students")  # where protocols train their students
 CLASSES = 10
 VALUES = 3 * 32 * 32
 FROZEN = {"steps": 30, "real_batch": 64, "lr_schedule": "constant", "real_augment": "none",
@@ -45,7 +46,7 @@ def test_frepo_runs_the_kernel_ridge_step_on_one_hot_real_labels(monkeypatch: py
         seen.append((syn_t.detach().clone(), real_t.detach().clone()))
         return krr_outer_loss(syn_f, real_f, syn_t, real_t, ridge)
 
-    monkeypatch.setattr(krr_base, "krr_outer_loss", spy)
+    monkeypatch.setattr(kernel_ridge, "krr_outer_loss", spy)
     distillation = Distillation(config(settings={"steps": 3}), None, progress=False)
     initial_labels = distillation.method.labels().detach().clone()
     distillation.run()
@@ -94,13 +95,13 @@ def test_frepo_set_is_class_balanced_with_label_vectors_and_exact_bytes() -> Non
 def test_supervised_protocol_trains_on_frepo_labels_with_mse(monkeypatch: pytest.MonkeyPatch) -> None:
     distilled = run(config(settings={"steps": 2}))
     losses: list[str] = []
-    real_train = evaluate_module.train_network
+    real_train = students.train_network
 
     def spy(model, images, targets, settings, loss, *args, **kwargs):  # noqa: ANN001, ANN202
         losses.append(loss)
         return real_train(model, images, targets, settings, loss, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "train_network", spy)
+    monkeypatch.setattr(students, "train_network", spy)
     eval_config = resolve_config(EvaluationConfig, "evaluate", "tiny",
                                  overrides={"protocol": "supervised", "seeds": [0], "device": "cpu"})
     cells = evaluate([distilled], eval_config, progress=False)

@@ -29,11 +29,12 @@ from ssdd.data.transforms import PixelSpace
 from ssdd.evaluation.relabel import RelabelTraining
 from ssdd.methods.base import DistillContext
 from ssdd.methods.decoupled import SCDD, Recover, SRe2L
-from ssdd.methods.krr import krr_fit
-from ssdd.methods.krr_st import KRRST, KRRSTSettings
-from ssdd.methods.matching import MKDT, MatchingSettings
-from ssdd.methods.pool import PoolSettings
-from ssdd.methods.trajectories import ExpertSettings, matching_loss, released_minibatches, unrolled_sgd
+from ssdd.methods.kernel_ridge.krr import krr_fit
+from ssdd.methods.kernel_ridge.krr_st import KRRST, KRRSTSettings
+from ssdd.methods.kernel_ridge.pool import PoolSettings
+from ssdd.methods.trajectory.experts import ExpertSettings
+from ssdd.methods.trajectory.matching import MKDT, MatchingSettings
+from ssdd.methods.trajectory.unroll import matching_loss, released_minibatches, unrolled_sgd
 from ssdd.models import create_model
 from ssdd.teachers.artefact import Teacher
 from ssdd.training import batch_loss
@@ -247,7 +248,7 @@ def test_recovery_matches_the_official_code(monkeypatch: pytest.MonkeyPatch, met
                                int(meta["schedule_iterations"]), int(meta["jitter_max"]), meta["flip"] == "true")
     squeeze = network(meta, prefixed(g, "model."), F32)
     space = PixelSpace((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-    monkeypatch.setattr(method_cls, "make_squeeze_model", lambda self: (squeeze, space, {}))
+    monkeypatch.setattr(method_cls, "make_squeeze_model", classmethod(lambda cls, settings, ctx: (squeeze, space, {})))
     method = method_cls(defaults, context(20, 16), Budget(images=10))
     method.model.to(dtype)
     check("clip low", method.low.flatten(), g["clip_low"], 1e-15)

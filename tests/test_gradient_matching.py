@@ -18,8 +18,8 @@ from ssdd.config import resolve_config
 from ssdd.data import make_synthetic
 from ssdd.errors import ConfigError
 from ssdd.methods import Distillation, DistillConfig
-from ssdd.methods import gradient_matching as gm
-from ssdd.methods.gradient_matching import DC, DSA, gradient_distance
+from ssdd.methods.feature_matching import gradient_matching as gm
+from ssdd.methods.feature_matching.gradient_matching import DC, DSA, gradient_distance
 
 CLASSES = 10
 

@@ -1,5 +1,5 @@
-"""Kernel ridge regression (``ssdd.methods.krr``): predictions and losses against a closed form written out in
-numpy float64, gradients against central finite differences (with the ridge term held where the code holds it),
+"""Kernel ridge regression (``ssdd.methods.kernel_ridge.krr``): predictions and losses against a closed form written
+out in numpy float64, gradients against central finite differences (with the ridge term held where the code holds it),
 gradients through a real network down to the pixels, and the jitter fall-back of the Cholesky solve.
 
 The ridge term lambda = ridge * trace(K_ss) carries no gradient by design (it is ``.detach()``-ed), so every
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ssdd.device import seeded
-from ssdd.methods.krr import krr_outer_loss, krr_predict, ridge_solve, with_bias_column
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss, krr_predict, ridge_solve, with_bias_column
 from ssdd.models import create_model
 
 F64 = torch.float64
@@ -261,7 +261,7 @@ def test_gradients_reach_images_and_targets_through_a_network() -> None:
 def test_ridge_solve_positive_definite_needs_no_jitter(caplog: pytest.LogCaptureFixture) -> None:
     f = randn(5, 7, seed=0)
     kernel, rhs = f @ f.T, randn(5, 2, seed=1)
-    with caplog.at_level(logging.WARNING, logger="ssdd.methods.krr"):
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.kernel_ridge.krr"):
         x, attempts = ridge_solve(kernel, rhs, 1e-2)
     assert attempts == 0
     assert not caplog.records
@@ -275,7 +275,7 @@ def test_ridge_solve_recovers_a_singular_kernel_with_jitter(caplog: pytest.LogCa
     f = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 1.0], [0.0, 1.0]], dtype=F64)
     kernel = f @ f.T
     rhs = kernel @ randn(4, 2, seed=0)  # in the range of the kernel, so K x = rhs has exact solutions
-    with caplog.at_level(logging.WARNING, logger="ssdd.methods.krr"):
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.kernel_ridge.krr"):
         x, attempts = ridge_solve(kernel, rhs, 0.0)
     assert attempts >= 1
     assert torch.isfinite(x).all()
@@ -289,7 +289,7 @@ def test_ridge_solve_jitter_schedule_by_hand(caplog: pytest.LogCaptureFixture) -
     # 10 eps (2.2e-15) fail; 100 eps = 2.2e-14 makes the second pivot 1.2e-14 > 0: success at attempt 3.
     kernel = torch.diag(torch.tensor([1.0, -1e-14], dtype=F64))
     rhs = torch.tensor([[2.0], [3e-14]], dtype=F64)
-    with caplog.at_level(logging.WARNING, logger="ssdd.methods.krr"):
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.kernel_ridge.krr"):
         x, attempts = ridge_solve(kernel, rhs, 0.0)
     assert attempts == 3
     jitter = 100 * EPS64

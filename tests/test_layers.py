@@ -1,6 +1,7 @@
 """The import contracts in pyproject.toml ([tool.importlinter]) hold: commands above the benchmark, methods/ and
 evaluation/ siblings that never import each other, both above selection, training and teachers, all above the
-artefact; the shared utilities import no layer.  ``lint-imports`` checks them, and fails on a broken one."""
+artefact; the method families never import each other; the shared utilities import no layer.  ``lint-imports``
+checks them, and fails on a broken one."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def test_a_method_that_imports_evaluation_breaks_the_contract(tmp_path: Path) ->
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "ssdd.methods.coreset -> ssdd.evaluation.baselines" in result.stdout
+
+
+def test_a_method_family_that_imports_another_breaks_the_contract(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "ssdd", tmp_path / "ssdd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    dm = tmp_path / "ssdd" / "methods" / "feature_matching" / "dm.py"
+    dm.write_text(dm.read_text() + "\nfrom ssdd.methods.kernel_ridge.krr import krr_outer_loss  # noqa: E402\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "the method families never import each other" in result.stdout and "BROKEN" in result.stdout
+    assert "ssdd.methods.feature_matching.dm -> ssdd.methods.kernel_ridge.krr" in result.stdout

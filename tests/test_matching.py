@@ -1,4 +1,4 @@
-"""Trajectory matching (ssdd.methods.trajectories, ssdd.methods.matching): vmapped expert training and its resume,
+"""Trajectory matching (ssdd.methods.trajectory: experts, unroll, matching): vmapped expert training and its resume,
 the differentiable unroll and its gradients (supervised and self-supervised), the matching loss, MKDT, MTT and MTT-SSL
 end to end, and their errors.
 
@@ -19,27 +19,29 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import interrupt_then_resume, matching_config, one_line
+from helpers import interrupt_then_resume, matching_config, one_line, user_error
 
 import ssdd
+from ssdd.cli import main
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.data.augment import apply_dsa, sample_dsa_params
 from ssdd.device import make_generator
 from ssdd.distilled import DISTILLED_FILE, load_distilled
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.methods import Distillation, DistillConfig, trajectories
-from ssdd.methods.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
-from ssdd.methods.trajectories import (
+from ssdd.io import read_metadata
+from ssdd.methods import Distillation, DistillConfig
+from ssdd.methods.trajectory import experts as expert_module
+from ssdd.methods.trajectory.experts import (
     SSL_VIEWS,
     ExpertSettings,
     ExpertStore,
     draw_views,
     expert_file,
-    matching_loss,
     step_loss,
     train_experts,
-    unrolled_sgd,
 )
+from ssdd.methods.trajectory.matching import MKDT, MatchingSettings, MTTSettings, MTTSSLSettings
+from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
 from ssdd.teachers import load_teacher, teacher_features
 from ssdd.training import build_student
 
@@ -225,13 +227,13 @@ def test_train_experts_trains_only_the_missing_expert(tmp_path: Path, monkeypatc
     assert "1 of 3 experts" in message and "expert_001.safetensors" in message and "`ssdd experts`" in message
 
     built: list[int] = []
-    original = trajectories.make_network
+    original = expert_module.make_network
 
     def spy(settings: ExpertSettings, outputs: int, shape: tuple[int, int, int], seed: int) -> torch.nn.Module:
         built.append(seed)
         return original(settings, outputs, shape, seed)
 
-    monkeypatch.setattr(trajectories, "make_network", spy)
+    monkeypatch.setattr(expert_module, "make_network", spy)
     store = train_experts(tmp_path, settings, images, targets, "mse", seed=1, progress=False)
     assert built == [1000, 1001]  # expert 1's block of `parallel` experts, not expert 2's
     assert file_state(files[0]) == before[0] and file_state(files[2]) == before[2]  # untouched
@@ -657,3 +659,24 @@ def test_mtt_budget_below_the_number_of_classes(tmp_path: Path) -> None:
     message = config_error(matching_config("mtt", tmp_path / "experts", images=CLASSES - 1,
                                            settings={"experts": {"num_experts": 1}}))
     assert f"buys {CLASSES - 1} images" in message and f"fewer than the {CLASSES} classes" in message
+
+
+def test_ssdd_experts_trains_the_experts_a_run_then_reuses(tiny_teacher: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "experts"
+    assert main(["experts", "--method", "mtt-ssl", "--preset", "tiny", "--teacher", str(tiny_teacher),
+                 "--out", str(folder), "--device", "cpu", "--no-progress"]) == 0
+    assert f"2 experts of 3 epochs in {folder}" in capsys.readouterr().out
+    files = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.safetensors")}
+    assert len(files) == 2
+    assert all(read_metadata(folder / name)["method_loss"] == "barlow-twins" for name in files)  # mtt-ssl's loss
+    config = matching_config("mtt-ssl", folder, tiny_teacher, settings={"iterations": 1})
+    Distillation(config, None, progress=False).run()
+    assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.safetensors")} == files  # reused
+
+
+def test_ssdd_experts_of_a_method_without_experts_names_those_with(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    line = user_error(capsys, ["experts", "--method", "dm", "--preset", "tiny", "--out", str(tmp_path / "e"),
+                               "--device", "cpu"])
+    assert line == "ssdd: error: method dm trains no experts; experts are for mkdt, mtt, mtt-ssl"

@@ -1,5 +1,5 @@
-"""PAA (ssdd.methods.paa): PCA bases, the byte budget, predefined views, approximation networks, the stored set,
-the outer loop (objective, inner subsets, resume) and the settings' errors.
+"""PAA (ssdd.methods.kernel_ridge.paa): PCA bases, the byte budget, predefined views, approximation networks, the stored
+set, the outer loop (objective, inner subsets, resume) and the settings' errors.
 
 One tiny teacher (conftest ``tiny_teacher``) serves the module; runs are a few steps of the ``paa/tiny`` preset
 made smaller still.  Expected values come from numpy's SVD, from hand arithmetic, from the teacher run by the
@@ -26,8 +26,8 @@ from ssdd.data import make_synthetic
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, load_distilled
 from ssdd.errors import ConfigError
 from ssdd.methods import Distillation, DistillConfig
-from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.paa import (
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss
+from ssdd.methods.kernel_ridge.paa import (
     PAA,
     fit_approximation,
     init_approximation,
@@ -340,7 +340,7 @@ def test_a_budget_beyond_the_source_says_what_stays_unused(tiny_teacher: Path,
     # images = 40: 163840 values, 2879 images would fit (see above) but the source has 320
     config = paa_config(tiny_teacher, settings={"approx_steps": 2})
     config.images = 40
-    with caplog.at_level(logging.WARNING, logger="ssdd.methods.paa"):
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.kernel_ridge.paa"):
         method = method_of(config)
     unused = method.spending["unused_bytes"]
     assert unused == 163840 * 4 - (71704 + 320 * 32) * 4
@@ -348,7 +348,7 @@ def test_a_budget_beyond_the_source_says_what_stays_unused(tiny_teacher: Path,
                                f"{163840 * 4:,} bytes stay unused"]
     caplog.clear()
     config.images = 20  # 319 images fit: no warning
-    with caplog.at_level(logging.WARNING, logger="ssdd.methods.paa"):
+    with caplog.at_level(logging.WARNING, logger="ssdd.methods.kernel_ridge.paa"):
         method_of(config)
     assert caplog.messages == []
 

@@ -1,6 +1,6 @@
-"""The model pool of KRR-ST (``ssdd.methods.pool.ModelPool``): online-step counters and re-initialisation (the ageing
-rules: ssdd's reset, the released code's warm start and never-reset counters, a fresh network every step), online
-training, seeding, and exact state round trips."""
+"""The model pool of KRR-ST (``ssdd.methods.kernel_ridge.pool.ModelPool``): online-step counters and re-initialisation
+(the ageing rules: ssdd's reset, the released code's warm start and never-reset counters, a fresh network every step),
+online training, seeding, and exact state round trips."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.errors import ConfigError
-from ssdd.methods.pool import ModelPool, PoolSettings
+from ssdd.methods.kernel_ridge.pool import ModelPool, PoolSettings
 
 CPU = torch.device("cpu")
 SHAPE = (1, 8, 8)

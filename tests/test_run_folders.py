@@ -29,7 +29,7 @@ from ssdd.errors import RunFolderError, StorageError
 from ssdd.evaluation import Cell, EvaluationConfig, write_report
 from ssdd.io import LOCK_FILE, load_checkpoint, read_metadata, storage_error
 from ssdd.methods import METHODS, Distillation, DistillConfig
-from ssdd.methods.trajectories import ExpertSettings, expert_file, train_experts
+from ssdd.methods.trajectory.experts import ExpertSettings, expert_file, train_experts
 from ssdd.runs import RunDir
 from ssdd.teachers import load_teacher, teacher_features
 from ssdd.teachers.train import _TeacherTraining

@@ -12,9 +12,18 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import one_line
 
 from ssdd.errors import ConfigError
-from ssdd.selection import per_image_mse, select_herding, select_kcenter, select_random, select_top_loss
+from ssdd.selection import (
+    per_image_mse,
+    select,
+    select_herding,
+    select_kcenter,
+    select_per_class,
+    select_random,
+    select_top_loss,
+)
 
 # ---- herding ------------------------------------------------------------------------------------------------
 
@@ -177,3 +186,31 @@ def test_per_image_mse_matches_a_loop_across_batches() -> None:
         expected.append(sum(d * d for d in diffs) / 2)
     assert got.shape == (7,)
     assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+# ---- the shared dispatch and the class-by-class selection -----------------------------------------------------
+
+
+def test_select_dispatches_to_each_selection_and_names_the_known_ones() -> None:
+    rows = torch.tensor([[10.0], [1.0], [3.0], [0.0], [2.0]])
+    assert select("herding", rows, 2, 0).tolist() == [2, 4]  # the hand-worked herding order above
+    assert torch.equal(select("random", rows, 3, 7), torch.randperm(5, generator=torch.Generator().manual_seed(7))[:3])
+    assert select("kcenter", rows, 2, 0).tolist() == select_kcenter(rows, 2, 0).tolist()
+    with pytest.raises(ConfigError) as info:
+        select("nearest", rows, 2, 0)
+    assert one_line(info.value) == "selection must be one of random, herding, kcenter, got 'nearest'"
+
+
+def test_select_per_class_takes_the_classes_in_turn_and_names_a_class_too_small() -> None:
+    labels = torch.tensor([1, 0, 1, 0, 1])  # class 0: indices 1, 3; class 1: indices 0, 2, 4
+    seen = []
+
+    def pick(members: torch.Tensor, c: int) -> torch.Tensor:
+        seen.append((c, members.tolist()))
+        return torch.tensor([1, 0])  # the second member, then the first
+
+    assert select_per_class(labels, 2, 2, pick, "toy").tolist() == [3, 1, 2, 0]
+    assert seen == [(0, [1, 3]), (1, [0, 2, 4])]
+    with pytest.raises(ConfigError) as info:
+        select_per_class(labels, 2, 3, pick, "toy")
+    assert one_line(info.value) == "class 0 of toy has 2 images, fewer than the 3 per class asked"

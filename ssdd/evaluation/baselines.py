@@ -2,7 +2,9 @@
 
 * ``none``: no pre-training (handled by the evaluator: there is no set).
 * ``random``, ``herding``, ``kcenter``, ``high-loss``: real images chosen at the **same byte budget** as the set
-  they are compared with, stored as float32 in the teacher's pixel space, with the teacher's features as targets.
+  they are compared with, stored as float32 in the teacher's pixel space, with the teacher's features as targets;
+  the first three are the coreset selections of :mod:`ssdd.selection` (the ``coreset`` method's too), measured in
+  the teacher's feature space.
 * ``full``: every source image with its teacher features (the knowledge-distillation upper bound).
 * Under the ``supervised`` protocol, ``random`` and ``herding`` are class-balanced labelled sets instead: the same
   number of real images per class (herding in teacher-feature space, per class) with their hard labels.
@@ -18,14 +20,7 @@ from ssdd.budget import images_for_budget, labelled_images_per_class
 from ssdd.data.dataset import ImageDataset
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
-from ssdd.selection import (
-    HighLossSettings,
-    high_loss_scores,
-    select_herding,
-    select_kcenter,
-    select_random,
-    select_top_loss,
-)
+from ssdd.selection import HighLossSettings, high_loss_scores, select, select_per_class, select_top_loss
 from ssdd.teachers.artefact import Teacher
 
 BASELINES = ("none", "random", "herding", "kcenter", "high-loss", "full", "teacher")
@@ -61,15 +56,11 @@ def make_baseline(name: str, source: ImageDataset, teacher: Teacher, features: t
     if n < 1:
         raise ConfigError(f"a budget of {budget_bytes} bytes holds no image + target pair")
     n = min(n, len(source))
-    if name == "random":
-        idx = select_random(n, len(source), seed)
-    elif name == "herding":
-        idx = select_herding(features, n)
-    elif name == "kcenter":
-        idx = select_kcenter(features, n, seed)
-    else:
-        scores = high_loss_scores(source, features, teacher, high_loss or HighLossSettings(), seed, device)
-        idx = select_top_loss(scores, n)
+    if name == "high-loss":
+        idx = select_top_loss(high_loss_scores(source, features, teacher, high_loss or HighLossSettings(), seed,
+                                               device), n)
+    else:  # the coreset selections, in the teacher's feature space
+        idx = select(name, features, n, seed)
     return real_set(source, idx, features, teacher, name, {"budget_bytes": budget_bytes})
 
 
@@ -87,15 +78,8 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
     ipc = labelled_images_per_class(budget_bytes, source.image_shape, classes)
     if ipc < 1:
         raise ConfigError(f"a budget of {budget_bytes} bytes holds fewer than one image per class ({classes} classes)")
-    rows = []
-    for k in range(classes):
-        members = (source.labels == k).nonzero().flatten()
-        if members.numel() < ipc:
-            raise ConfigError(f"class {k} of {source.name} has {members.numel()} images, fewer than {ipc} per class")
-        pick = (select_random(ipc, members.numel(), seed * 1000 + k) if name == "random"
-                else select_herding(features[members], ipc))
-        rows.append(members[pick])
-    idx = torch.cat(rows)
+    idx = select_per_class(source.labels, classes, ipc,
+                           lambda members, k: select(name, features[members], ipc, seed * 1000 + k), source.name)
     images = teacher.pixel_space.normalize(source.images[idx]).float().contiguous()
     return DistilledSet({"images": images, "labels": source.labels[idx].clone()}, teacher.pixel_space, "hard-label",
                         name, {"num_classes": classes, "ipc": ipc, "selected_indices": idx.tolist(),

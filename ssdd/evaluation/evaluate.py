@@ -21,15 +21,16 @@ from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import gather_objects, shard, world
 from ssdd.errors import ArtefactError, ConfigError
-from ssdd.evaluation.baselines import BASELINES, LABELLED_BASELINES, SETLESS, make_baseline, make_labelled_baseline
+from ssdd.evaluation.baselines import BASELINES, SETLESS, make_baseline, make_labelled_baseline
 from ssdd.evaluation.journal import Journal, Result
 from ssdd.evaluation.protocols import PROTOCOLS, ProtocolSettings, ReadoutContext, Target
 from ssdd.evaluation.relabel import RelabelSettings, relabels_on_the_fly, squeeze_labeller
+from ssdd.evaluation.students import StudentJob
 from ssdd.models import Backbone
 from ssdd.progress import progress_bar
 from ssdd.selection import HighLossSettings
 from ssdd.teachers import Teacher, load_teacher, teacher_features
-from ssdd.training import TrainSettings, build_student, train_network
+from ssdd.training import TrainSettings, build_student
 from ssdd.values import FRACTION, SEED
 
 
@@ -124,6 +125,7 @@ class Evaluator:
         if teacher is not None:  # a bar over the teacher-feature cache's pass, when it is computed
             teacher.progress = progress
         self.device = resolve_device(config.device)
+        self.protocol = PROTOCOLS.get(config.protocol)
         self._targets: dict[tuple[str, tuple[int, int, int]], Target] = {}
         self._source = None
         # entry name -> its squeeze model's labeller, for the sets relabelled on the fly
@@ -131,7 +133,7 @@ class Evaluator:
 
     def load_labellers(self, entries: list[_Entry]) -> None:
         """Load the squeeze model of every set that relabels on the fly, so a missing one fails before training."""
-        if self.config.protocol != "supervised":
+        if self.protocol.takes != "labelled":
             return
         for entry in entries:
             if entry.distilled is not None and relabels_on_the_fly(entry.distilled, self.config.relabel):
@@ -165,38 +167,15 @@ class Evaluator:
         arch_args = cfg.arch_args.get(arch, {})
         if entry.baseline == "teacher":
             return copy.deepcopy(self.teacher.backbone).to(self.device).eval()
-        if distilled is None:  # 'none' (refused for the supervised protocol by _check_compatible)
+        if distilled is None:  # 'none' (refused by the protocols that train on labels)
             return build_student(arch, arch_args, target_dim, image_shape, seed).to(self.device).eval()
-        images, targets = distilled.materialize()
-        if cfg.protocol == "supervised":
-            if distilled.target_kind == "hard-label":
-                classes = int(distilled.metadata.get("num_classes") or int(targets.max()) + 1)
-            else:
-                classes = targets.shape[1]
-            model = build_student(arch, arch_args, classes, image_shape, seed)
-            loss = "ce" if distilled.target_kind == "hard-label" else "kl"
-            if distilled.metadata.get("label_loss") == "mse":  # label vectors learned as regression targets (FRePo)
-                loss = "mse"
-            temperature = cfg.temperature
-            if cfg.use_set_temperature and "temperature" in distilled.metadata:
-                temperature = float(distilled.metadata["temperature"])
-            labeller = self._labellers.get(entry.name)
-            settings = cfg.relabel.train if labeller is not None else cfg.supervised
-            return train_network(model, images, targets, settings, loss, seed, self.device, temperature=temperature,
-                                 desc=f"{entry.name} {arch} seed {seed}", progress=self.progress, labeller=labeller)
-        settings = cfg.pretrain
-        if entry.baseline == "full" and cfg.full_epochs is not None:
-            settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.full_epochs, "steps": 0})
-        if cfg.use_learned_lr and distilled.learned_lr is not None:
-            settings = TrainSettings(**{**settings.__dict__, "lr": distilled.learned_lr})
-        model = build_student(arch, arch_args, targets.shape[1], image_shape, seed)
-        return train_network(model, images, targets, settings, "mse", seed, self.device,
-                             desc=f"pre-train {entry.name} {arch} seed {seed}", progress=self.progress)
+        job = StudentJob(entry.name, distilled, arch, arch_args, seed, image_shape, cfg, self.device, self.progress,
+                         full=entry.baseline == "full", labeller=self._labellers.get(entry.name))
+        return self.protocol.student(job)
 
     def run(self, entries: list[_Entry], budget_bytes: int | None,
             journal_stem: str | Path | None = None) -> list[Cell]:
         cfg = self.config
-        readout = PROTOCOLS.get(cfg.protocol)
         self.load_labellers(entries)
         jobs = [(e, a, s) for e in entries for a in (cfg.archs[:1] if e.baseline == "teacher" else cfg.archs)
                 for s in cfg.seeds]
@@ -215,7 +194,7 @@ class Evaluator:
             distilled = entry.distilled
             if entry.baseline is not None and entry.baseline not in SETLESS:
                 source, features = self.source()
-                if cfg.protocol == "supervised":
+                if self.protocol.takes == "labelled":
                     distilled = make_labelled_baseline(entry.baseline, source, self.teacher, features, budget_bytes,
                                                        seed)
                 else:
@@ -229,7 +208,7 @@ class Evaluator:
                 target = self.target(target_name, image_shape)
                 ctx = ReadoutContext(student, target, pixel_space, cfg.readout, seed, self.device)
                 readout_started = time.monotonic()
-                accuracies = readout(ctx)
+                accuracies = self.protocol.readout(ctx)
                 cell_seconds = pretrain_seconds + time.monotonic() - readout_started
                 results += [(entry.name, arch, target_name, fraction, accuracy, cell_seconds)
                             for fraction, accuracy in accuracies.items()]
@@ -266,22 +245,6 @@ class Evaluator:
             raise ConfigError("'none' and 'teacher' need the teacher (--teacher); 'none' takes its image shape and "
                               "pixel space from it")
         return self.teacher.pixel_space, self.teacher.input_shape, self.teacher.feature_dim
-
-
-def _check_compatible(protocol: str, entries: list[_Entry], baselines: Sequence[str]) -> None:
-    """Refuse entry/protocol pairs that cannot be evaluated before anything is trained."""
-    labelled = protocol == "supervised"
-    unlabelled = [b for b in baselines if b not in LABELLED_BASELINES]
-    if labelled and unlabelled:
-        raise ConfigError(f"the supervised protocol trains on labelled sets; baselines {', '.join(unlabelled)} hold "
-                          "teacher representations (or nothing); evaluate them with linear, knn or finetune (its "
-                          f"labelled baselines are {', '.join(LABELLED_BASELINES)})")
-    for entry in entries:
-        kind = entry.distilled.target_kind
-        if labelled and kind == "representation":
-            raise ConfigError(f"set {entry.name!r} holds representations; the supervised protocol needs labels")
-        if not labelled and kind != "representation":
-            raise ConfigError(f"set {entry.name!r} holds {kind}s; use --protocol supervised")
 
 
 IMAGE_MARGIN = 10.0  # pixel ranges a set's images may reach beyond its pixel space's valid range (learned sets drift)
@@ -368,7 +331,8 @@ def evaluate(
     taken: set[str] = set(given) | set(baselines)
     labels = list(names) + [None] * (len(loaded) - len(names))
     entries = [_Entry(label or _entry_name(s, taken), s) for s, label in zip(loaded, labels)]
-    _check_compatible(config.protocol, entries, baselines)
+    PROTOCOLS.get(config.protocol).refuse_mismatches([(e.name, e.distilled.target_kind) for e in entries],
+                                                     list(baselines))
     for entry in entries:
         check_values(entry.distilled, entry.name)
     if "teacher" in baselines and teacher is None:

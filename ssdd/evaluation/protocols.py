@@ -1,8 +1,9 @@
-"""Evaluation protocols: how a pre-trained (or untrained) student is read out on a target dataset.
+"""Evaluation protocols: which sets and baselines a protocol takes, how it makes a student from a set
+(:mod:`ssdd.evaluation.students`) and how it reads that student out on a target dataset.
 
-Each protocol takes the student produced from a set and a target, and returns accuracies keyed by the label
-fraction (``1.0`` where the protocol always uses every label).  Protocols are registered by name; every setting
-they use lives in :class:`ProtocolSettings` and is written into the results.
+A read-out returns accuracies keyed by the label fraction (``1.0`` where the protocol always uses every label).
+Protocols (:class:`Protocol`) are registered by name in ``PROTOCOLS``; every setting they use lives in
+:class:`ProtocolSettings` and is written into the results.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import seeded
+from ssdd.errors import ConfigError
+from ssdd.evaluation.baselines import BASELINES, LABELLED_BASELINES
+from ssdd.evaluation.students import StudentJob, label_trained_student, pretrained_student
 from ssdd.models import Backbone
 from ssdd.probes import extract_features, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.registry import Registry
@@ -55,7 +59,37 @@ class ReadoutContext:
 
 
 Readout = Callable[[ReadoutContext], dict[float, float]]
-PROTOCOLS: Registry[Readout] = Registry("protocol")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol: the sets it takes (``accepts``: their target kinds; ``takes``: them in a word), the baselines it
+    builds, how it makes a student from a set and how it reads the student out."""
+
+    name: str
+    accepts: tuple[str, ...]
+    takes: str  # "representation" | "labelled"
+    student: Callable[[StudentJob], Backbone]
+    readout: Readout
+    baselines: tuple[str, ...] = BASELINES
+
+    def refuse_mismatches(self, sets: list[tuple[str, str]], baselines: list[str]) -> None:
+        """Refuse, before anything trains, a baseline or a set (``(name, target kind)``) that this protocol does not
+        take, naming the protocols that do."""
+        refused = [b for b in baselines if b not in self.baselines]
+        if refused:
+            others = [p.name for p in PROTOCOLS.values() if set(refused) <= set(p.baselines)]
+            raise ConfigError(f"the {self.name} protocol evaluates {self.takes} sets; baselines {', '.join(refused)} "
+                              f"are not among them; evaluate them with {', '.join(others)} (its {self.takes} baselines "
+                              f"are {', '.join(self.baselines)})")
+        for name, kind in sets:
+            if kind not in self.accepts:
+                others = [p.name for p in PROTOCOLS.values() if kind in p.accepts]
+                raise ConfigError(f"set {name!r} holds {kind}s; the {self.name} protocol evaluates {self.takes} sets; "
+                                  f"use --protocol {' or '.join(others)}")
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
 
 
 def _frozen_features(ctx: ReadoutContext, train_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +101,6 @@ def _frozen_features(ctx: ReadoutContext, train_rows: torch.Tensor | None = None
             extract_features(encode, ctx.target.test.images, ctx.pixel_space, device=ctx.device))
 
 
-@PROTOCOLS.register("linear")
 def linear_readout(ctx: ReadoutContext) -> dict[float, float]:
     """MKDT's protocol: L-BFGS logistic regression on frozen, standardised features of a seeded random fraction
     of the target's training labels; top-1 on the full test split.  Only the labelled images are encoded."""
@@ -83,7 +116,6 @@ def linear_readout(ctx: ReadoutContext) -> dict[float, float]:
     return results
 
 
-@PROTOCOLS.register("knn")
 def knn_readout(ctx: ReadoutContext) -> dict[float, float]:
     """Cosine kNN on frozen features, all training labels."""
     train_feats, test_feats = _frozen_features(ctx)
@@ -91,7 +123,6 @@ def knn_readout(ctx: ReadoutContext) -> dict[float, float]:
                               k=ctx.settings.knn_k, temperature=ctx.settings.knn_temperature)}
 
 
-@PROTOCOLS.register("finetune")
 def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
     """KRR-ST's protocol: a new head, then the whole network fine-tuned on 100% of the target's labels."""
     model = copy.deepcopy(ctx.student)  # the pre-trained student is shared by every target
@@ -104,9 +135,17 @@ def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
     return {1.0: top1(model, test, ctx.target.test.labels, ctx.device)}
 
 
-@PROTOCOLS.register("supervised")
 def supervised_readout(ctx: ReadoutContext) -> dict[float, float]:
     """For labelled sets: the student was trained from scratch on the set's labels; top-1 of its own head on
     the target's test split (the target must be the source, or share its classes)."""
     test = ctx.pixel_space.normalize(ctx.target.test.images)
     return {1.0: top1(ctx.student, test, ctx.target.test.labels, ctx.device)}
+
+
+REPRESENTATION = ("representation",)
+for _protocol in (Protocol("linear", REPRESENTATION, "representation", pretrained_student, linear_readout),
+                  Protocol("knn", REPRESENTATION, "representation", pretrained_student, knn_readout),
+                  Protocol("finetune", REPRESENTATION, "representation", pretrained_student, finetune_readout),
+                  Protocol("supervised", ("hard-label", "soft-label"), "labelled", label_trained_student,
+                           supervised_readout, LABELLED_BASELINES)):
+    PROTOCOLS.add(_protocol.name, _protocol)

@@ -16,14 +16,11 @@ from typing import Any
 import torch
 
 from ssdd.budget import Budget
-from ssdd.data.transforms import PixelSpace
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, Method
-from ssdd.selection import select_herding, select_kcenter, select_random
+from ssdd.selection import SELECTIONS, select, select_per_class
 from ssdd.teachers.features import teacher_features
-
-SELECTIONS = ("random", "herding", "kcenter")
 
 
 @dataclass
@@ -59,10 +56,7 @@ class Coreset(Method):
                               "without one use space: pixel and targets: labels")
         if (settings.per_class or settings.targets == "labels") and source.num_classes < 2:
             raise ConfigError(f"per-class selection and label targets need labels; {source.name} has none")
-        self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
-        shape = teacher.input_shape if teacher is not None else source.image_shape
-        converted = source.converted(channels=shape[0], size=shape[1])
-        self.images = self.pixel_space.normalize(converted.images.float() / 255)
+        self.images = context.normalized_source()
         self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
         values = self.images[0].numel()
         if settings.targets == "teacher":
@@ -70,7 +64,7 @@ class Coreset(Method):
         else:
             item_bytes = budget.value_bytes(values, labels=1)
         if settings.per_class:
-            self.plan = budget.plan_per_class(item_bytes, source.num_classes, "coreset")
+            self.plan = budget.plan_per_class(item_bytes, source.num_classes, self.name)
         else:
             self.plan = budget.plan(item_bytes)
         self.count = self.plan.count
@@ -84,29 +78,18 @@ class Coreset(Method):
             return self.features
         return self.images.flatten(1)
 
-    def select(self, rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-        if self.settings.selection == "random":
-            return select_random(n, rows.shape[0], seed)
-        if self.settings.selection == "herding":
-            return select_herding(rows, n)
-        return select_kcenter(rows, n, seed)
-
     def total_steps(self) -> int:
         return 1
 
     def step(self, step: int) -> dict[str, float]:
-        rows, labels, seed = self.space_rows(), self.context.source.labels, self.context.seed
+        rows, source, seed, how = self.space_rows(), self.context.source, self.context.seed, self.settings.selection
         if self.settings.per_class:
-            classes = self.context.source.num_classes
-            picks = []
-            for c in range(classes):
-                members = (labels == c).nonzero().flatten()
-                if members.numel() < self.count // classes:
-                    raise ConfigError(f"class {c} has {members.numel()} images, fewer than {self.count // classes}")
-                picks.append(members[self.select(rows[members], self.count // classes, seed * 1000 + c)])
-            self.indices = torch.cat(picks)
+            k = self.count // source.num_classes
+            self.indices = select_per_class(source.labels, source.num_classes, k,
+                                            lambda members, c: select(how, rows[members], k, seed * 1000 + c),
+                                            source.name)
         else:
-            self.indices = self.select(rows, self.count, seed)
+            self.indices = select(how, rows, self.count, seed)
         gap = (rows[self.indices].double().mean(0) - rows.double().mean(0)).norm()
         return {"loss": float(gap), "selected": float(self.indices.numel())}
 
@@ -119,13 +102,11 @@ class Coreset(Method):
     def distilled_set(self) -> DistilledSet:
         if self.indices is None:
             raise ConfigError("the coreset has not been selected yet (the run has not taken its step)")
-        s, dtype, source = self.settings, self.budget.torch_dtype, self.context.source
-        tensors = {"images": self.images[self.indices].to(dtype).contiguous()}
+        s, source = self.settings, self.context.source
+        tensors = {"images": self.images[self.indices]}
         meta = {"selection": s.selection, "per_class": s.per_class, "space": s.space,
                 "selected_indices": self.indices.tolist()}
         if s.targets == "teacher":
-            tensors["targets"] = self.features[self.indices].to(dtype).contiguous()
-            return DistilledSet(tensors, self.pixel_space, "representation", "coreset", meta)
-        tensors["labels"] = source.labels[self.indices].clone()
-        return DistilledSet(tensors, self.pixel_space, "hard-label", "coreset",
-                            {**meta, "num_classes": source.num_classes})
+            return self.make_set({**tensors, "targets": self.features[self.indices]}, "representation", meta)
+        return self.make_set({**tensors, "labels": source.labels[self.indices].clone()}, "hard-label",
+                             {**meta, "num_classes": source.num_classes})

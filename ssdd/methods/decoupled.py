@@ -30,7 +30,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +153,7 @@ class Recover(Method):
 
     settings_class = RecoverSettings
     splits_over_processes = True
-    name: ClassVar[str]
+    prepares = "a squeeze model"
 
     def __init__(self, settings: RecoverSettings, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
@@ -166,11 +166,11 @@ class Recover(Method):
             raise ConfigError(f"{self.name} deals its {self.classes} classes to the processes; run at most "
                               f"{self.classes} processes, not {self.world.size}")
         self.own = torch.tensor([c for _, c in shard(list(range(self.classes)), self.world)], device=context.device)
-        self.image_shape = context.teacher.input_shape if context.teacher is not None else source.image_shape
+        self.image_shape = context.image_shape
         c, h, w = self.image_shape  # the budget is checked before anything is trained
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w + self.classes), self.classes, self.name)
         self.ipc = self.plan.per_class
-        self.model, self.pixel_space = self.squeeze_model()
+        self.model, self.pixel_space = self.prepare(settings, context)
         self.model.eval().requires_grad_(False)
         self.statistics = BatchNormStatistics(self.model)
         low, high = self.pixel_space.bounds(torch.float64)  # rounded to the images' dtype where they are clipped
@@ -183,50 +183,51 @@ class Recover(Method):
 
     # ---- squeeze ------------------------------------------------------------------------------------------------
 
-    def squeeze_identity(self) -> dict[str, Any]:
+    @classmethod
+    def squeeze_identity(cls, settings: RecoverSettings, context: DistillContext) -> dict[str, Any]:
         """What a squeeze model is made from; a saved one is reused only when all of it matches."""
-        ctx = self.context
-        return {"method": self.name, "source": {"dataset": ctx.source.name, "fingerprint": ctx.source.fingerprint},
-                "teacher": ctx.teacher.fingerprint if ctx.teacher is not None else None,
-                "squeeze_settings": to_dict(self.settings.squeeze)}
+        return {"method": cls.name, "source": {"dataset": context.source.name,
+                                               "fingerprint": context.source.fingerprint},
+                "teacher": context.teacher.fingerprint if context.teacher is not None else None,
+                "squeeze_settings": to_dict(settings.squeeze)}
 
-    def squeeze_model(self) -> tuple[Backbone, PixelSpace]:
-        """The main process's squeeze model (from the run folder, or made now and saved there) on every process."""
-        made = self.main_squeeze_model() if self.world.is_main else None
+    @classmethod
+    def prepare(cls, settings: RecoverSettings, context: DistillContext) -> tuple[Backbone, PixelSpace]:
+        """The squeeze model and its pixel space: the main process's (from the run folder, or made now and saved
+        there) on every process."""
+        current = world()
+        made = cls.main_squeeze_model(settings, context) if current.is_main else None
         spec, state, pixel_space = broadcast_object(
-            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None,
-            self.world)
+            (made[0].spec, {k: v.cpu() for k, v in made[0].state_dict().items()}, made[1]) if made else None, current)
         if made is not None:
             return made
         model = create_model(**spec)
         model.load_state_dict(state)
-        return model.to(self.context.device), pixel_space
+        return model.to(context.device), pixel_space
 
-    def main_squeeze_model(self) -> tuple[Backbone, PixelSpace]:
+    @classmethod
+    def main_squeeze_model(cls, settings: RecoverSettings, context: DistillContext) -> tuple[Backbone, PixelSpace]:
         """The squeeze model from the run folder, or made now (and saved there)."""
-        ctx = self.context
-        identity = json.loads(json.dumps(self.squeeze_identity()))  # as it reads back from the file
-        path = ctx.workdir / SQUEEZE_FILE if ctx.workdir is not None else None
+        identity = json.loads(json.dumps(cls.squeeze_identity(settings, context)))  # as it reads back from the file
+        path = context.workdir / SQUEEZE_FILE if context.workdir is not None else None
         if path is not None and path.exists():
             model, pixel_space, meta, _ = load_network(path, "squeeze", SQUEEZE_FILE)
             differs = sorted(k for k in identity if meta.get(k) != identity[k])
             if differs:
                 raise ConfigError(f"{path} was made with another {', '.join(differs)} than this run's; "
                                   "use a new run folder")
-            return model.to(ctx.device), pixel_space
-        model, pixel_space, info = self.make_squeeze_model()
+            return model.to(context.device), pixel_space
+        model, pixel_space, info = cls.make_squeeze_model(settings, context)
         if path is not None:
             save_network(path, model, pixel_space, "squeeze", {**identity, **info})
-            ctx.log.info(f"squeeze model written to {path} ({info})")
-        return model.to(ctx.device), pixel_space
+            context.log.info(f"squeeze model written to {path} ({info})")
+        return model.to(context.device), pixel_space
 
+    @classmethod
     @abc.abstractmethod
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+    def make_squeeze_model(cls, settings: RecoverSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
         """A fresh squeeze model, its pixel space and a description for the artefact."""
-
-    def source_images(self, pixel_space: PixelSpace, shape: tuple[int, int, int]) -> torch.Tensor:
-        images = self.context.source.converted(channels=shape[0], size=shape[1]).images
-        return pixel_space.normalize(images.float().div(255.0))
 
     # ---- recover ------------------------------------------------------------------------------------------------
 
@@ -306,25 +307,24 @@ class Recover(Method):
         images = torch.cat(done)
         with torch.no_grad():
             logits = self.model(images).float() if images.shape[0] else torch.empty(0, self.classes)
-        dtype = self.budget.torch_dtype
         metadata = {"num_classes": self.classes, "ipc": len(self.recovered), "temperature": self.settings.temperature,
                     "labels": "the squeeze model's logits of the recovered images"}
         squeeze = self.context.workdir / SQUEEZE_FILE if self.context.workdir is not None else None
         if squeeze is not None and squeeze.exists():  # what on-the-fly relabelling loads, beside the set
             metadata["squeeze_model"] = {"file": SQUEEZE_FILE, "fingerprint": read_metadata(squeeze)["fingerprint"]}
-        return DistilledSet({"images": images.cpu().to(dtype), "labels": logits.cpu().to(dtype)}, self.pixel_space,
-                            "soft-label", self.name, metadata)
+        return self.make_set({"images": images, "labels": logits}, "soft-label", metadata, self.pixel_space)
 
 
 @METHODS.register("sre2l")
 class SRe2L(Recover):
     """SRe2L: the squeeze model is a supervised network trained on the labelled source."""
 
-    name = "sre2l"
     needs_teacher = False
 
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
-        s, ctx = self.settings.squeeze, self.context
+    @classmethod
+    def make_squeeze_model(cls, settings: RecoverSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = settings.squeeze, context
         if s.arch is not None:
             arch, arch_args = s.arch, dict(s.arch_args)
         elif ctx.teacher is not None:
@@ -334,14 +334,11 @@ class SRe2L(Recover):
         else:
             raise ConfigError("sre2l needs an architecture for its squeeze model: settings.squeeze.arch, or a teacher "
                               "whose architecture to use")
-        pixel_space = ctx.teacher.pixel_space if ctx.teacher is not None else PixelSpace.of(ctx.source.images)
-        shape = ctx.teacher.input_shape if ctx.teacher is not None else ctx.source.image_shape
-        model = build_student(arch, arch_args, self.classes, shape, ctx.seed)
+        model = build_student(arch, arch_args, ctx.source.num_classes, ctx.image_shape, ctx.seed)
         BatchNormStatistics(model).remove()  # refuse a network without BatchNorm before training it
-        images = self.source_images(pixel_space, shape)
-        train_network(model, images, ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
+        train_network(model, ctx.normalized_source(), ctx.source.labels, s.train, "ce", ctx.seed, ctx.device,
                       desc="squeeze (supervised)", progress=ctx.progress)
-        return model.eval(), pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
+        return model.eval(), ctx.pixel_space, {"squeeze": "supervised", "arch": arch, "epochs": s.train.epochs}
 
 
 @METHODS.register("scdd")
@@ -350,17 +347,18 @@ class SCDD(Recover):
     linear classifier fitted on the labelled source."""
 
     settings_class = SCDDSettings
-    name = "scdd"
 
-    def make_squeeze_model(self) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
-        s, ctx = self.settings.squeeze, self.context
+    @classmethod
+    def make_squeeze_model(cls, settings: SCDDSettings,
+                           context: DistillContext) -> tuple[Backbone, PixelSpace, dict[str, Any]]:
+        s, ctx = settings.squeeze, context
         teacher = ctx.teacher
         features = teacher_features(teacher, ctx.source, device=ctx.device).float().cpu()
         mean, std = features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6)
-        weight, bias = fit_logistic_regression((features - mean) / std, ctx.source.labels, self.classes, s.l2,
+        weight, bias = fit_logistic_regression((features - mean) / std, ctx.source.labels, ctx.source.num_classes, s.l2,
                                                s.lbfgs_iterations)
         model = copy.deepcopy(teacher.backbone).cpu()
-        model.reset_head(self.classes)
+        model.reset_head(ctx.source.num_classes)
         with torch.no_grad():  # the head on raw features: W^T ((f - mean) / std) + b
             model.head.weight.copy_((weight / std.double().unsqueeze(1)).T.float())
             model.head.bias.copy_((bias - (mean.double() / std.double()) @ weight).float())

@@ -21,17 +21,17 @@ import torch
 
 from ssdd.budget import BUDGET_KEYS, Budget, refuse_overspent
 from ssdd.checks import SET_CHECKS
-from ssdd.config import deep_update, from_dict, preset_dict, to_dict
+from ssdd.config import deep_update, from_dict, list_presets, preset_dict, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator, precision, resolve_device
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.distributed import world
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, NumericalError, check_finite
+from ssdd.errors import ConfigError, NumericalError
 from ssdd.methods.base import METHODS, DistillContext, Method
 from ssdd.probes import extract_features, knn_accuracy
-from ssdd.progress import progress_bar
+from ssdd.progress import LongRun
 from ssdd.resources import ensure_fits
 from ssdd.runs import RunDir, on_main
 from ssdd.show import save_curves
@@ -95,6 +95,17 @@ class DistillConfig:
         SEED.check(self.seed, "seed")
 
 
+def distill_preset(preset: str | None, method: str | None) -> str | None:
+    """The distill preset that ``preset`` names: ``METHOD/NAME`` or a preset of the group's top level as given, else
+    ``NAME`` among ``method``'s own presets (refused, listing them, when it has no such preset)."""
+    if not preset or "/" in preset or not method or preset in list_presets("distill"):
+        return preset
+    own = [p.partition("/")[2] for p in list_presets("distill") if p.startswith(f"{method}/")]
+    if preset not in own:
+        raise ConfigError(f"method {method} has no preset {preset!r}; its presets: {', '.join(own) or 'none'}")
+    return f"{method}/{preset}"
+
+
 def method_settings(method: str, settings: Any) -> Any:
     """The method's settings object from a dict (unknown keys are errors) or as given."""
     cls = METHODS.get(method).settings_class
@@ -115,6 +126,15 @@ def resolved_config(config: DistillConfig) -> dict[str, Any]:
 def default_config(method: str) -> dict[str, Any]:
     """The recorded form of a run of ``method`` at every default (what a setting added since a run started is)."""
     return resolved_config(DistillConfig(method=method))
+
+
+def prepare(config: DistillConfig, progress: bool = True) -> Any:
+    """Do what a run of ``config`` does before its first step and keeps on disk (its method's
+    :meth:`~ssdd.methods.base.Method.prepare`, e.g. training its experts), without distilling; returns what it made."""
+    device = resolve_device(config.device)
+    teacher, source = resolve_inputs(config, device)
+    context = DistillContext(source, teacher, device, config.seed, logging.getLogger("ssdd.prepare"), progress=progress)
+    return METHODS.get(config.method).prepare(method_settings(config.method, config.settings), context)
 
 
 def resolve_inputs(config: DistillConfig, device: torch.device, teacher: Teacher | None = None,
@@ -284,10 +304,7 @@ class Distillation:
             knn = checked["knn"]
             if self.run_dir is not None:
                 self.run_dir.metrics(step=0, **checked)
-        bar = progress_bar(total=total, initial=start, desc=f"distill {cfg.method}", unit="step",
-                           disable=not (self.progress and main))
-        started = time.monotonic() - elapsed
-        last_checkpoint = time.monotonic()
+        loop = LongRun(total, start, f"distill {cfg.method}", cfg.checkpoint_minutes, self.progress and main, elapsed)
         last_good = start if self.run_dir is not None and self.run_dir.checkpoint_path.exists() else None
         for step in range(start, total):
             try:
@@ -295,22 +312,20 @@ class Distillation:
             except FloatingPointError as error:  # a method's own numerical failure, e.g. a kernel no jitter fixes
                 raise NumericalError(f"{cfg.method}: step {step + 1} failed: {error}; "
                                      f"{self._recovery_advice(last_good)}") from None
-            check_finite(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}",
-                         self._recovery_advice(last_good))
+            loop.guard(metrics["loss"], f"{cfg.method}: the loss at step {step + 1}", self._recovery_advice(last_good))
             done = step + 1
             if cfg.monitor.every > 0 and done % cfg.monitor.every == 0 and done < total and main:
                 metrics.update(self.check(method.distilled_set(), done))
                 knn = metrics["knn"]
             if self.run_dir is not None and (done % cfg.log_every == 0 or done == total or "knn" in metrics):
-                self.run_dir.metrics(step=done, seconds=round(time.monotonic() - started, 2), **metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", **({"knn": f"{knn:.1f}"} if knn is not None else {}))
-            if self.run_dir is not None and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
-                self.checkpoint(done, time.monotonic() - started)
-                last_checkpoint = time.monotonic()
+                self.run_dir.metrics(step=done, seconds=round(loop.seconds, 2), **metrics)
+            loop.advance({"loss": f"{metrics['loss']:.4g}", **({"knn": f"{knn:.1f}"} if knn is not None else {})})
+            if self.run_dir is not None and loop.checkpoint_due():
+                self.checkpoint(done, loop.seconds)
+                loop.checkpointed()
                 last_good = done
-        bar.close()
-        seconds = time.monotonic() - started
+        loop.close()
+        seconds = loop.seconds
         if self.run_dir is not None:
             self.checkpoint(total, seconds)
         return self.finish(seconds)
@@ -389,7 +404,7 @@ def distill(
     there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``; an ``out`` that
     holds a run needs ``resume=True`` (a finished one is returned as it is) or ``overwrite=True`` (it starts afresh).
     """
-    preset_values = preset_dict("distill", preset if "/" in (preset or "/") else f"{method}/{preset}") if preset else {}
+    preset_values = preset_dict("distill", distill_preset(preset, method)) if preset else {}
     if isinstance(config, dict) or config is None:
         settings = dict(preset_values.get("settings", {}))
         deep_update(settings, config or {})

@@ -18,11 +18,11 @@ from ssdd.data.augment import SSLViews
 from ssdd.device import autocast, make_generator, precision, resolve_device, seeded
 from ssdd.distributed import World, world
 from ssdd.environment import environment
-from ssdd.errors import ConfigError, check_finite
+from ssdd.errors import ConfigError
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
 from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
-from ssdd.progress import progress_bar
+from ssdd.progress import LongRun
 from ssdd.runs import RunDir, on_main
 from ssdd.teachers.artefact import TEACHER_FILE, save_teacher
 from ssdd.teachers.features import FEATURES_DIR
@@ -251,18 +251,15 @@ class _TeacherTraining:
                  f"{self.total_steps}")
         self.backbone.train()
         self.projector.train()
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"teacher {cfg.ssl} {cfg.arch}",
-                           unit="step", disable=not (self.progress and main))
-        last_checkpoint = time.monotonic()
+        loop = LongRun(self.total_steps, self.step, f"teacher {cfg.ssl} {cfg.arch}", cfg.checkpoint_minutes,
+                       self.progress and main)
         knn = self.last_knn
-        start_time = time.monotonic()
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             order = self.epoch_order(epoch)
             batch = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
             loss = self.train_step(batch)
-            check_finite(loss, f"teacher {cfg.ssl}: the loss at step {self.step}", self.recovery_advice())
-            bar.update(1)
+            loop.guard(loss, f"teacher {cfg.ssl}: the loss at step {self.step}", self.recovery_advice())
             postfix = {"epoch": epoch + 1, "loss": f"{loss:.3f}"}
             epoch_done = self.step % self.steps_per_epoch == 0
             if epoch_done and main:
@@ -271,20 +268,20 @@ class _TeacherTraining:
                 if cfg.monitor_every and (done_epochs % cfg.monitor_every == 0 or done_epochs == cfg.epochs):
                     knn = self.last_knn = measured = self.knn()
                 self.run_dir.metrics(epoch=done_epochs, step=self.step, loss=loss, knn=measured,
-                                     seconds=round(time.monotonic() - start_time, 1))
+                                     seconds=round(loop.seconds, 1))
                 self.log(f"epoch {done_epochs}/{cfg.epochs}: loss {loss:.4g}"
                          + ("" if measured is None else f", kNN top-1 {measured:.2f}%"))
             if knn is not None:
                 postfix["knn"] = f"{knn:.1f}"
-            bar.set_postfix(postfix)
-            if main and epoch_done and time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60:
+            loop.advance(postfix)
+            if main and epoch_done and loop.checkpoint_due():
                 self.checkpoint()
-                last_checkpoint = time.monotonic()
-        bar.close()
+                loop.checkpointed()
+        loop.close()
         if not main:
             return self.run_dir.path / TEACHER_FILE
         self.checkpoint()
-        return self.finish(knn, time.monotonic() - start_time)
+        return self.finish(knn, loop.seconds)
 
     def checkpoint(self) -> None:
         self.run_dir.save_checkpoint(self.state())

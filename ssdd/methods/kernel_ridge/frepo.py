@@ -1,10 +1,9 @@
 """FRePo (Zhou, Nezhadarya & Ba, NeurIPS 2022): neural feature regression with a model pool, on labels.
 
-The kernel-ridge family's outer step (:mod:`ssdd.methods.krr_base`, the same :func:`~ssdd.methods.krr.krr_outer_loss`
-as KRR-ST) with class labels in place of a teacher's representations: the synthetic set is class-balanced images
-with learnable label vectors initialised to their one-hot labels, and each real batch is scored against the
-one-hot labels of its (crop+flip augmented) images. No teacher is needed; with one, its pixel space and input
-shape are used.
+The kernel-ridge family's outer step (:mod:`.base`, the same :func:`~.krr.krr_outer_loss` as KRR-ST) with class labels
+in place of a teacher's representations: the synthetic set is class-balanced images with learnable label vectors
+initialised to their one-hot labels, and each real batch is scored against the one-hot labels of its (crop+flip
+augmented) images. No teacher is needed; with one, its pixel space and input shape are used.
 
 The stored labels are regression targets (float vectors, not probabilities), so the set records
 ``label_loss: mse`` and the supervised protocol trains on it with MSE to those vectors, as FRePo's own training
@@ -26,7 +25,7 @@ from ssdd.device import make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext
-from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod, KernelRidgeSettings
 
 
 @dataclass
@@ -97,10 +96,7 @@ class FRePo(KernelRidgeMethod):
         self.start_tracking()
 
     def target_space(self, context: DistillContext) -> tuple[PixelSpace, tuple[int, int, int], int]:
-        teacher, source = context.teacher, context.source
-        if teacher is not None:
-            return teacher.pixel_space, teacher.input_shape, source.num_classes
-        return PixelSpace.of(source.images), source.image_shape, source.num_classes
+        return context.pixel_space, context.image_shape, context.source.num_classes
 
     def real_batches(self, settings: FRePoSettings, context: DistillContext, views: Sequence[str]) -> LabelledBatches:
         return LabelledBatches(settings, context, self.pixel_space, self.image_shape)
@@ -115,5 +111,5 @@ class FRePo(KernelRidgeMethod):
         return {"images": self.learned["images"], "labels": self.labels()}
 
     def distilled_set(self) -> DistilledSet:
-        return self.make_set("frepo", {"initial_indices": self.initial_indices.tolist(), "num_classes": self.classes,
-                                       "ipc": self.ipc, "label_loss": "mse"}, target_kind="soft-label")
+        return self.kernel_set({"initial_indices": self.initial_indices.tolist(), "num_classes": self.classes,
+                                "ipc": self.ipc, "label_loss": "mse"}, target_kind="soft-label")

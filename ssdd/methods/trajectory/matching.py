@@ -1,7 +1,7 @@
 """Trajectory matching: MKDT (Joshi, Ni, Mirzasoleiman, ICLR 2025) and supervised MTT (Cazenavette et al., 2022).
 
 Both distil by making a student trained on the synthetic set follow an expert's training trajectory
-(:mod:`ssdd.methods.trajectories`): each iteration samples an expert (over all experts) and a start epoch
+(:mod:`ssdd.methods.trajectory.experts`): each iteration samples an expert (over all experts) and a start epoch
 s < ``max_start_epoch``, takes ``syn_steps`` differentiable SGD steps from the expert's epoch-s parameters on
 mini-batches of the synthetic set at a learnable step size, and minimises the distance to the expert's epoch
 s + ``expert_epochs`` parameters normalised by the expert's own displacement.  Images, targets (MKDT) and the step
@@ -38,7 +38,7 @@ from ssdd.distributed import shard, sum_gradients, sum_over_processes, world
 from ssdd.errors import ConfigError
 from ssdd.io import read_metadata
 from ssdd.methods.base import METHODS, DistillContext, Method
-from ssdd.methods.trajectories import (
+from ssdd.methods.trajectory.experts import (
     ExpertSettings,
     ExpertStore,
     expert_file,
@@ -46,11 +46,10 @@ from ssdd.methods.trajectories import (
     expert_outputs,
     is_self_supervised,
     make_network,
-    matching_loss,
     train_experts,
-    unrolled_sgd,
 )
-from ssdd.selection import select_random, select_top_loss
+from ssdd.methods.trajectory.unroll import matching_loss, unrolled_sgd
+from ssdd.selection import select_per_class, select_random, select_top_loss
 from ssdd.teachers.features import teacher_features
 from ssdd.teachers.losses import SSL_LOSSES
 
@@ -111,16 +110,14 @@ def trajectory_data(loss: str, context: DistillContext) -> tuple[PixelSpace, tor
             raise ConfigError(f"classifier experts need a labelled source; {source.name} has {source.num_classes} "
                               "class(es)")
         targets = source.labels.clone()
-    pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
-    c, h, _ = teacher.input_shape if teacher is not None else source.image_shape
-    images = source.converted(channels=c, size=h).images
-    return pixel_space, pixel_space.normalize(images.float().div(255.0)), targets
+    return context.pixel_space, context.normalized_source(), targets
 
 
-def prepare_experts(loss: str, settings: MatchingSettings, context: DistillContext, folder: str | Path | None,
-                    images: torch.Tensor, targets: torch.Tensor, progress: bool = True) -> ExpertStore:
-    """Train the experts missing from ``folder`` (default: ``experts/`` in the run folder) and check that the ones
-    there were trained for this loss, source, teacher and architecture."""
+def prepare_experts(loss: str, settings: MatchingSettings, context: DistillContext, images: torch.Tensor,
+                    targets: torch.Tensor) -> ExpertStore:
+    """Train the experts missing from ``settings.experts_dir`` (default: ``experts/`` in the run folder) and check
+    that the ones there were trained for this loss, source, teacher and architecture."""
+    folder = settings.experts_dir
     folder = Path(folder) if folder else (context.workdir / "experts" if context.workdir else None)
     if folder is None:
         raise ConfigError("trajectory matching stores its experts on disk: give settings.experts_dir=FOLDER "
@@ -132,7 +129,7 @@ def prepare_experts(loss: str, settings: MatchingSettings, context: DistillConte
         if expert_file(folder, k).exists():
             _check_experts(folder, read_metadata(expert_file(folder, k)), identity, settings)
     store = train_experts(folder, settings.experts, images, targets, loss, context.seed, context.device,
-                          metadata=identity, progress=progress)
+                          metadata=identity, progress=context.progress)
     _check_experts(folder, store.metadata, identity, settings)
     return store
 
@@ -156,8 +153,21 @@ class TrajectoryMatching(Method):
 
     settings_class = MatchingSettings
     splits_over_processes = True
+    prepares = "experts"
     loss: ClassVar[str]  # the experts' and the unroll's loss: mse | ce
     target_kind: ClassVar[str]
+
+    @classmethod
+    def expert_loss(cls, settings: MatchingSettings) -> str:
+        """The experts' and the unroll's loss under ``settings``."""
+        return cls.loss
+
+    @classmethod
+    def prepare(cls, settings: MatchingSettings, context: DistillContext) -> ExpertStore:
+        """The experts: those missing from ``settings.experts_dir`` trained, the others checked."""
+        loss = cls.expert_loss(settings)
+        _, images, targets = trajectory_data(loss, context)
+        return prepare_experts(loss, settings, context, images, targets)
 
     def __init__(self, settings: MatchingSettings, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
@@ -167,8 +177,7 @@ class TrajectoryMatching(Method):
         self.image_shape = tuple(self.real.shape[1:])
         outputs = expert_outputs(self.loss, s.experts, self.real_targets)
         self.network = make_network(s.experts, outputs, self.image_shape, context.seed).to("meta")
-        self.experts = prepare_experts(self.loss, s, context, s.experts_dir, self.real, self.real_targets,
-                                       progress=context.progress)
+        self.experts = prepare_experts(self.loss, s, context, self.real, self.real_targets)  # prepare's, on this data
         self.num_images = self.plan_budget()
         chosen = self.initial_indices()
         self.initial_rows = chosen
@@ -269,20 +278,17 @@ class TrajectoryMatching(Method):
         self.generator.set_state(state["generator"])
 
     def distilled_set(self) -> DistilledSet:
-        dtype = self.budget.torch_dtype
-        tensors = {"images": self.images.detach().cpu().to(dtype), "learned_lr": self.syn_lr.detach().cpu().to(dtype)}
+        tensors = {"images": self.images, "learned_lr": self.syn_lr}
         if self.target_kind == "representation":
-            tensors["targets"] = self.targets.detach().cpu().to(dtype)
+            tensors["targets"] = self.targets
         else:
-            tensors["labels"] = self.targets.detach().cpu().long()
+            tensors["labels"] = self.targets.long()
         metadata = {"initial_indices": self.initial_rows.tolist(), "init": self.settings.init,
                     "experts": {"folder": str(self.experts.folder), "count": len(self.experts),
                                 "epochs": self.experts.epochs}}
         if self.target_kind == "hard-label":
             metadata["num_classes"] = self.context.source.num_classes
-        return DistilledSet(tensors, self.pixel_space, self.target_kind, self.name, metadata)
-
-    name: ClassVar[str]
+        return self.make_set(tensors, self.target_kind, metadata, self.pixel_space)
 
 
 @METHODS.register("mkdt")
@@ -292,7 +298,6 @@ class MKDT(TrajectoryMatching):
     loss = "mse"
     target_kind = "representation"
     learns_targets = True
-    name = "mkdt"
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape
@@ -334,26 +339,21 @@ class MTT(TrajectoryMatching):
     target_kind = "hard-label"
     learns_targets = False
     needs_teacher = False
-    name = "mtt"
 
     def plan_budget(self) -> int:
         c, h, w = self.image_shape
         self.plan = self.budget.plan_per_class(self.budget.value_bytes(c * h * w, labels=1),
-                                               self.context.source.num_classes, "mtt",
+                                               self.context.source.num_classes, self.name,
                                                fixed_bytes=self.budget.value_bytes(1))  # + the learned step size
         return self.plan.count
 
     def initial_indices(self) -> torch.Tensor:
-        labels = self.real_targets
-        per_class = self.num_images // self.context.source.num_classes
+        source = self.context.source
+        per_class = self.num_images // source.num_classes
         gen = make_generator(self.context.seed)
-        rows = []
-        for c in range(self.context.source.num_classes):
-            members = (labels == c).nonzero().flatten()
-            if members.numel() < per_class:
-                raise ConfigError(f"class {c} has {members.numel()} images, fewer than the {per_class} per class asked")
-            rows.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
-        return torch.cat(rows)
+        return select_per_class(self.real_targets, source.num_classes, per_class,
+                                lambda members, _: torch.randperm(members.numel(), generator=gen)[:per_class],
+                                source.name)
 
 
 
@@ -379,7 +379,10 @@ class MTTSSL(TrajectoryMatching):
     settings_class = MTTSSLSettings
     target_kind = "representation"
     learns_targets = False
-    name = "mtt-ssl"
+
+    @classmethod
+    def expert_loss(cls, settings: MTTSSLSettings) -> str:
+        return settings.ssl
 
     @property
     def loss(self) -> str:  # type: ignore[override]  # the experts' and the unroll's loss is a setting here
@@ -398,10 +401,9 @@ class MTTSSL(TrajectoryMatching):
 
     def distilled_set(self) -> DistilledSet:
         images = self.images.detach()
-        dtype = self.budget.torch_dtype
-        tensors = {"images": images.cpu().to(dtype), "targets": self.context.teacher.represent(images).to(dtype)}
+        tensors = {"images": images, "targets": self.context.teacher.represent(images)}
         metadata = {"initial_indices": self.initial_rows.tolist(), "init": self.settings.init, "ssl": self.settings.ssl,
                     "targets": "the teacher's representations of the learned images",
                     "experts": {"folder": str(self.experts.folder), "count": len(self.experts),
                                 "epochs": self.experts.epochs}}
-        return DistilledSet(tensors, self.pixel_space, self.target_kind, self.name, metadata)
+        return self.make_set(tensors, self.target_kind, metadata, self.pixel_space)

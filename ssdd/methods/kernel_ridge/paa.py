@@ -49,7 +49,7 @@ from ssdd.device import make_generator, seeded
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, approximate_shift, combine_bases
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext
-from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.selection import select_random
 from ssdd.teachers.features import teacher_features
 
@@ -368,9 +368,8 @@ class PAA(KernelRidgeMethod):
         return t
 
     def distilled_set(self) -> DistilledSet:
-        distilled = self.make_set("paa", {"views": self.views, "image_shape": list(self.image_shape),
-                                          "initial_indices": self.initial_indices.tolist(),
-                                          "spending": self.spending})
+        distilled = self.kernel_set({"views": self.views, "image_shape": list(self.image_shape),
+                                     "initial_indices": self.initial_indices.tolist(), "spending": self.spending})
         distilled.metadata["approximation_mse"] = {view: {"before": b, "after": a}
                                                    for view, (b, a) in self.approximation_errors.items()}
         return distilled

@@ -16,11 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ssdd.budget import Budget
 from ssdd.data.augment import DSAConfig, apply_dsa, sample_dsa_params
 from ssdd.errors import ConfigError
-from ssdd.methods.base import METHODS, DistillContext
-from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.methods.base import METHODS
+from ssdd.methods.feature_matching.labelled import ClassBalancedImages
 from ssdd.training import build_student
 
 
@@ -75,10 +74,6 @@ class GradientMatching(ClassBalancedImages):
     """DC / DSA (labelled, class-balanced); ``dsa`` in the settings tells which."""
 
     settings_class = GradientMatchingSettings
-    method_name = "dc"
-
-    def __init__(self, settings: GradientMatchingSettings, context: DistillContext, budget: Budget):
-        super().__init__(settings, context, budget, self.method_name)
 
     def total_steps(self) -> int:
         return self.settings.iterations
@@ -140,4 +135,3 @@ class DSA(GradientMatching):
     """Gradient matching with differentiable siamese augmentation."""
 
     settings_class = DSASettings
-    method_name = "dsa"

@@ -1,59 +1,32 @@
-"""``ssdd bench``: benchmark suites run end to end, stage by stage, into one report folder.
-
-A suite (preset group ``bench``) names a teacher, the distilled sets to make and the evaluations to run. Its stages
-are the teacher, each set and each (evaluation, entry) pair; every stage writes into the report folder and is
-reused when the suite runs again with the same settings, so a suite killed halfway continues where it stopped:
-
-    <out>/<suite>/teacher/                       the teacher's run folder
-    <out>/<suite>/sets/<name>/                   each set's run folder (+ grid.png)
-    <out>/<suite>/evaluations/<eval>/<entry>.json one entry's cells under one evaluation
-    <out>/<suite>/evaluations/<eval>/results.*   the evaluation's combined results (json, md, png)
-    <out>/<suite>/stages.json                    wall time and peak memory of every stage that ran
-    <out>/<suite>/report.md                      environment, commands, tables, plots, grids, time and memory
-    <out>/<suite>/report.html                    the same page, self-contained (plots and grids embedded)
-
-Under ``torchrun`` every process takes part: the teacher trains data-parallel; the other sets still to make and the
-baselines' entries that need no set form a queue from which each process takes the next job and does it alone
-(so a process that finished does not wait while another makes a long set); then the sets whose method splits its
-steps (the kernel-ridge family, SC-DD, SRe2L) are made by all processes together, and the remaining entries' cells
-are dealt over the processes. Process 0 writes the report; the output folder must be visible to every process (one
-machine, or a filesystem the nodes share).
-
-Separate runs with different ``--methods`` may share one folder at the same time: ``stages.json`` is changed under a
-lock, and each run's ``report.md`` covers its own part.
-"""
+"""The stages of a suite run (:class:`BenchRun`): the teacher, each set, each evaluation's entries, each reused when
+its artefact exists with the same settings; :func:`run_suite`, what ``ssdd bench`` calls."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import shlex
-import socket
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ssdd.config import deep_update, from_dict, list_presets, preset_dict, read_yaml, to_dict
+from ssdd.bench.queue import claimed
+from ssdd.bench.report import write_suite_report
+from ssdd.bench.suite import EvaluationStage, Stage, load_suite, suite_name
+from ssdd.config import deep_update, from_dict, preset_dict, to_dict
 from ssdd.device import resolve_device
 from ssdd.distilled import DistilledSet, load_distilled
 from ssdd.distributed import alone, barrier, broadcast_object, gather_objects, world
 from ssdd.environment import PeakMemory, combined_environment, environment
 from ssdd.errors import ConfigError
 from ssdd.evaluation import EvaluationConfig, clear_journal, evaluate, write_report
-from ssdd.evaluation.baselines import BASELINES, SETLESS
+from ssdd.evaluation.baselines import SETLESS
 from ssdd.evaluation.evaluate import Cell, image_budget_bytes
-from ssdd.evaluation.expectations import Expectation, Verdict, judge, summary, verdict_blocks
-from ssdd.evaluation.report import plot_against_budget, result_tables
-from ssdd.io import atomic_write_text, locked, make_folder, process_running
-from ssdd.methods import METHODS, Distillation, DistillConfig
+from ssdd.io import atomic_write_text, locked, make_folder
+from ssdd.methods import METHODS, Distillation, DistillConfig, distill_preset
 from ssdd.methods.engine import default_config, method_settings, resolved_config
-from ssdd.page import Block, Code, Heading, Image, Paragraph, Table, html, markdown
 from ssdd.runs import RunDir, exclusive
 from ssdd.teachers import Teacher, TeacherConfig, load_teacher, train_teacher
 from ssdd.teachers.reference import PREFIX as REFERENCE_PREFIX
@@ -61,92 +34,6 @@ from ssdd.teachers.reference import is_reference
 
 TEACHER_FILE = "teacher.safetensors"
 SET_FILE = "distilled.safetensors"
-TIMING_HEADING = "## Time and peak memory of each stage"
-
-
-@dataclass
-class Stage:
-    """A preset of a command's group and overrides of its keys (e.g. ``{preset: paa/cifar10-cpu, config: {...}}``)."""
-
-    preset: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TeacherStage(Stage):
-    """The suite's teacher: ``reference`` names a teacher ssdd ships (``cifar10`` for ``reference:cifar10``), used
-    unless the run asks to train its own from the preset and overrides (``--train-teacher``)."""
-
-    reference: str | None = None
-
-
-@dataclass
-class EvaluationStage(Stage):
-    """One evaluation: an ``evaluate`` preset and overrides, the suite's sets it covers (all when unset) and its
-    baselines, at the first set's bytes or at ``images`` / ``bytes`` when given; ``expect``: the orderings of its
-    entries that the report checks."""
-
-    sets: list[str] | None = None
-    baselines: list[str] = field(default_factory=list)
-    images: int | None = None
-    bytes: int | None = None
-    expect: Expectation | None = None
-
-
-@dataclass
-class Suite:
-    """A benchmark suite (preset group ``bench``)."""
-
-    description: str = ""
-    teacher: TeacherStage = field(default_factory=TeacherStage)
-    sets: dict[str, Stage] = field(default_factory=dict)
-    evaluations: dict[str, EvaluationStage] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.teacher = _stage(TeacherStage, self.teacher, "teacher")
-        self.sets = {name: _stage(Stage, value, f"sets.{name}") for name, value in self.sets.items()}
-        self.evaluations = {name: _stage(EvaluationStage, value, f"evaluations.{name}")
-                            for name, value in self.evaluations.items()}
-        for name, stage in self.evaluations.items():
-            unknown = sorted(set(stage.sets or []) - set(self.sets))
-            if unknown:
-                raise ConfigError(f"evaluation {name} names sets the suite does not make: {', '.join(unknown)}")
-            bad = sorted(set(stage.baselines) - set(BASELINES))
-            if bad:
-                raise ConfigError(f"evaluation {name}: unknown baseline(s) {', '.join(bad)}; "
-                                  f"use {', '.join(BASELINES)}")
-            if stage.expect is not None:
-                entries = [*(stage.sets if stage.sets is not None else self.sets), *stage.baselines]
-                named = {e for o in stage.expect.parsed(f"evaluations.{name}.expect") for e in (o.above, o.below)}
-                strangers = sorted(named - set(entries))
-                if strangers:
-                    raise ConfigError(f"evaluation {name}: its expected orderings name {', '.join(strangers)}, which "
-                                      f"it does not evaluate; its entries are {', '.join(entries)}")
-
-
-def _stage(cls: type[Stage], value: Any, where: str) -> Stage:
-    return value if isinstance(value, cls) else from_dict(cls, dict(value or {}), where=where)
-
-
-def suites() -> list[str]:
-    """Names of the shipped suites."""
-    return list_presets("bench")
-
-
-def suite_name(suite: str) -> str:
-    """The report folder's name for ``suite``: a shipped suite's name, or a suite file's name without ``.yaml``."""
-    return Path(suite).stem if suite.endswith((".yaml", ".yml")) else suite
-
-
-def load_suite(suite: str) -> Suite:
-    """The shipped suite named ``suite``, or the suite written in the YAML file ``suite`` (same keys)."""
-    if suite.endswith((".yaml", ".yml")):
-        if not Path(suite).is_file():
-            raise ConfigError(f"suite file {suite} does not exist")
-        return from_dict(Suite, read_yaml(suite), where=f"suite {suite}")
-    if suite not in suites():
-        raise ConfigError(f"unknown suite {suite!r}; known suites: {', '.join(suites())}, or a suite's YAML file")
-    return from_dict(Suite, preset_dict("bench", suite), where=f"suite {suite}")
 
 
 @dataclass
@@ -228,11 +115,13 @@ class BenchRun:
         teacher = self.teacher()
         sets = self.sets(teacher)
         results = {name: self.evaluation(name, stage, teacher, sets) for name, stage in self.suite.evaluations.items()}
-        return self.report(sets, results)
+        return write_suite_report(self, sets, results)
 
-    def _merged(self, group: str, stage: Stage, run: dict[str, Any]) -> dict[str, Any]:
-        """The stage's preset of ``group`` < its overrides < this run's settings."""
-        merged = dict(preset_dict(group, stage.preset)) if stage.preset else {}
+    def _merged(self, group: str, stage: Stage, run: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+        """The stage's preset of ``group`` (``preset`` when given: its resolved name) < its overrides < this run's
+        settings."""
+        preset = preset or stage.preset
+        merged = dict(preset_dict(group, preset)) if preset else {}
         deep_update(merged, stage.config)
         deep_update(merged, {**run, "data_root": self.options.data_root, "device": self.options.device})
         return merged
@@ -243,7 +132,9 @@ class BenchRun:
 
     def set_config(self, name: str) -> DistillConfig:
         """The distillation of set ``name``, its method's settings checked."""
-        merged = self._merged("distill", self.suite.sets[name], {"teacher": self.teacher_source()})
+        stage = self.suite.sets[name]
+        preset = distill_preset(stage.preset, stage.config.get("method"))
+        merged = self._merged("distill", stage, {"teacher": self.teacher_source()}, preset)
         config = from_dict(DistillConfig, merged, where=f"suite {self.name} set {name}")
         method_settings(config.method, config.settings)
         return config
@@ -298,7 +189,7 @@ class BenchRun:
             queued = broadcast_object([n for n in names if n not in together
                                        and not (self._set_folder(n) / SET_FILE).exists()], self.world)
         jobs = [("set", name) for name in queued] + (self._setless_entries(teacher) if queued else [])
-        for job in self._claimed(jobs):
+        for job in claimed(jobs, self.folder, self.world):
             with alone():
                 if job[0] == "set":
                     self.distilled(job[1], configs[job[1]], teacher, self.options.progress and self.world.is_main)
@@ -332,30 +223,6 @@ class BenchRun:
                         folder / f"{entry}.json", _entry_key(config, drawn, None)) is None:
                     jobs.append(("entry", folder, name, entry, config, drawn))
         return jobs
-
-    def _claimed(self, jobs: list[tuple]) -> Iterator[tuple]:
-        """This process's jobs: the next one not yet taken by any process, until none is left (a counter in the
-        suite folder, changed under a lock). Process 0's list is everyone's."""
-        if not jobs:
-            return
-        host = socket.gethostname()
-        if self.world.is_main:  # the counters that killed runs on this machine left (another run may share the folder)
-            for stale in self.folder.glob(f".queue-{glob.escape(host)}-*"):
-                if not process_running(int(stale.name.split("-")[-2])):
-                    stale.unlink(missing_ok=True)
-        jobs, name = broadcast_object((jobs, f".queue-{host}-{os.getpid()}-{uuid.uuid4().hex}"), self.world)
-        counter = self.folder / name
-        while True:
-            with locked(self.folder / ".queue.lock"):
-                taken = int(counter.read_text()) if counter.exists() else 0
-                if taken < len(jobs):
-                    atomic_write_text(counter, str(taken + 1))
-            if taken >= len(jobs):
-                break
-            yield jobs[taken]
-        barrier(self.world)  # every process has seen the queue empty: the counter may go
-        if self.world.is_main:
-            counter.unlink()
 
     def _set_folder(self, name: str) -> Path:
         return self.folder / "sets" / name
@@ -456,91 +323,6 @@ class BenchRun:
                 clear_journal(journal)
         return cells, env
 
-    def budget_points(self, sets: dict[str, DistilledSet],
-                      results: dict[str, list[Cell]]) -> list[tuple[str, int, Cell]]:
-        """(series, bytes, cell) of every cell that has a budget: a set's under its method at its bytes, a drawn
-        baseline's under its name at its evaluation's budget (``none``, ``teacher`` and ``full`` have none)."""
-        points = []
-        for name, cells in results.items():
-            for cell in cells:
-                if cell.entry in sets:
-                    points.append((sets[cell.entry].method, sets[cell.entry].byte_count, cell))
-                elif cell.entry not in SETLESS and cell.entry != "full" and self.budgets.get(name) is not None:
-                    points.append((cell.entry, self.budgets[name], cell))
-        return points
-
-    def report(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]]) -> Path:
-        """Write ``report.md``, ``report.html`` (the same page, its plots and grids embedded) and ``report.json``
-        (process 0; the others return the path of ``report.md``): environment, commands, one table and plot per
-        evaluation with its expected orderings judged, accuracy against bytes, the sets with their grids, and the
-        time and peak memory of every stage."""
-        path = self.folder / "report.md"
-        if not self.world.is_main:
-            return path
-        env = environment(self.device)
-        verdicts = {name: judge(self.suite.evaluations[name].expect, cells) for name, cells in results.items()
-                    if self.suite.evaluations[name].expect is not None}
-        for name, judged in verdicts.items():
-            if judged:
-                print(f"[bench] {name}: expected orderings, {summary(judged)}")
-        blocks = self.report_blocks(sets, results, verdicts, env)
-        atomic_write_text(path, markdown(blocks))
-        atomic_write_text(self.folder / "report.html", html(blocks, f"ssdd bench: {self.name}", self.folder))
-        atomic_write_text(self.folder / "report.json", json.dumps(
-            {"suite": self.name, "environment": env, "stages": self.stages,
-             "evaluations": {n: [c.to_dict() for c in cells] for n, cells in results.items()},
-             "computed_with": self.computed_with,
-             "expectations": {n: [v.to_dict() for v in vs] for n, vs in verdicts.items()}}, indent=2))
-        return path
-
-    def report_blocks(self, sets: dict[str, DistilledSet], results: dict[str, list[Cell]],
-                      verdicts: dict[str, list[Verdict]], env: dict[str, str]) -> list[Block]:
-        """The report's content, for both its Markdown and its HTML page."""
-        options = [f"--{k} {','.join(map(str, v))}" for k, v in
-                   (("methods", self.options.methods), ("targets", self.options.targets), ("seeds", self.options.seeds))
-                   if v is not None]
-        blocks: list[Block] = [Heading(1, f"ssdd bench: {self.name}")]
-        if self.suite.description:
-            blocks.append(Paragraph(self.suite.description.strip()))
-        blocks += [Paragraph("This run's environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + " (each "
-                             "evaluation names where its entries were computed; each stage's device is in the last "
-                             "table)."),
-                   Heading(2, "Commands"),
-                   Code([" ".join([f"ssdd bench --suite {self.name} --out {shlex.quote(str(self.folder.parent))}",
-                                   *options]), "# the same stages one by one:", *self.commands], "bash")]
-        for name, cells in results.items():
-            if not cells:
-                continue
-            computed = ", ".join(f"{k} {v}" for k, v in self.computed_with[name].items())
-            blocks += [Heading(2, f"Evaluation `{name}`"), Paragraph(f"Computed with: {computed}."),
-                       *result_tables(cells), Image(name, f"evaluations/{name}/results.png")]
-            if verdicts.get(name):
-                blocks += [Heading(3, "Expected orderings"), *verdict_blocks(verdicts[name])]
-        points = self.budget_points(sets, results)
-        if any(len({size for name, size, _ in points if name == series}) > 1 for series, _, _ in points):
-            plot_against_budget(points, self.folder / "budget.png")
-            blocks += [Heading(2, "Accuracy against budget"),
-                       Paragraph("Each set at its bytes (a line per method), each baseline at the bytes it was drawn "
-                                 "at; evaluations of one protocol share the axes."),
-                       Image("accuracy against budget", "budget.png")]
-        if sets:
-            blocks += [Heading(2, "Distilled sets"),
-                       Table(["set", "method", "images", "views", "bytes"],
-                             [[name, d.method, str(d.num_images), str(len(d.views)), f"{d.byte_count:,}"]
-                              for name, d in sets.items()]),
-                       *(Image(name, f"sets/{name}/grid.png") for name in sets)]
-        timing = Table(["stage", "wall time", "distillation time", "peak memory", "device"], [])
-        for stage, record in self.stages.items():
-            peak = record.get("peak_memory_bytes")
-            name = stage.removeprefix("set ")
-            distill = sets[name].metadata.get("distill_seconds") if stage.startswith("set ") and name in sets else None
-            timing.rows.append([stage, _duration(record["seconds"]), _duration(distill),
-                                "-" if peak is None else f"{peak / 2**30:.2f} GiB", record["device"]])
-        return blocks + [Heading(2, TIMING_HEADING.removeprefix("## ")),
-                         Paragraph("Each stage as it last ran (a resumed stage: its last part); a set's whole "
-                                   "distillation time is the method's own clock, resumes included."), timing]
-
-
 def _entry_key(config: EvaluationConfig, budget: int | None, distilled: DistilledSet | None) -> dict[str, Any]:
     """What an entry's cells depend on: the evaluation's settings, the baseline's budget, the set (its creation)."""
     return {"config": to_dict(config), "budget_bytes": budget,
@@ -555,12 +337,6 @@ def _reusable(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     record = json.loads(path.read_text())
     compared = [k for k in key if not (k == "budget_bytes" and key["set"] is not None)]
     return record if all(record.get(k) == key[k] for k in compared) else None
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def _check_same(folder: Path, config: Any, what: str, ignore: tuple[str, ...] = (), defaults: Any = None) -> None:

@@ -25,7 +25,7 @@ from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, ImageLearningMethod
-from ssdd.methods.labelled import ClassBalancedImages
+from ssdd.methods.feature_matching.labelled import ClassBalancedImages
 from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_random
 from ssdd.training import build_student
@@ -64,9 +64,6 @@ class DM(ClassBalancedImages):
     """Distribution matching with random networks and shared augmentation (labelled, class-balanced)."""
 
     settings_class = DMSettings
-
-    def __init__(self, settings: DMSettings, context: DistillContext, budget: Budget):
-        super().__init__(settings, context, budget, "dm")
 
     def total_steps(self) -> int:
         return self.settings.iterations
@@ -109,11 +106,9 @@ class DMSSL(ImageLearningMethod):
     def __init__(self, settings: DMSSLSettings, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
         teacher, source = context.teacher, context.source
-        self.pixel_space = teacher.pixel_space
-        self.image_shape = teacher.input_shape
-        c, h, w = self.image_shape
-        self.real = on_device_if_it_fits(
-            self.pixel_space.normalize(source.converted(channels=c, size=h).images.float().div(255.0)), context.device)
+        self.pixel_space = context.pixel_space
+        c, h, w = self.image_shape = context.image_shape
+        self.real = on_device_if_it_fits(context.normalized_source(), context.device)
         self.plan = budget.plan(budget.value_bytes(c * h * w + teacher.feature_dim))
         count = self.plan.count
         if count > len(source):
@@ -144,9 +139,6 @@ class DMSSL(ImageLearningMethod):
 
     def distilled_set(self) -> DistilledSet:
         images = self.images.detach()
-        dtype = self.budget.torch_dtype
-        targets = self.context.teacher.represent(images)
-        return DistilledSet({"images": images.cpu().to(dtype), "targets": targets.to(dtype)}, self.pixel_space,
-                            "representation", "dm-ssl",
-                            {"initial_indices": self.initial_indices.tolist(),
-                             "targets": "the teacher's representations of the learned images"})
+        return self.make_set({"images": images, "targets": self.context.teacher.represent(images)}, "representation",
+                             {"initial_indices": self.initial_indices.tolist(),
+                              "targets": "the teacher's representations of the learned images"})

@@ -9,12 +9,12 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
-from ssdd.data.transforms import PixelSpace
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, ImageLearningMethod
 from ssdd.resources import on_device_if_it_fits
+from ssdd.selection import select_per_class
 
 
 class ClassBalancedImages(ImageLearningMethod):
@@ -26,32 +26,27 @@ class ClassBalancedImages(ImageLearningMethod):
 
     needs_teacher = False
 
-    def __init__(self, settings: Any, context: DistillContext, budget: Budget, name: str):
+    def __init__(self, settings: Any, context: DistillContext, budget: Budget):
         super().__init__(settings, context, budget)
-        source, teacher = context.source, context.teacher
+        source = context.source
         if source.num_classes < 2:
-            raise ConfigError(f"{name} learns class-conditional images; {source.name} has no labels")
+            raise ConfigError(f"{self.name} learns class-conditional images; {source.name} has no labels")
         self.classes = source.num_classes
-        self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
-        shape = teacher.input_shape if teacher is not None else source.image_shape
-        images = source.converted(channels=shape[0], size=shape[1]).images
-        self.real = on_device_if_it_fits(self.pixel_space.normalize(images.float().div(255.0)), context.device)
+        self.pixel_space = context.pixel_space
+        self.real = on_device_if_it_fits(context.normalized_source(), context.device)
         self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
-        c, h, w = shape
-        self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, name)
+        c, h, w = self.image_shape = context.image_shape
+        self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, self.name)
         self.ipc = self.plan.per_class
-        too_few = [k for k, rows in enumerate(self.members) if rows.numel() < self.ipc]
-        if too_few:
-            raise ConfigError(f"class {too_few[0]} has fewer than the {self.ipc} images per class asked")
         gen = make_generator(context.seed)
-        chosen = torch.cat([rows[torch.randperm(rows.numel(), generator=gen)[: self.ipc]] for rows in self.members])
-        self.name = name
+        chosen = select_per_class(source.labels, self.classes, self.ipc,
+                                  lambda members, _: torch.randperm(members.numel(), generator=gen)[: self.ipc],
+                                  source.name)
         self.initial_indices = chosen
         self.images = self.real[chosen].clone().to(context.device).requires_grad_(True)
         self.image_labels = source.labels[chosen].clone()
         self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
         self.generator = make_generator(context.seed + 2)
-        self.image_shape = shape
 
     def real_batch(self, c: int, size: int) -> torch.Tensor:
         """``size`` real images of class ``c`` drawn with replacement, on the run's device."""
@@ -71,8 +66,6 @@ class ClassBalancedImages(ImageLearningMethod):
         return draw_seed(self.generator)
 
     def distilled_set(self) -> DistilledSet:
-        dtype = self.budget.torch_dtype
-        return DistilledSet({"images": self.images.detach().cpu().to(dtype), "labels": self.image_labels.clone()},
-                            self.pixel_space, "hard-label", self.name,
-                            {"num_classes": self.classes, "ipc": self.ipc,
-                             "initial_indices": self.initial_indices.tolist()})
+        return self.make_set({"images": self.images, "labels": self.image_labels.clone()}, "hard-label",
+                             {"num_classes": self.classes, "ipc": self.ipc,
+                              "initial_indices": self.initial_indices.tolist()})

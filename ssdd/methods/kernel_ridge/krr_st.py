@@ -1,7 +1,7 @@
 """KRR-ST (Lee et al., ICLR 2024): kernel ridge regression onto a self-supervised teacher's representations.
 
 Learned: N synthetic images X_s and their target representations Y_s, initialised from N random real images and
-the teacher's features of them, trained by the family's outer loop (:mod:`ssdd.methods.krr_base`).
+the teacher's features of them, trained by the family's outer loop (:mod:`ssdd.methods.kernel_ridge.base`).
 
 Speed: the teacher's features of the real views come from the feature cache (``teacher_copies`` fixed crop+flip
 copies of the source; ``0`` runs the teacher on every batch for exact random augmentation), real features are
@@ -19,7 +19,7 @@ from ssdd.budget import Budget
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext
-from ssdd.methods.krr_base import KernelRidgeMethod, KernelRidgeSettings
+from ssdd.methods.kernel_ridge.base import KernelRidgeMethod, KernelRidgeSettings
 from ssdd.teachers.features import teacher_features
 
 
@@ -57,4 +57,4 @@ class KRRST(KernelRidgeMethod):
         return {"images": self.learned["images"], "targets": self.learned["targets"]}
 
     def distilled_set(self) -> DistilledSet:
-        return self.make_set("krr-st", {"initial_indices": self.initial_indices.tolist()})
+        return self.kernel_set({"initial_indices": self.initial_indices.tolist()})

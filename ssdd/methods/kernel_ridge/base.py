@@ -1,9 +1,9 @@
 """The machinery of the kernel-ridge-regression family (KRR-ST, PAA): real batches, the pool, the outer step.
 
 Each outer step picks a member of the model pool, regresses the synthetic targets on the member's features of the
-synthetic images by kernel ridge regression (:mod:`ssdd.methods.krr`), scores the prediction on a real batch
+synthetic images by kernel ridge regression (:mod:`.krr`), scores the prediction on a real batch
 against the teacher's features of that batch, and takes an AdamW step on every learned synthetic tensor; the
-member then trains one SGD step on the synthetic set (:mod:`ssdd.methods.pool`).  A method of the family says how
+member then trains one SGD step on the synthetic set (:mod:`.pool`).  A method of the family says how
 its synthetic set is parameterised (:meth:`KernelRidgeMethod.inner_set`) and stored.
 
 Speed: the teacher's features of the real views come from the feature cache (``teacher_copies`` fixed crop+flip
@@ -30,8 +30,8 @@ from ssdd.distilled import DistilledSet
 from ssdd.distributed import average_gradients, broadcast_object, mean_over_processes, world
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, Method
-from ssdd.methods.krr import krr_outer_loss
-from ssdd.methods.pool import ModelPool, PoolSettings
+from ssdd.methods.kernel_ridge.krr import krr_outer_loss
+from ssdd.methods.kernel_ridge.pool import ModelPool, PoolSettings
 from ssdd.selection import HighLossSettings, high_loss_scores, select_random, select_top_loss
 from ssdd.teachers.features import crop_flip_copies, teacher_features
 
@@ -282,9 +282,7 @@ class KernelRidgeMethod(Method):
         self.pool.load_state_dict(state["pool"])
         self.generator.set_state(state["generator"])
 
-    def make_set(self, method: str, metadata: dict[str, Any], target_kind: str = "representation") -> DistilledSet:
-        """The stored tensors cast to the budget's dtype, as a DistilledSet of ``method``."""
-        dtype = self.budget.torch_dtype
-        tensors = {k: v.detach().cpu().to(dtype) for k, v in self.stored_tensors().items()}
-        return DistilledSet(tensors, self.pixel_space, target_kind, method,
-                            {**metadata, "pool_reinitialisations": self.pool.reinitialisations})
+    def kernel_set(self, metadata: dict[str, Any], target_kind: str = "representation") -> DistilledSet:
+        """The stored tensors as this method's set, with the pool's reinitialisation count."""
+        return self.make_set(self.stored_tensors(), target_kind,
+                             {**metadata, "pool_reinitialisations": self.pool.reinitialisations}, self.pixel_space)
