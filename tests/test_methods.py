@@ -258,7 +258,8 @@ def test_zero_steps_give_the_set_a_zero_lr_run_ends_with(tiny_teacher: Path) -> 
 
 @pytest.mark.parametrize(("augment", "copies"), [("crop-flip", 2), ("crop-flip", 0), ("none", 2)])
 def test_real_batches_carry_the_teachers_features_of_exactly_those_views(
-        tiny_teacher: Path, teacher: Teacher, augment: str, copies: int) -> None:
+        tiny_teacher: Path, teacher: Teacher, augment: str, copies: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "float32")  # the cached copies as the float32 teacher gives them
     config = tiny_config(tiny_teacher, settings={"real_augment": augment, "teacher_copies": copies})
     method = Distillation(config, None, progress=False).method
     images, features = method.real.sample(torch.Generator().manual_seed(3))
