@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from ssdd.data.mapped import is_mapped, read_range, read_rows
 from ssdd.errors import ShapeError
 
 
@@ -34,7 +37,9 @@ class ImageDataset:
     """Images as a uint8 tensor (N, C, H, W), int64 labels (N,), class names, and a content fingerprint.
 
     ``fingerprint`` identifies the pixel content (not the path it came from), so caches keyed by it are shared
-    across copies of the same data and invalidated by any change to it.
+    across copies of the same data and invalidated by any change to it.  ``images`` is in memory, or read from the
+    decoded cache's memory-mapped file (:attr:`mapped`); consumers read images through :meth:`batch` and
+    :meth:`batches`, which keep a mapped source's resident memory bounded (labels are always in memory).
     """
 
     name: str
@@ -69,10 +74,37 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the images are read from a memory-mapped file rather than held in memory."""
+        return is_mapped(self.images)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The size of the decoded images."""
+        return math.prod(self.images.shape)
+
+    def batch(self, indices: torch.Tensor | list[int]) -> torch.Tensor:
+        """The uint8 images at ``indices`` (a copy)."""
+        return read_rows(self.images, torch.as_tensor(indices, dtype=torch.long))
+
+    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Consecutive uint8 batches of the images at ``indices`` (default: every image, in order)."""
+        if indices is None:
+            for start in range(0, len(self), batch_size):
+                yield read_range(self.images, start, start + batch_size)
+        else:
+            for start in range(0, indices.shape[0], batch_size):
+                yield self.batch(indices[start : start + batch_size])
+
+    def class_indices(self) -> list[torch.Tensor]:
+        """The indices of each class's images (from the labels alone)."""
+        return [(self.labels == c).nonzero().flatten() for c in range(self.num_classes)]
+
     def subset(self, indices: torch.Tensor | list[int]) -> ImageDataset:
-        """The images at ``indices`` (fingerprint recomputed)."""
+        """The images at ``indices``, in memory (fingerprint recomputed)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return replace(self, images=self.images[idx], labels=self.labels[idx], fingerprint="")
+        return replace(self, images=self.batch(idx), labels=self.labels[idx], fingerprint="")
 
     def converted(self, channels: int | None = None, size: int | None = None) -> ImageDataset:
         """The same images with ``channels`` channels and ``size`` x ``size`` pixels (no-op when they match)."""

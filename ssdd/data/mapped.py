@@ -1,0 +1,215 @@
+"""Tensors read from a file without loading it: safetensors files written part by part and read through a memory map.
+
+The layout is safetensors' (an 8-byte header size, a JSON header, then the raw bytes of each tensor), so a tensor's
+bytes lie at a known offset and ``numpy.frombuffer`` over an ``mmap`` of the file is the tensor: nothing is read
+until a row is used, and the operating system keeps the pages it reads in its page cache, shared by every process
+that maps the file. A file is written by :func:`write_streamed` one part at a time (a progress file beside it records
+the SHA-256 of every part written, so a killed build continues at its first unwritten part), and read by
+:func:`map_tensors`. Pages a process has read stay in its resident memory until it lets them go:
+:func:`read_rows` / :func:`read_range` count the bytes read from a mapping and, every :data:`RELEASE_BYTES`, release
+its pages (``madvise(MADV_DONTNEED)``; the next read takes them from the page cache again), so passes over a
+mapped tensor through them keep the process's resident memory bounded whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssdd.errors import ArtefactError
+from ssdd.io import METADATA_KEY, JsonRefused, atomic_write_text, locked, parse_json, writing
+from ssdd.progress import progress_bar
+
+RELEASE_BYTES = 256 << 20  # bytes read from one mapping between two releases of its pages
+HEADER_SPARE = 1024  # header bytes reserved beyond the first header, for what the finished file's metadata adds
+DTYPES = {"U8": (torch.uint8, np.uint8), "I64": (torch.int64, np.int64), "F32": (torch.float32, np.float32)}
+CODES = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+
+
+class _Mapping:
+    """One private (copy-on-write) memory map of a file, and the bytes read from it since its pages were released."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # writable view, never written: no numpy warning
+        finally:
+            os.close(fd)
+        self.unreleased = 0
+
+    def count(self, nbytes: int) -> None:
+        self.unreleased += nbytes
+        if self.unreleased >= RELEASE_BYTES:
+            self.map.madvise(mmap.MADV_DONTNEED)
+            self.unreleased = 0
+
+
+_MAPPINGS: dict[int, _Mapping] = {}  # storage address of each mapped tensor -> its mapping (kept for the process)
+
+
+def _mapping(tensor: torch.Tensor) -> _Mapping | None:
+    return _MAPPINGS.get(tensor.untyped_storage().data_ptr())
+
+
+def is_mapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (or the tensor it is a view of) was opened by :func:`map_tensors`."""
+    return _mapping(tensor) is not None
+
+
+def read_rows(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor[indices]``; from a mapped tensor, its pages are released every :data:`RELEASE_BYTES`."""
+    rows = tensor[torch.as_tensor(indices, dtype=torch.long)]
+    mapping = _mapping(tensor)
+    if mapping is not None:
+        mapping.count(rows.numel() * rows.element_size())
+    return rows
+
+
+def read_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``tensor[start:stop]``: a view of an in-memory tensor, a copy from a mapped one (see :func:`read_rows`)."""
+    mapping = _mapping(tensor)
+    if mapping is None:
+        return tensor[start:stop]
+    rows = tensor[start:stop].clone()
+    mapping.count(rows.numel() * rows.element_size())
+    return rows
+
+
+def layout(path: Path) -> tuple[dict[str, tuple[str, list[int], list[int]]], dict[str, Any], int]:
+    """(name -> (dtype code, shape, data offsets), ssdd metadata, where the data begins) of a safetensors file,
+    checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise ArtefactError(f"{path} is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise ArtefactError(f"{path} is not a valid safetensors file (header length {header_len} is out of range)")
+        try:
+            header = parse_json(fh.read(header_len))
+            meta = parse_json(header["__metadata__"][METADATA_KEY])
+        except (JsonRefused, KeyError, TypeError) as exc:
+            raise ArtefactError(f"{path} has a corrupt header ({exc})") from None
+    begin, tensors = 8 + header_len, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (start, stop) = entry["dtype"], [int(v) for v in entry["shape"]], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtefactError(f"{path}: tensor {name!r} has a corrupt entry ({exc})") from None
+        width = DTYPES[code][1]().itemsize if code in DTYPES else None
+        if width is None or stop - start != math.prod(shape) * width or not 0 <= start <= stop <= size - begin:
+            raise ArtefactError(f"{path}: tensor {name!r} ({code} {shape}) does not fit the file; it is damaged")
+        tensors[name] = (code, shape, [start, stop])
+    return tensors, meta, begin
+
+
+def map_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of the safetensors file ``path`` read through one memory map (nothing is read until used), and its
+    ssdd metadata."""
+    path = Path(path)
+    entries, meta, begin = layout(path)
+    mapping = _Mapping(path)
+    tensors = {}
+    for name, (code, shape, (start, _)) in entries.items():
+        array = np.frombuffer(mapping.map, dtype=DTYPES[code][1], count=math.prod(shape), offset=begin + start)
+        tensor = torch.from_numpy(array).view(shape)
+        if tensor.numel():
+            _MAPPINGS[tensor.untyped_storage().data_ptr()] = mapping
+        tensors[name] = tensor
+    return tensors, meta
+
+
+def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], meta: dict[str, Any], size: int) -> bytes:
+    """The safetensors header of tensors ``specs`` (in order) with ``meta``, padded with spaces to ``size`` bytes (a
+    multiple of 8, or 0 for the smallest such) and prefixed with its length."""
+    header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(meta, sort_keys=True)}}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    size = size or -(-(len(text) + HEADER_SPARE) // 8) * 8
+    if len(text) > size:
+        raise ArtefactError(f"the metadata of the file grew past its reserved header ({len(text)} > {size} bytes)")
+    return struct.pack("<Q", size) + text + b" " * (size - len(text))
+
+
+def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
+                   dtype: torch.dtype, rows_per_part: int, produce: Callable[[int, int], torch.Tensor],
+                   meta: dict[str, Any], finish: Callable[[list[str]], dict[str, Any]], desc: str,
+                   progress: bool = True) -> None:
+    """Write a safetensors file holding the small ``fixed`` tensors and a large tensor ``name`` of ``shape`` and
+    ``dtype`` whose rows ``produce(start, stop)`` returns, ``rows_per_part`` at a time, so that memory holds one part.
+
+    The file is written as ``<path>.partial``; ``<path>.progress`` records the SHA-256 of each part written, so a
+    build that was killed continues at its first unwritten part (a build of other tensors or metadata starts over).
+    Once every part is written the header is rewritten with ``finish(part digests)`` as metadata and the file is
+    renamed to ``path``. Processes that build the same file take turns (a lock file beside it); one that finds it
+    built does nothing.
+    """
+    path = Path(path)
+    partial, record = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress")
+    specs = {key: (t.dtype, tuple(t.shape)) for key, t in fixed.items()} | {name: (dtype, shape)}
+    head = _header(specs, meta, 0)
+    identity = hashlib.sha256(head + b"".join(t.contiguous().numpy().tobytes() for t in fixed.values())).hexdigest()
+    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    total = len(head) + sum(t.numel() * t.element_size() for t in fixed.values()) + shape[0] * row_bytes
+    with locked(path.with_name(path.name + ".lock")), writing(path):
+        if path.exists():
+            return
+        digests = _resumed(record, partial, identity, total)
+        with open(partial, "r+b" if digests else "wb") as fh:
+            if not digests:
+                fh.truncate(total)
+                fh.write(head)
+                for tensor in fixed.values():
+                    fh.write(tensor.contiguous().numpy().tobytes())
+            stream_at = total - shape[0] * row_bytes
+            parts = range(len(digests) * rows_per_part, shape[0], rows_per_part)
+            bar = progress_bar(total=shape[0], initial=min(shape[0], len(digests) * rows_per_part), desc=desc,
+                               unit="row", disable=not progress, leave=False)
+            with bar:
+                for start in parts:
+                    stop = min(start + rows_per_part, shape[0])
+                    rows = produce(start, stop)
+                    if rows.dtype != dtype or tuple(rows.shape) != (stop - start, *shape[1:]):
+                        raise ArtefactError(f"{desc}: rows {start}:{stop} came as {rows.dtype} "
+                                            f"{tuple(rows.shape)}, not {dtype} {(stop - start, *shape[1:])}")
+                    data = rows.contiguous().numpy().tobytes()
+                    fh.seek(stream_at + start * row_bytes)
+                    fh.write(data)
+                    fh.flush()
+                    digests.append(hashlib.sha256(data).hexdigest())
+                    atomic_write_text(record, json.dumps({"identity": identity, "parts": digests}))
+                    bar.update(stop - start)
+            fh.seek(0)
+            fh.write(_header(specs, finish(digests), len(head) - 8))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+        record.unlink(missing_ok=True)
+
+
+def _resumed(record: Path, partial: Path, identity: str, total: int) -> list[str]:
+    """The part digests of an unfinished build of the same file (empty when there is none to continue)."""
+    try:
+        progress = json.loads(record.read_text())
+        if progress["identity"] == identity and partial.stat().st_size == total:
+            return [str(d) for d in progress["parts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return []
