@@ -2,13 +2,14 @@
 
 The layout is safetensors' (an 8-byte header size, a JSON header, then the raw bytes of each tensor), so a tensor's
 bytes lie at a known offset and ``numpy.frombuffer`` over an ``mmap`` of the file is the tensor: nothing is read
-until a row is used, and the operating system keeps the pages it reads in its page cache, shared by every process
-that maps the file. A file is written by :func:`write_streamed` one part at a time (a progress file beside it records
-the SHA-256 of every part written, so a killed build continues at its first unwritten part), and read by
-:func:`map_tensors`. Pages a process has read stay in its resident memory until it lets them go:
-:func:`read_rows` / :func:`read_range` count the bytes read from a mapping and, every :data:`RELEASE_BYTES`, release
-its pages (``madvise(MADV_DONTNEED)``; the next read takes them from the page cache again), so passes over a
-mapped tensor through them keep the process's resident memory bounded whatever the file's size.
+until a row is used, and the operating system keeps the file in its page cache, shared by every process that opens
+it. A file is written by :func:`write_streamed` one part at a time (a progress file beside it records the SHA-256 of
+every part written, so a killed build continues at its first unwritten part), and opened by :func:`map_tensors`.
+
+Pages read through the map stay in the process's resident memory (Linux maps whole folios around a fault, so even
+scattered rows map many pages), so the batch readers :func:`read_rows` and :func:`read_range` copy rows of a mapped
+tensor from the file with ``preadv`` instead: the copies are the only memory they take, whatever the file's size.
+Indexing the mapped tensor itself still works (any code that takes a tensor does), at the cost of resident pages.
 """
 
 from __future__ import annotations
@@ -30,28 +31,22 @@ from ssdd.errors import ArtefactError
 from ssdd.io import METADATA_KEY, JsonRefused, atomic_write_text, locked, parse_json, writing
 from ssdd.progress import progress_bar
 
-RELEASE_BYTES = 256 << 20  # bytes read from one mapping between two releases of its pages
 HEADER_SPARE = 1024  # header bytes reserved beyond the first header, for what the finished file's metadata adds
 DTYPES = {"U8": (torch.uint8, np.uint8), "I64": (torch.int64, np.int64), "F32": (torch.float32, np.float32)}
 CODES = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 
 
 class _Mapping:
-    """One private (copy-on-write) memory map of a file, and the bytes read from it since its pages were released."""
+    """A file open for reading, and one private (copy-on-write, never written) memory map of it."""
 
     def __init__(self, path: Path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # writable view, never written: no numpy warning
-        finally:
-            os.close(fd)
-        self.unreleased = 0
+        self.fd = os.open(path, os.O_RDONLY)
+        self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # writable: torch.from_numpy takes it silently
+        self.base = np.frombuffer(self.map, np.uint8, 1).ctypes.data  # the address of the file's first byte
 
-    def count(self, nbytes: int) -> None:
-        self.unreleased += nbytes
-        if self.unreleased >= RELEASE_BYTES:
-            self.map.madvise(mmap.MADV_DONTNEED)
-            self.unreleased = 0
+    def read(self, out: memoryview, offset: int) -> None:
+        if os.preadv(self.fd, [out], offset) != len(out):
+            raise ArtefactError(f"a memory-mapped file ended early at byte {offset} (it was truncated after opening)")
 
 
 _MAPPINGS: dict[int, _Mapping] = {}  # storage address of each mapped tensor -> its mapping (kept for the process)
@@ -67,22 +62,31 @@ def is_mapped(tensor: torch.Tensor) -> bool:
 
 
 def read_rows(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor[indices]``; from a mapped tensor, its pages are released every :data:`RELEASE_BYTES`."""
-    rows = tensor[torch.as_tensor(indices, dtype=torch.long)]
+    """A copy of ``tensor[indices]`` (rows along the first dimension); rows of a mapped tensor are read from its file,
+    each run of consecutive indices with one ``preadv``."""
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     mapping = _mapping(tensor)
-    if mapping is not None:
-        mapping.count(rows.numel() * rows.element_size())
-    return rows
+    if mapping is None or not tensor.is_contiguous() or not indices.numel():
+        return tensor[indices]
+    count = tensor.shape[0]
+    if int(indices.min()) < -count or int(indices.max()) >= count:
+        raise IndexError(f"index out of range for {count} rows")
+    indices = torch.where(indices < 0, indices + count, indices)
+    out = torch.empty((indices.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+    row = out[0].numel() * out.element_size()
+    buffer = memoryview(out.numpy()).cast("B")
+    breaks = (torch.nonzero(indices[1:] != indices[:-1] + 1).flatten() + 1).tolist()
+    start = tensor.data_ptr() - mapping.base
+    for first, stop in zip([0, *breaks], [*breaks, indices.shape[0]]):
+        mapping.read(buffer[first * row : stop * row], start + int(indices[first]) * row)
+    return out
 
 
 def read_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """``tensor[start:stop]``: a view of an in-memory tensor, a copy from a mapped one (see :func:`read_rows`)."""
-    mapping = _mapping(tensor)
-    if mapping is None:
+    """``tensor[start:stop]``: a view of an in-memory tensor, a copy read from the file of a mapped one."""
+    if _mapping(tensor) is None:
         return tensor[start:stop]
-    rows = tensor[start:stop].clone()
-    mapping.count(rows.numel() * rows.element_size())
-    return rows
+    return read_rows(tensor, torch.arange(*slice(start, stop).indices(tensor.shape[0])))
 
 
 def layout(path: Path) -> tuple[dict[str, tuple[str, list[int], list[int]]], dict[str, Any], int]:
@@ -189,7 +193,7 @@ def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, 
                     if rows.dtype != dtype or tuple(rows.shape) != (stop - start, *shape[1:]):
                         raise ArtefactError(f"{desc}: rows {start}:{stop} came as {rows.dtype} "
                                             f"{tuple(rows.shape)}, not {dtype} {(stop - start, *shape[1:])}")
-                    data = rows.contiguous().numpy().tobytes()
+                    data = rows.contiguous().numpy()  # written and hashed through the buffer: no copy
                     fh.seek(stream_at + start * row_bytes)
                     fh.write(data)
                     fh.flush()

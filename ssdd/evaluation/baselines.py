@@ -36,7 +36,7 @@ SETLESS = ("none", "teacher")  # baselines that are a network, not a set built f
 def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor, teacher: Teacher,
              method: str, extra: dict | None = None) -> DistilledSet:
     """A set of real source images (float32, teacher pixel space) with teacher-feature targets."""
-    images = teacher.pixel_space.normalize(source.images[indices])
+    images = teacher.pixel_space.normalize(source.batch(indices))
     return DistilledSet(
         {"images": images.float().contiguous(), "targets": features[indices].float().contiguous()},
         teacher.pixel_space, "representation", method,
@@ -96,7 +96,7 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
                 else select_herding(features[members], ipc))
         rows.append(members[pick])
     idx = torch.cat(rows)
-    images = teacher.pixel_space.normalize(source.images[idx]).float().contiguous()
+    images = teacher.pixel_space.normalize(source.batch(idx)).float().contiguous()
     return DistilledSet({"images": images, "labels": source.labels[idx].clone()}, teacher.pixel_space, "hard-label",
                         name, {"num_classes": classes, "ipc": ipc, "selected_indices": idx.tolist(),
                                "budget_bytes": budget_bytes})

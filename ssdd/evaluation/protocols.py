@@ -17,7 +17,7 @@ from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import seeded
 from ssdd.models import Backbone
-from ssdd.probes import extract_features, knn_accuracy, label_fraction, linear_probe_accuracy
+from ssdd.probes import dataset_features, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.registry import Registry
 from ssdd.training import TrainSettings, top1, train_network
 
@@ -62,9 +62,8 @@ def _frozen_features(ctx: ReadoutContext, train_rows: torch.Tensor | None = None
     """Frozen features of the target's training images (all, or ``train_rows``) and of its test split."""
     ctx.student.eval()
     encode = ctx.student.features
-    train = ctx.target.train.images if train_rows is None else ctx.target.train.images[train_rows]
-    return (extract_features(encode, train, ctx.pixel_space, device=ctx.device),
-            extract_features(encode, ctx.target.test.images, ctx.pixel_space, device=ctx.device))
+    return (dataset_features(encode, ctx.target.train, ctx.pixel_space, train_rows, device=ctx.device),
+            dataset_features(encode, ctx.target.test, ctx.pixel_space, device=ctx.device))
 
 
 @PROTOCOLS.register("linear")

@@ -10,17 +10,19 @@ in the selection space (what herding minimises greedily).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ssdd.budget import Budget
+from ssdd.data.mapped import read_rows
 from ssdd.data.transforms import PixelSpace
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, Method
-from ssdd.selection import select_herding, select_kcenter, select_random
+from ssdd.selection import feature_mean, select_herding, select_kcenter, select_random
 from ssdd.teachers.features import teacher_features
 
 SELECTIONS = ("random", "herding", "kcenter")
@@ -61,10 +63,9 @@ class Coreset(Method):
             raise ConfigError(f"per-class selection and label targets need labels; {source.name} has none")
         self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
         shape = teacher.input_shape if teacher is not None else source.image_shape
-        converted = source.converted(channels=shape[0], size=shape[1])
-        self.images = self.pixel_space.normalize(converted.images.float() / 255)
+        self.converted = source.converted(channels=shape[0], size=shape[1])
         self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
-        values = self.images[0].numel()
+        values = math.prod(self.converted.image_shape)
         if settings.targets == "teacher":
             item_bytes = budget.value_bytes(values + teacher.feature_dim)
         else:
@@ -79,10 +80,15 @@ class Coreset(Method):
         self.indices: torch.Tensor | None = None
 
     def space_rows(self) -> torch.Tensor:
-        """Every source image as a row of the selection space."""
+        """Every source image as a row of the selection space (teacher features: memory-mapped with the source)."""
         if self.settings.space == "teacher":
             return self.features
-        return self.images.flatten(1)
+        return self.normalized(None).flatten(1)
+
+    def normalized(self, indices: torch.Tensor | None) -> torch.Tensor:
+        """The source images at ``indices`` (None: all, in memory) in the set's pixel space."""
+        images = self.converted.images if indices is None else self.converted.batch(indices)
+        return self.pixel_space.normalize(images.float() / 255)
 
     def select(self, rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         if self.settings.selection == "random":
@@ -103,11 +109,11 @@ class Coreset(Method):
                 members = (labels == c).nonzero().flatten()
                 if members.numel() < self.count // classes:
                     raise ConfigError(f"class {c} has {members.numel()} images, fewer than {self.count // classes}")
-                picks.append(members[self.select(rows[members], self.count // classes, seed * 1000 + c)])
+                picks.append(members[self.select(read_rows(rows, members), self.count // classes, seed * 1000 + c)])
             self.indices = torch.cat(picks)
         else:
             self.indices = self.select(rows, self.count, seed)
-        gap = (rows[self.indices].double().mean(0) - rows.double().mean(0)).norm()
+        gap = (read_rows(rows, self.indices).double().mean(0) - feature_mean(rows)).norm()
         return {"loss": float(gap), "selected": float(self.indices.numel())}
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,11 +126,11 @@ class Coreset(Method):
         if self.indices is None:
             raise ConfigError("the coreset has not been selected yet (the run has not taken its step)")
         s, dtype, source = self.settings, self.budget.torch_dtype, self.context.source
-        tensors = {"images": self.images[self.indices].to(dtype).contiguous()}
+        tensors = {"images": self.normalized(self.indices).to(dtype).contiguous()}
         meta = {"selection": s.selection, "per_class": s.per_class, "space": s.space,
                 "selected_indices": self.indices.tolist()}
         if s.targets == "teacher":
-            tensors["targets"] = self.features[self.indices].to(dtype).contiguous()
+            tensors["targets"] = read_rows(self.features, self.indices).to(dtype).contiguous()
             return DistilledSet(tensors, self.pixel_space, "representation", "coreset", meta)
         tensors["labels"] = source.labels[self.indices].clone()
         return DistilledSet(tensors, self.pixel_space, "hard-label", "coreset",

@@ -55,6 +55,10 @@ class LabelledBatches:
         self.images = source.converted(channels=shape[0], size=shape[1]).images.to(context.device)
         self.targets = F.one_hot(source.labels, source.num_classes).float().to(context.device)
 
+    def images_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 source images at ``idx``, on the device."""
+        return self.images[idx.to(self.images.device)]
+
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.images.shape[0]
         idx = torch.randint(0, n, (min(self.settings.real_batch, n),), generator=generator)
@@ -86,7 +90,7 @@ class FRePo(KernelRidgeMethod):
         if too_few:
             raise ConfigError(f"class {too_few[0]} has fewer than the {self.ipc} images per class asked")
         chosen = torch.cat([rows[torch.randperm(rows.numel(), generator=gen)[: self.ipc]] for rows in members])
-        images = self.real.images[chosen.to(self.real.images.device)].float().div(255.0)
+        images = self.real.images_at(chosen).float().div(255.0)
         self.initial_indices = chosen
         self.learn(settings.lr_images, images=self.pixel_space.normalize(images))
         labels = F.one_hot(source.labels[chosen], classes).float()

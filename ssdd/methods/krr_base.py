@@ -24,6 +24,7 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
+from ssdd.data.mapped import read_rows
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator
 from ssdd.distilled import DistilledSet
@@ -86,7 +87,8 @@ class RealBatches:
         self.views = list(views)
         teacher, source, device = context.teacher, context.source, context.device
         c, h, _ = teacher.input_shape
-        self.images = source.converted(channels=c, size=h).images.to(device)
+        self.source = source.converted(channels=c, size=h)
+        self.images = None if self.source.mapped else self.source.images.to(device)  # a mapped source stays on disk
         self.features: torch.Tensor | None = None  # (variants, N, d) when cached
         if self.mode == "none":
             self.features = teacher_features(teacher, source, device=device).unsqueeze(0)
@@ -101,14 +103,20 @@ class RealBatches:
         if self.features is not None:
             self.features = self.features.to(device)
 
+    def images_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 source images at ``idx``, on the device (a memory-mapped source's read from its file)."""
+        if self.images is None:
+            return self.source.batch(idx).to(self.context.device)
+        return self.images[idx.to(self.images.device)]
+
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised images, teacher features) of ``real_batch`` augmented source images."""
-        n = self.images.shape[0]
+        n = len(self.source)
         idx = torch.randint(0, n, (min(self.settings.real_batch, n),), generator=generator)
-        x = self.images[idx.to(self.images.device)].float().div_(255.0)
+        x = self.images_at(idx).float().div_(255.0)
         space = self.context.teacher.pixel_space
         if self.mode == "none":
-            return space.normalize(x), self.features[0, idx]
+            return space.normalize(x), read_rows(self.features[0], idx.to(self.features.device))
         if self.mode == "views":
             variant = torch.randint(0, len(self.views), (idx.shape[0],), generator=generator)
             for j, view in enumerate(self.views):

@@ -167,7 +167,7 @@ class PAA(KernelRidgeMethod):
         m = self.num_images = self.spending["images"]
         chosen = self.initial_selection(m)
         self.initial_indices = chosen
-        real = teacher.pixel_space.normalize(self.real.images[chosen.to(self.real.images.device)].float().div(255.0))
+        real = teacher.pixel_space.normalize(self.real.images_at(chosen).float().div(255.0))
         if self.real.mode == "views":
             view_features = self.real.features
         else:
@@ -256,7 +256,7 @@ class PAA(KernelRidgeMethod):
         if s.parameterization == "pca":
             sample = self.pca_sample()
             real = self.context.teacher.pixel_space.normalize(
-                self.real.images[sample.to(self.real.images.device)].float().div(255.0))
+                self.real.images_at(sample).float().div(255.0))
             image_bases = principal_directions(self.downsample(real).flatten(1), s.image_bases)
         else:
             image_bases = random_directions(small[0].numel(), s.image_bases, self.basis_generator)

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
-from ssdd.data.cache import cache_dir
+from ssdd.data.cache import PART_BYTES, cache_dir
 from ssdd.data.dataset import ImageDataset
+from ssdd.data.mapped import map_tensors, write_streamed
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
 from ssdd.io import load_tensors, save_tensors, writable
-from ssdd.probes import extract_features
+from ssdd.probes import dataset_features, extract_features
 from ssdd.progress import progress_bar
 from ssdd.resources import ensure_fits
 from ssdd.teachers.artefact import Teacher
@@ -115,11 +116,16 @@ def teacher_features(
 
     The teacher runs in its own precision and memory format (``SSDD_TEACHER_PRECISION``, see
     :func:`ssdd.teachers.artefact.teacher_precision`), which the cache key records; the features are float32.
-    A pass that computes them shows a progress bar in images/s when ``teacher.progress`` is set.
+    A pass that computes them shows a progress bar in images/s when ``teacher.progress`` is set.  The plain
+    features of a memory-mapped dataset (of the teacher's input shape) are streamed to their cache file batch by
+    batch and returned memory-mapped (see :func:`mapped_features`).
     """
     device = device or next(teacher.backbone.parameters()).device
     encoding = teacher.encoding(device)
     path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip, encoding) if use_cache else None
+    if dataset.mapped and path is not None and not (views or augmented or crop_flip) and \
+            dataset.image_shape == teacher.input_shape:
+        return mapped_features(teacher, dataset, path, batch_size, device, encoding)
     cached = read_cached(path, "features", teacher, dataset)
     if cached is not None:
         return cached
@@ -163,3 +169,30 @@ def teacher_features(
                  {"kind": "teacher-features", "views": list(views or []), "augmented": augmented, "seed": seed,
                   "crop_flip": crop_flip, "encoding": _encoding_name(*encoding)})
     return features
+
+
+def mapped_features(teacher: Teacher, dataset: ImageDataset, path: Path, batch_size: int, device: torch.device | str,
+                    encoding: tuple[bool, bool]) -> torch.Tensor:
+    """The (N, d) plain teacher features of ``dataset`` in the cache file ``path``, read through a memory map;
+    computed first when absent, a part of rows at a time written as computed (a killed pass continues at its first
+    unwritten part), so memory never holds them all."""
+    meta = {"kind": "teacher-features", "views": [], "augmented": 0, "seed": 0, "crop_flip": 0,
+            "encoding": _encoding_name(*encoding), "teacher": teacher.fingerprint, "dataset": dataset.fingerprint}
+    if path.exists():
+        try:
+            tensors, stored = map_tensors(path)
+            if stored.get("teacher") == teacher.fingerprint and stored.get("dataset") == dataset.fingerprint:
+                return tensors["features"]
+        except (ArtefactError, KeyError):
+            pass
+        log.warning("cache %s is unreadable or of another teacher; recomputing", path)
+        path.unlink()
+    rows = max(batch_size, PART_BYTES // (4 * teacher.feature_dim) // batch_size * batch_size)
+    with teacher.encoder(device) as encode:
+        def produce(start: int, stop: int) -> torch.Tensor:
+            return dataset_features(encode, dataset, teacher.pixel_space, torch.arange(start, stop), batch_size,
+                                    device)
+
+        write_streamed(path, {}, "features", (len(dataset), teacher.feature_dim), torch.float32, rows, produce, meta,
+                       lambda digests: meta, f"teacher features ({_encoding_name(*encoding)})", teacher.progress)
+    return map_tensors(path)[0]["features"]
