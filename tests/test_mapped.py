@@ -252,3 +252,27 @@ def test_a_mapped_source_larger_than_the_memory_allowed_is_read_within_it(tmp_pa
     assert size > 150 << 20 and growth < 40 << 20, (growth, size)
     through_map, _ = peak_growth(tmp_path, count, "map")
     assert through_map > 100 << 20, through_map
+
+
+def test_datasets_reports_sizes_and_the_mapped_form(data_dir, capsys):
+    from ssdd.cli import main
+    from ssdd.data import dataset_status
+
+    folder, splits = image_folder(data_dir, per_class=4)
+    (data_dir / "folder").rename(data_dir / "mnist")  # the registered image-folder source of mnist
+    on_disk = sum(f.stat().st_size for f in (data_dir / "mnist").rglob("*.png"))
+
+    def row():
+        return next(r for r in dataset_status() if r["name"] == "mnist")
+
+    assert row()["disk_bytes"] == on_disk
+    assert row()["splits"] == {"train": {"decoded_bytes": None, "mapped": False},
+                               "test": {"decoded_bytes": None, "mapped": False}}
+    load_dataset("mnist", "train", mapped=True)
+    load_dataset("mnist", "test", mapped=False)
+    assert row()["splits"] == {"train": {"decoded_bytes": 12 * 3 * 8 * 8, "mapped": True},
+                               "test": {"decoded_bytes": 6 * 3 * 8 * 8, "mapped": False}}
+    assert main(["datasets"]) == 0
+    expected = f"source files {on_disk / 1024:.1f} KiB; decoded: train 2.2 KiB (memory-mapped), test 1.1 KiB"
+    out = capsys.readouterr().out
+    assert expected in out, out

@@ -32,20 +32,23 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ssdd" / "decoded"
 
 
-def source_key(paths: list[Path]) -> str:
-    """Identifies source files and folders by location, size and modification time of every file in them.
+def source_key(paths: list[Path]) -> tuple[str, int]:
+    """Identifies source files and folders by location, size and modification time of every file in them; with
+    their total size on disk.
 
     A folder is walked recursively (a stat per file: fast next to decoding), so editing, adding or removing
     any image invalidates the cache.
     """
     digest = hashlib.sha1()
+    total = 0
     for path in paths:
         path = path.resolve()
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             stat = file.stat()
+            total += stat.st_size
             digest.update(os.fsencode(file) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())  # any file name
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16], total
 
 
 def map_above_bytes() -> int:

@@ -216,20 +216,30 @@ def list_datasets() -> list[str]:
 
 
 def dataset_status(root: str | Path | None = None) -> list[dict]:
-    """For each registered dataset: description, where it is looked for, and the source that would be used."""
+    """For each registered dataset: description, where it is looked for, the source that would be used, its size on
+    disk, and per split the decoded size (None until it is decoded) and whether its memory-mapped form exists."""
     rows = []
     for name in DATASETS.names():
         spec = DATASETS.get(name)
         sources = spec.sources(data_root(root))
         found = next((s for s in sources if s.exists()), None)
-        rows.append({
+        row = {
             "name": name,
             "description": spec.description,
             "available": name == "synthetic" or found is not None,
             "source": "generated" if name == "synthetic" else (f"{found.kind}: {found.path}" if found else None),
             "looked_in": [f"{s.kind}: {s.path}" for s in sources],
             "downloadable": bool(spec.downloads),
-        })
+        }
+        if found is not None:
+            key, row["disk_bytes"] = cache.source_key(found.key_paths or [found.path])
+            row["splits"] = {}
+            for split in SPLITS:
+                path = cache.cache_path(name, split, key)
+                on_map = cache.mapped_path(path)
+                row["splits"][split] = {"decoded_bytes": cache.decoded_bytes(on_map) or cache.decoded_bytes(path),
+                                        "mapped": on_map.is_file()}
+        rows.append(row)
     return rows
 
 
@@ -281,7 +291,7 @@ def _load_from_sources(name: str, split: str, root: str | Path | None, download:
             hint = "put a copy there or set SSDD_DATA_ROOT / --data-root" + (
                 f", or fetch it with `ssdd datasets --download {name}`" if DATASETS.get(name).downloads else "")
         raise DataError(f"dataset {name!r} not found (looked for {looked}); {hint}")
-    key = cache.source_key(found.key_paths or [found.path])
+    key, _ = cache.source_key(found.key_paths or [found.path])
     path = cache.cache_path(name, split, key)
     on_map = cache.mapped_path(path)
     if mapped is None:
