@@ -276,3 +276,18 @@ def test_datasets_reports_sizes_and_the_mapped_form(data_dir, capsys):
     expected = f"source files {on_disk / 1024:.1f} KiB; decoded: train 2.2 KiB (memory-mapped), test 1.1 KiB"
     out = capsys.readouterr().out
     assert expected in out, out
+
+
+def test_dm_and_dc_draw_the_same_real_batches_from_a_mapped_source(tmp_path):
+    from ssdd.data import PixelSpace
+    from ssdd.methods.labelled import RealImages
+
+    folder, _ = image_folder(tmp_path, per_class=6)
+    memory = load_dataset(f"imagefolder:{folder}", "train", mapped=False)
+    disk = load_dataset(f"imagefolder:{folder}", "train", mapped=True)
+    space = PixelSpace((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    held, read = (RealImages(d, space, (3, 8, 8), torch.device("cpu")) for d in (memory, disk))
+    assert held.held is not None and read.held is None and len(read) == 18
+    idx = torch.tensor([17, 0, 5, 5])
+    assert torch.equal(read[idx], held[idx])
+    assert torch.equal(read[idx], space.normalize(memory.images[idx].float() / 255))

@@ -9,12 +9,33 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
+from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, ImageLearningMethod
 from ssdd.resources import on_device_if_it_fits
+
+
+class RealImages:
+    """A source's images in ``pixel_space`` at ``shape``, indexed like a tensor (``real[indices]``, on ``device``): an
+    in-memory source's held normalised (on the GPU when they fit), a memory-mapped one's read from its file and
+    normalised per batch (the same values: normalising is elementwise)."""
+
+    def __init__(self, source: ImageDataset, pixel_space: PixelSpace, shape: tuple[int, ...], device: torch.device):
+        self.source = source.converted(channels=shape[0], size=shape[1])
+        self.pixel_space, self.device = pixel_space, device
+        self.held = None if self.source.mapped else on_device_if_it_fits(
+            pixel_space.normalize(self.source.images.float().div(255.0)), device)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.held is not None:
+            return self.held[indices].to(self.device)
+        return self.pixel_space.normalize(self.source.batch(indices).to(self.device).float().div(255.0))
 
 
 class ClassBalancedImages(ImageLearningMethod):
@@ -34,9 +55,8 @@ class ClassBalancedImages(ImageLearningMethod):
         self.classes = source.num_classes
         self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
         shape = teacher.input_shape if teacher is not None else source.image_shape
-        images = source.converted(channels=shape[0], size=shape[1]).images
-        self.real = on_device_if_it_fits(self.pixel_space.normalize(images.float().div(255.0)), context.device)
-        self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
+        self.real = RealImages(source, self.pixel_space, shape, context.device)
+        self.members = source.class_indices()
         c, h, w = shape
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, name)
         self.ipc = self.plan.per_class
@@ -47,7 +67,7 @@ class ClassBalancedImages(ImageLearningMethod):
         chosen = torch.cat([rows[torch.randperm(rows.numel(), generator=gen)[: self.ipc]] for rows in self.members])
         self.name = name
         self.initial_indices = chosen
-        self.images = self.real[chosen].clone().to(context.device).requires_grad_(True)
+        self.images = self.real[chosen].clone().requires_grad_(True)
         self.image_labels = source.labels[chosen].clone()
         self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
         self.generator = make_generator(context.seed + 2)
@@ -57,7 +77,7 @@ class ClassBalancedImages(ImageLearningMethod):
         """``size`` real images of class ``c`` drawn with replacement, on the run's device."""
         rows = self.members[c]
         picks = rows[torch.randint(0, rows.numel(), (size,), generator=self.generator)]
-        return self.real[picks].to(self.context.device)
+        return self.real[picks]
 
     def synthetic(self, c: int) -> torch.Tensor:
         """The learned images of class ``c`` (a view of the learned tensor)."""
