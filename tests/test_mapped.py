@@ -291,3 +291,20 @@ def test_dm_and_dc_draw_the_same_real_batches_from_a_mapped_source(tmp_path):
     idx = torch.tensor([17, 0, 5, 5])
     assert torch.equal(read[idx], held[idx])
     assert torch.equal(read[idx], space.normalize(memory.images[idx].float() / 255))
+
+
+def test_a_file_cut_short_or_unreadable_after_writing_is_one_clear_line(tmp_path, monkeypatch):
+    from ssdd.errors import ArtefactError
+
+    folder, _ = image_folder(tmp_path)
+    disk = load_dataset(f"imagefolder:{folder}", "train", mapped=True)
+    path = next(cache.cache_dir().glob("*.mapped.safetensors"))
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 8 * 8 * 3)  # the last image is gone
+    with pytest.raises(ArtefactError, match="a memory-mapped file ended early at byte .* truncated after opening"):
+        disk.batch(torch.tensor([len(disk) - 1]))
+    path.unlink()
+    monkeypatch.setattr(cache, "load_mapped", lambda path: None)
+    with pytest.raises(DataError, match=r"the memory-mapped dataset .*\.mapped\.safetensors just written cannot be "
+                                        "read; delete it and load again"):
+        load_dataset(f"imagefolder:{folder}", "train", mapped=True)
