@@ -44,6 +44,12 @@ def synthetic_images(start: int, stop: int, seed: int) -> torch.Tensor:
     return out
 
 
+def resident_bytes() -> int:
+    """The process's resident memory now (VmRSS)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
 def write_source(path: Path, count: int, seed: int, split: str) -> None:
     from ssdd.data import cache
 
@@ -83,8 +89,10 @@ def one_size(args: argparse.Namespace) -> dict:
     def stage(name: str, run):  # noqa: ANN001, ANN202
         started = time.perf_counter()
         with PeakMemory(cpu) as peak:
+            start = resident_bytes()
             result = run()
-        stages[name] = {"peak_mib": round(peak.bytes / 2**20), "seconds": round(time.perf_counter() - started, 1)}
+        stages[name] = {"start_mib": round(start / 2**20), "peak_mib": round(peak.bytes / 2**20),
+                        "seconds": round(time.perf_counter() - started, 1)}
         return result
 
     teacher = load_teacher(teacher_path(args.out))
@@ -118,10 +126,11 @@ def one_size(args: argparse.Namespace) -> dict:
 
 def table(records: list[dict]) -> str:
     names = list(records[0]["stages"])
-    lines = ["| images | source file | " + " | ".join(names) + " | process peak |",
+    lines = ["| images | source file | " + " | ".join(names) + " | process peak |",  # stage: RSS at start -> peak
              "| --- " * (len(names) + 3) + "|"]
     for r in records:
-        cells = [f"{r['stages'][n]['peak_mib']:,} MiB ({r['stages'][n]['seconds']} s)" for n in names]
+        cells = [f"{s['start_mib']:,} -> {s['peak_mib']:,} MiB ({s['seconds']} s)"
+                 for s in (r["stages"][n] for n in names)]
         lines.append(f"| {r['images']:,} | {r['source_mib']:,} MiB | " + " | ".join(cells)
                      + f" | {r['peak_rss_mib']:,} MiB |")
     return "\n".join(lines)
