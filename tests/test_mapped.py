@@ -56,7 +56,7 @@ def test_the_threshold_decides_and_small_data_keeps_its_fingerprint(tmp_path, mo
     small = load_dataset(f"imagefolder:{folder}", "train")
     assert not small.mapped  # 15 images of 8 px: far below the default threshold
     assert small.fingerprint == load_dataset(f"imagefolder:{folder}", "train", mapped=False).fingerprint
-    monkeypatch.setenv("SSDD_MAP_BYTES", str(small.decoded_bytes - 1))
+    monkeypatch.setenv("SSDD_MAP_BYTES", str(small.images.numel() - 1))
     assert load_dataset(f"imagefolder:{folder}", "train").mapped
     monkeypatch.setenv("SSDD_MAP_BYTES", "lots")
     with pytest.raises(DataError, match="SSDD_MAP_BYTES must be a whole number of bytes"):

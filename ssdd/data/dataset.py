@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -78,11 +77,6 @@ class ImageDataset:
     def mapped(self) -> bool:
         """Whether the images are read from a memory-mapped file rather than held in memory."""
         return is_mapped(self.images)
-
-    @property
-    def decoded_bytes(self) -> int:
-        """The size of the decoded images."""
-        return math.prod(self.images.shape)
 
     def batch(self, indices: torch.Tensor | list[int]) -> torch.Tensor:
         """The uint8 images at ``indices`` (a copy)."""

@@ -169,7 +169,8 @@ def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, 
     partial, record = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress")
     specs = {key: (t.dtype, tuple(t.shape)) for key, t in fixed.items()} | {name: (dtype, shape)}
     head = _header(specs, meta, 0)
-    identity = hashlib.sha256(head + b"".join(t.contiguous().numpy().tobytes() for t in fixed.values())).hexdigest()
+    identity = hashlib.sha256(f"{rows_per_part}:".encode() + head
+                              + b"".join(t.contiguous().numpy().tobytes() for t in fixed.values())).hexdigest()
     row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
     total = len(head) + sum(t.numel() * t.element_size() for t in fixed.values()) + shape[0] * row_bytes
     with locked(path.with_name(path.name + ".lock")), writing(path):
