@@ -163,23 +163,26 @@ def test_results_are_identical_in_memory_and_memory_mapped(tiny_teacher, synthet
 
     def everything():
         source = load_dataset(name, "train")
-        features = teacher_features(load_teacher(tiny_teacher), source).clone()
-        krr = Distillation(resolve_config(DistillConfig, "distill", "krr-st/tiny", overrides={
-            "device": "cpu", "dataset": name, "teacher": str(tiny_teacher),
-            "settings": {"steps": 3, "real_augment": "none", "teacher_copies": 0}}), None, progress=False).run()
+        teacher = load_teacher(tiny_teacher)
+        features = teacher_features(teacher, source).clone()
+        views = teacher_features(teacher, source, views=("identity", "rot90"), crop_flip=2, seed=5).clone()
+        krr = Distillation(resolve_config(DistillConfig, "distill", "krr-st/tiny", overrides={  # crop-flip copies
+            "device": "cpu", "dataset": name, "teacher": str(tiny_teacher), "settings": {"steps": 3}}), None,
+            progress=False).run()
         coreset = {kind: Distillation(resolve_config(DistillConfig, "distill", "coreset/tiny", overrides={
             "device": "cpu", "dataset": name, "teacher": str(tiny_teacher),
             "settings": {"selection": kind, "per_class": False}}), None, progress=False).run()
             for kind in ("herding", "kcenter")}
         cells = evaluate([krr], resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={
             "device": "cpu", "targets": [name], "seeds": [0], "protocol": "linear"}), progress=False)
-        return source, features, krr, coreset, [(cell.fraction, cell.accuracies) for cell in cells]
+        return source, (features, views), krr, coreset, [(cell.fraction, cell.accuracies) for cell in cells]
 
     memory = everything()
     monkeypatch.setenv("SSDD_MAP_BYTES", "0")
     disk = everything()
     assert not memory[0].mapped and disk[0].mapped
-    assert torch.equal(memory[1], disk[1])
+    assert all(torch.equal(a, b) for a, b in zip(memory[1], disk[1]))
+    assert memory[1][1].shape == (4, 320, memory[1][0].shape[1])
     for key, tensor in memory[2].tensors.items():
         assert torch.equal(tensor, disk[2].tensors[key]), key
     for kind in ("herding", "kcenter"):

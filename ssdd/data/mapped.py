@@ -155,9 +155,10 @@ def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], meta: dict[st
 def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
                    dtype: torch.dtype, rows_per_part: int, produce: Callable[[int, int], torch.Tensor],
                    meta: dict[str, Any], finish: Callable[[list[str]], dict[str, Any]], desc: str,
-                   progress: bool = True) -> None:
+                   progress: bool = True, block_rows: int | None = None) -> None:
     """Write a safetensors file holding the small ``fixed`` tensors and a large tensor ``name`` of ``shape`` and
-    ``dtype`` whose rows ``produce(start, stop)`` returns, ``rows_per_part`` at a time, so that memory holds one part.
+    ``dtype`` whose rows ``produce(start, stop)`` returns, ``rows_per_part`` at a time, so that memory holds one part
+    (the parts of each block of ``block_rows`` rows, default all, start at the block's first row).
 
     The file is written as ``<path>.partial``; ``<path>.progress`` records the SHA-256 of each part written, so a
     build that was killed continues at its first unwritten part (a build of other tensors or metadata starts over).
@@ -169,7 +170,10 @@ def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, 
     partial, record = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress")
     specs = {key: (t.dtype, tuple(t.shape)) for key, t in fixed.items()} | {name: (dtype, shape)}
     head = _header(specs, meta, 0)
-    identity = hashlib.sha256(f"{rows_per_part}:".encode() + head
+    block_rows = block_rows or shape[0]
+    parts = [(start, min(start + rows_per_part, block + block_rows)) for block in range(0, shape[0], block_rows)
+             for start in range(block, block + block_rows, rows_per_part)]
+    identity = hashlib.sha256(f"{rows_per_part}:{block_rows}:".encode() + head
                               + b"".join(t.contiguous().numpy().tobytes() for t in fixed.values())).hexdigest()
     row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
     total = len(head) + sum(t.numel() * t.element_size() for t in fixed.values()) + shape[0] * row_bytes
@@ -184,12 +188,10 @@ def write_streamed(path: str | Path, fixed: dict[str, torch.Tensor], name: str, 
                 for tensor in fixed.values():
                     fh.write(tensor.contiguous().numpy().tobytes())
             stream_at = total - shape[0] * row_bytes
-            parts = range(len(digests) * rows_per_part, shape[0], rows_per_part)
-            bar = progress_bar(total=shape[0], initial=min(shape[0], len(digests) * rows_per_part), desc=desc,
-                               unit="row", disable=not progress, leave=False)
+            bar = progress_bar(total=shape[0], initial=sum(stop - start for start, stop in parts[: len(digests)]),
+                               desc=desc, unit="row", disable=not progress, leave=False)
             with bar:
-                for start in parts:
-                    stop = min(start + rows_per_part, shape[0])
+                for start, stop in parts[len(digests) :]:
                     rows = produce(start, stop)
                     if rows.dtype != dtype or tuple(rows.shape) != (stop - start, *shape[1:]):
                         raise ArtefactError(f"{desc}: rows {start}:{stop} came as {rows.dtype} "
