@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssdd.data.dataset import ImageDataset
+from ssdd.data.dataset import ImageDataset, NormalizedImages
 from ssdd.data.mapped import is_mapped, read_range, read_rows
 from ssdd.device import device_batches, make_generator
 from ssdd.errors import ConfigError
@@ -107,12 +107,15 @@ def select_top_loss(per_image_loss: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def per_image_mse(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, device: torch.device | str,
-                  batch_size: int = 1024) -> torch.Tensor:
+def per_image_mse(model: torch.nn.Module, images: torch.Tensor | NormalizedImages, targets: torch.Tensor,
+                  device: torch.device | str, batch_size: int = 1024) -> torch.Tensor:
     """MSE of ``model``'s outputs against ``targets`` for each image (averaged over the target dimension)."""
     model.eval()
     out = []
-    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+    starts = range(0, len(images), batch_size)
+    batches = (device_batches(images, batch_size, device) if isinstance(images, torch.Tensor)
+               else (images[torch.arange(start, min(start + batch_size, len(images)))] for start in starts))
+    for start, batch in zip(starts, batches):
         pred = model(batch).float().cpu()
         out.append(F.mse_loss(pred, targets[start : start + batch_size], reduction="none").mean(1))
     return torch.cat(out)
@@ -155,7 +158,7 @@ def high_loss_cache_path(teacher: Teacher, source: ImageDataset, settings: HighL
 
 def _train_and_score(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
                      seed: int, device: torch.device) -> torch.Tensor:
-    images = teacher.pixel_space.normalize(source.images)
+    images = NormalizedImages(source, teacher.pixel_space, device)  # a memory-mapped source is read batch by batch
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, cosine=False)
     scores = torch.zeros(len(source))
     for k in range(settings.num_experts):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
+from ssdd.data.dataset import NormalizedImages
 from ssdd.device import autocast, device_batches, make_generator, seeded
 from ssdd.errors import ConfigError, check_finite
 from ssdd.models import Backbone, create_model
@@ -104,7 +105,7 @@ def build_student(arch: str, arch_args: dict, num_outputs: int, image_shape: tup
 
 def train_network(
     model: Backbone,
-    images: torch.Tensor,
+    images: torch.Tensor | NormalizedImages,
     targets: torch.Tensor,
     settings: TrainSettings,
     loss: str,
@@ -115,7 +116,8 @@ def train_network(
     progress: bool = False,
     labeller: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Backbone:
-    """Train ``model`` on normalised ``images`` with ``loss`` (see :func:`batch_loss`).
+    """Train ``model`` on normalised ``images`` (a tensor, or :class:`NormalizedImages`: a dataset's, read batch by
+    batch) with ``loss`` (see :func:`batch_loss`).
 
     With ``labeller`` (``kl`` only), every batch's soft-label logits are ``labeller(x)`` of the batch as the
     student sees it, after augmentation and mixing (relabelling on the fly), and ``targets`` are not used.
@@ -131,14 +133,16 @@ def train_network(
     model.to(device).train()
     optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.weight_decay, settings.momentum,
                                decay_1d=settings.decay_1d)
-    n = images.shape[0]
+    n = len(images)
     batch = min(settings.batch_size, n)
     steps_per_epoch = -(-n // batch)  # every image once per epoch; the last batch may be smaller...
     if n % batch == 1 and n > 1:
         steps_per_epoch -= 1  # ...but never a single image, which BatchNorm cannot train on
     total = settings.steps or steps_per_epoch * settings.epochs
     forward = torch.compile(model) if settings.compile else model
-    images, targets = images.to(device), targets.to(device)  # a distilled set is small: keep it on the device
+    if isinstance(images, torch.Tensor):  # a distilled set is small: keep it on the device
+        images = images.to(device)
+    targets = targets.to(device)
     gen = make_generator(seed)
     mix_rng = np.random.default_rng(seed)
     step = 0

@@ -173,9 +173,11 @@ def test_results_are_identical_in_memory_and_memory_mapped(tiny_teacher, synthet
             "device": "cpu", "dataset": name, "teacher": str(tiny_teacher),
             "settings": {"selection": kind, "per_class": False}}), None, progress=False).run()
             for kind in ("herding", "kcenter")}
+        scores = selection.high_loss_scores(source, features, teacher, selection.HighLossSettings(
+            num_experts=1, arch="convnet", arch_args={"widths": [8, 16]}, batch_size=64), 0, torch.device("cpu"))
         cells = evaluate([krr], resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={
             "device": "cpu", "targets": [name], "seeds": [0], "protocol": "linear"}), progress=False)
-        return source, (features, views), krr, coreset, [(cell.fraction, cell.accuracies) for cell in cells]
+        return source, (features, views, scores), krr, coreset, [(cell.fraction, cell.accuracies) for cell in cells]
 
     memory = everything()
     monkeypatch.setenv("SSDD_MAP_BYTES", "0")
@@ -281,15 +283,15 @@ def test_datasets_reports_sizes_and_the_mapped_form(data_dir, capsys):
     assert expected in out, out
 
 
-def test_dm_and_dc_draw_the_same_real_batches_from_a_mapped_source(tmp_path):
+def test_normalized_images_are_the_same_read_from_a_mapped_source(tmp_path):
     from ssdd.data import PixelSpace
-    from ssdd.methods.labelled import RealImages
+    from ssdd.data.dataset import NormalizedImages
 
     folder, _ = image_folder(tmp_path, per_class=6)
     memory = load_dataset(f"imagefolder:{folder}", "train", mapped=False)
     disk = load_dataset(f"imagefolder:{folder}", "train", mapped=True)
     space = PixelSpace((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
-    held, read = (RealImages(d, space, (3, 8, 8), torch.device("cpu")) for d in (memory, disk))
+    held, read = (NormalizedImages(d, space, "cpu") for d in (memory, disk))
     assert held.held is not None and read.held is None and len(read) == 18
     idx = torch.tensor([17, 0, 5, 5])
     assert torch.equal(read[idx], held[idx])

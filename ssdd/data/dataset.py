@@ -9,7 +9,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ssdd.data.mapped import is_mapped, read_range, read_rows
+from ssdd.data.transforms import PixelSpace, convert_images
 from ssdd.errors import ShapeError
+from ssdd.resources import on_device_if_it_fits
 
 
 def fingerprint_tensors(*parts: torch.Tensor | str) -> str:
@@ -102,8 +104,6 @@ class ImageDataset:
 
     def converted(self, channels: int | None = None, size: int | None = None) -> ImageDataset:
         """The same images with ``channels`` channels and ``size`` x ``size`` pixels (no-op when they match)."""
-        from ssdd.data.transforms import convert_images
-
         channels = channels or self.image_shape[0]
         size = size or self.image_shape[1]
         if (channels, size, size) == self.image_shape:
@@ -115,3 +115,25 @@ class ImageDataset:
     def float_images(self) -> torch.Tensor:
         """Images as float32 in [0, 1]."""
         return self.images.float().div_(255.0)
+
+
+class NormalizedImages:
+    """A dataset's images in ``pixel_space`` (at ``shape``, default the dataset's), indexed like a tensor
+    (``images[indices]``, on ``device``): an in-memory dataset's held normalised (on the GPU when they fit), a
+    memory-mapped one's read from its file and normalised per batch (the same values: normalising is elementwise)."""
+
+    def __init__(self, source: ImageDataset, pixel_space: PixelSpace, device: torch.device | str,
+                 shape: tuple[int, ...] | None = None):
+        self.source = source.converted(*(shape[:2] if shape else ()))
+        self.pixel_space, self.device = pixel_space, torch.device(device)
+        self.held = None if self.source.mapped else on_device_if_it_fits(
+            pixel_space.normalize(self.source.images.float().div(255.0)), self.device)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.held is not None:
+            return self.held[indices].to(self.device)
+        batch = self.source.batch(indices.cpu()).to(self.device)
+        return self.pixel_space.normalize(batch.float().div(255.0))

@@ -21,11 +21,12 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
+from ssdd.data.dataset import NormalizedImages
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, ImageLearningMethod
-from ssdd.methods.labelled import ClassBalancedImages, RealImages
+from ssdd.methods.labelled import ClassBalancedImages
 from ssdd.selection import select_random
 from ssdd.training import build_student
 
@@ -111,7 +112,7 @@ class DMSSL(ImageLearningMethod):
         self.pixel_space = teacher.pixel_space
         self.image_shape = teacher.input_shape
         c, h, w = self.image_shape
-        self.real = RealImages(source, self.pixel_space, self.image_shape, context.device)
+        self.real = NormalizedImages(source, self.pixel_space, context.device, self.image_shape)
         self.plan = budget.plan(budget.value_bytes(c * h * w + teacher.feature_dim))
         count = self.plan.count
         if count > len(source):

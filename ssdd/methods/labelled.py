@@ -9,33 +9,12 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
-from ssdd.data.dataset import ImageDataset
+from ssdd.data.dataset import NormalizedImages
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, ImageLearningMethod
-from ssdd.resources import on_device_if_it_fits
-
-
-class RealImages:
-    """A source's images in ``pixel_space`` at ``shape``, indexed like a tensor (``real[indices]``, on ``device``): an
-    in-memory source's held normalised (on the GPU when they fit), a memory-mapped one's read from its file and
-    normalised per batch (the same values: normalising is elementwise)."""
-
-    def __init__(self, source: ImageDataset, pixel_space: PixelSpace, shape: tuple[int, ...], device: torch.device):
-        self.source = source.converted(channels=shape[0], size=shape[1])
-        self.pixel_space, self.device = pixel_space, device
-        self.held = None if self.source.mapped else on_device_if_it_fits(
-            pixel_space.normalize(self.source.images.float().div(255.0)), device)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
-        if self.held is not None:
-            return self.held[indices].to(self.device)
-        return self.pixel_space.normalize(self.source.batch(indices).to(self.device).float().div(255.0))
 
 
 class ClassBalancedImages(ImageLearningMethod):
@@ -55,7 +34,7 @@ class ClassBalancedImages(ImageLearningMethod):
         self.classes = source.num_classes
         self.pixel_space = teacher.pixel_space if teacher is not None else PixelSpace.of(source.images)
         shape = teacher.input_shape if teacher is not None else source.image_shape
-        self.real = RealImages(source, self.pixel_space, shape, context.device)
+        self.real = NormalizedImages(source, self.pixel_space, context.device, shape)
         self.members = source.class_indices()
         c, h, w = shape
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, name)
