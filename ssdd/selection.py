@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from ssdd.data.dataset import ImageDataset, NormalizedImages
 from ssdd.data.mapped import is_mapped, read_range, read_rows
-from ssdd.device import device_batches, make_generator
+from ssdd.device import make_generator
 from ssdd.errors import ConfigError
 from ssdd.teachers.artefact import Teacher
 from ssdd.teachers.features import derived_cache_path, read_cached, write_cached
-from ssdd.training import TrainSettings, build_student, train_network
+from ssdd.training import TrainSettings, build_student, image_batches, train_network
 
 
 def _check(n: int, available: int) -> None:
@@ -112,10 +112,7 @@ def per_image_mse(model: torch.nn.Module, images: torch.Tensor | NormalizedImage
     """MSE of ``model``'s outputs against ``targets`` for each image (averaged over the target dimension)."""
     model.eval()
     out = []
-    starts = range(0, len(images), batch_size)
-    batches = (device_batches(images, batch_size, device) if isinstance(images, torch.Tensor)
-               else (images[torch.arange(start, min(start + batch_size, len(images)))] for start in starts))
-    for start, batch in zip(starts, batches):
+    for start, batch in image_batches(images, batch_size, device):
         pred = model(batch).float().cpu()
         out.append(F.mse_loss(pred, targets[start : start + batch_size], reduction="none").mean(1))
     return torch.cat(out)

@@ -4,7 +4,7 @@ and ``top1``.  Below both ``methods/`` (experts, squeeze models, monitors) and `
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,12 +198,24 @@ def mix_batch(x: torch.Tensor, settings: TrainSettings, gen: torch.Generator,
     return x, (1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3]), perm)
 
 
+def image_batches(images: torch.Tensor | NormalizedImages, batch_size: int,
+                  device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, batch) of consecutive batches of normalised ``images`` on ``device`` (a tensor's through
+    :func:`ssdd.device.device_batches`)."""
+    starts = range(0, len(images), batch_size)
+    if isinstance(images, torch.Tensor):
+        yield from zip(starts, device_batches(images, batch_size, device))
+    else:
+        for start in starts:
+            yield start, images[torch.arange(start, min(start + batch_size, len(images)))]
+
+
 @torch.no_grad()
-def top1(model: Backbone, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu",
-         batch_size: int = 1024) -> float:
+def top1(model: Backbone, images: torch.Tensor | NormalizedImages, labels: torch.Tensor,
+         device: torch.device | str = "cpu", batch_size: int = 1024) -> float:
     """Top-1 accuracy (%) of ``model``'s head on normalised images."""
     model.eval()
     correct = 0
-    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+    for start, batch in image_batches(images, batch_size, device):
         correct += (model(batch).argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
-    return 100.0 * correct / images.shape[0]
+    return 100.0 * correct / len(images)

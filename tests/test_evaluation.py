@@ -672,7 +672,7 @@ def test_supervised_readout_normalises_target_data_once(monkeypatch: pytest.Monk
     real_top1 = protocols.top1
 
     def spy(model, images, labels, device="cpu", batch_size=1024):  # noqa: ANN001, ANN202
-        seen.append((images.clone(), labels.clone()))
+        seen.append((images[torch.arange(len(images))].clone(), labels.clone()))  # NormalizedImages, read whole
         return real_top1(model, images, labels, device, batch_size)
 
     monkeypatch.setattr(protocols, "top1", spy)
@@ -692,11 +692,11 @@ def test_finetune_readout_normalises_target_data_once(monkeypatch: pytest.Monkey
     seen = {}
 
     def fake_train(model, images, labels, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen["train"] = (images.clone(), labels.clone(), model.head.out_features)
+        seen["train"] = (images[torch.arange(len(images))].clone(), labels.clone(), model.head.out_features)
         return model.eval()
 
     def fake_top1(model, images, labels, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen["test"] = (images.clone(), labels.clone())
+        seen["test"] = (images[torch.arange(len(images))].clone(), labels.clone())
         return 12.5
 
     monkeypatch.setattr(protocols, "train_network", fake_train)

@@ -169,15 +169,20 @@ def test_results_are_identical_in_memory_and_memory_mapped(tiny_teacher, synthet
         krr = Distillation(resolve_config(DistillConfig, "distill", "krr-st/tiny", overrides={  # crop-flip copies
             "device": "cpu", "dataset": name, "teacher": str(tiny_teacher), "settings": {"steps": 3}}), None,
             progress=False).run()
+        others = {method: Distillation(resolve_config(DistillConfig, "distill", f"{method}/tiny", overrides={
+            "device": "cpu", "dataset": name, "settings": {"steps" if method == "frepo" else "iterations": 3}}),
+            None, progress=False).run() for method in ("frepo", "dm")}
         coreset = {kind: Distillation(resolve_config(DistillConfig, "distill", "coreset/tiny", overrides={
             "device": "cpu", "dataset": name, "teacher": str(tiny_teacher),
             "settings": {"selection": kind, "per_class": False}}), None, progress=False).run()
             for kind in ("herding", "kcenter")}
         scores = selection.high_loss_scores(source, features, teacher, selection.HighLossSettings(
             num_experts=1, arch="convnet", arch_args={"widths": [8, 16]}, batch_size=64), 0, torch.device("cpu"))
-        cells = evaluate([krr], resolve_config(EvaluationConfig, "evaluate", "tiny", overrides={
-            "device": "cpu", "targets": [name], "seeds": [0], "protocol": "linear"}), progress=False)
-        return source, (features, views, scores), krr, coreset, [(cell.fraction, cell.accuracies) for cell in cells]
+        cells = [cell for protocol in ("linear", "finetune") for cell in evaluate([krr], resolve_config(
+            EvaluationConfig, "evaluate", "tiny", overrides={"device": "cpu", "targets": [name], "seeds": [0],
+                                                             "protocol": protocol}), progress=False)]
+        accuracies = [(cell.protocol, cell.fraction, cell.accuracies) for cell in cells]
+        return source, (features, views, scores), krr, coreset | others, accuracies
 
     memory = everything()
     monkeypatch.setenv("SSDD_MAP_BYTES", "0")
@@ -189,7 +194,9 @@ def test_results_are_identical_in_memory_and_memory_mapped(tiny_teacher, synthet
         assert torch.equal(tensor, disk[2].tensors[key]), key
     for kind in ("herding", "kcenter"):
         assert memory[3][kind].metadata["selected_indices"] == disk[3][kind].metadata["selected_indices"]
-        assert torch.equal(memory[3][kind].tensors["images"], disk[3][kind].tensors["images"])
+    for kind in ("herding", "kcenter", "frepo", "dm"):
+        assert memory[3][kind].tensors.keys() == disk[3][kind].tensors.keys()
+        assert all(torch.equal(t, disk[3][kind].tensors[key]) for key, t in memory[3][kind].tensors.items()), kind
     assert memory[4] == disk[4]
 
 

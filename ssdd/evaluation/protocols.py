@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ssdd.data.dataset import ImageDataset
+from ssdd.data.dataset import ImageDataset, NormalizedImages
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import seeded
 from ssdd.models import Backbone
@@ -96,8 +96,8 @@ def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
     model = copy.deepcopy(ctx.student)  # the pre-trained student is shared by every target
     with seeded(ctx.seed):
         model.reset_head(ctx.target.train.num_classes)
-    train = ctx.pixel_space.normalize(ctx.target.train.images)
-    test = ctx.pixel_space.normalize(ctx.target.test.images)
+    train = NormalizedImages(ctx.target.train, ctx.pixel_space, ctx.device)  # batch by batch when memory-mapped
+    test = NormalizedImages(ctx.target.test, ctx.pixel_space, ctx.device)
     model = train_network(model, train, ctx.target.train.labels, ctx.settings.finetune, "ce", ctx.seed,
                           ctx.device, desc=f"fine-tune on {ctx.target.name}")
     return {1.0: top1(model, test, ctx.target.test.labels, ctx.device)}
@@ -107,5 +107,5 @@ def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
 def supervised_readout(ctx: ReadoutContext) -> dict[float, float]:
     """For labelled sets: the student was trained from scratch on the set's labels; top-1 of its own head on
     the target's test split (the target must be the source, or share its classes)."""
-    test = ctx.pixel_space.normalize(ctx.target.test.images)
+    test = NormalizedImages(ctx.target.test, ctx.pixel_space, ctx.device)
     return {1.0: top1(ctx.student, test, ctx.target.test.labels, ctx.device)}
