@@ -16,6 +16,7 @@ import torch
 
 from ssdd.budget import images_for_budget, labelled_images_per_class
 from ssdd.data.dataset import ImageDataset
+from ssdd.data.mapped import read_rows
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.selection import (
@@ -38,7 +39,7 @@ def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor
     """A set of real source images (float32, teacher pixel space) with teacher-feature targets."""
     images = teacher.pixel_space.normalize(source.batch(indices))
     return DistilledSet(
-        {"images": images.float().contiguous(), "targets": features[indices].float().contiguous()},
+        {"images": images.float().contiguous(), "targets": read_rows(features, indices).float().contiguous()},
         teacher.pixel_space, "representation", method,
         {"source": {"dataset": source.name, "fingerprint": source.fingerprint, "images": len(source)},
          "teacher": {"fingerprint": teacher.fingerprint, "feature_dim": teacher.feature_dim},
@@ -93,7 +94,7 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
         if members.numel() < ipc:
             raise ConfigError(f"class {k} of {source.name} has {members.numel()} images, fewer than {ipc} per class")
         pick = (select_random(ipc, members.numel(), seed * 1000 + k) if name == "random"
-                else select_herding(features[members], ipc))
+                else select_herding(read_rows(features, members), ipc))
         rows.append(members[pick])
     idx = torch.cat(rows)
     images = teacher.pixel_space.normalize(source.batch(idx)).float().contiguous()
