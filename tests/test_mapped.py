@@ -320,3 +320,16 @@ def test_a_file_cut_short_or_unreadable_after_writing_is_one_clear_line(tmp_path
     with pytest.raises(DataError, match=r"the memory-mapped dataset .*\.mapped\.safetensors just written cannot be "
                                         "read; delete it and load again"):
         load_dataset(f"imagefolder:{folder}", "train", mapped=True)
+
+
+def test_a_mapped_dataset_is_converted_into_another_mapped_file(tmp_path):
+    folder, _ = image_folder(tmp_path, per_class=6)
+    memory = load_dataset(f"imagefolder:{folder}", "train", mapped=False)
+    disk = load_dataset(f"imagefolder:{folder}", "train", mapped=True)
+    small = disk.converted(channels=1, size=6)
+    assert small.mapped and small.image_shape == (1, 6, 6)
+    assert torch.equal(small.images, memory.converted(channels=1, size=6).images)
+    assert torch.equal(small.labels, memory.labels) and small.classes == memory.classes
+    assert len(list(cache.cache_dir().glob("*-c1-s6.mapped.safetensors"))) == 1
+    again = load_dataset(f"imagefolder:{folder}", "train", mapped=True, image_size=6, channels=1)
+    assert again.fingerprint == small.fingerprint and torch.equal(again.images, small.images)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ssdd.data.dataset import ImageDataset, fingerprint_tensors
-from ssdd.data.mapped import layout, map_tensors, write_streamed
+from ssdd.data.mapped import layout, map_tensors, mapped_file, read_range, write_streamed
+from ssdd.data.transforms import convert_images
 from ssdd.errors import ArtefactError, DataError
 from ssdd.io import load_tensors, save_tensors
 
@@ -139,3 +140,26 @@ def store_mapped(path: Path, name: str, split: str, source: str, labels: torch.T
 
     write_streamed(path, {"labels": labels.to(torch.int64)}, "images", (labels.shape[0], *image_shape), torch.uint8,
                    per_part, read, meta, finish, desc=f"memory-mapping {name} {split}")
+
+
+def converted_mapped(dataset: ImageDataset, channels: int, size: int) -> ImageDataset:
+    """The memory-mapped ``dataset`` converted to ``channels`` x ``size`` x ``size`` (see
+    :func:`ssdd.data.transforms.convert_images`), written a part at a time beside its file on first use."""
+    source = mapped_file(dataset.images)
+    path = source.with_name(f"{source.name.removesuffix('.mapped.safetensors')}-c{channels}-s{size}.mapped.safetensors")
+    converted = load_mapped(path)
+    if converted is not None:
+        return converted
+    path.unlink(missing_ok=True)  # absent, or damaged: rebuilt
+    store_mapped(path, dataset.name, dataset.split, dataset.source, dataset.labels, dataset.classes,
+                 (channels, size, size),
+                 lambda start, stop: convert_images(read_range(dataset.images, start, stop), channels, size))
+    return opened_mapped(path)
+
+
+def opened_mapped(path: Path) -> ImageDataset:
+    """The memory-mapped dataset just written at ``path``."""
+    dataset = load_mapped(path)
+    if dataset is None:
+        raise DataError(f"the memory-mapped dataset {path} just written cannot be read; delete it and load again")
+    return dataset

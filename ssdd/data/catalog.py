@@ -310,19 +310,13 @@ def _load_from_sources(name: str, split: str, root: str | Path | None, download:
         listing = found.listing(split)
         cache.store_mapped(on_map, name, split, where, listing.labels, listing.classes, listing.image_shape,
                            listing.read)
-        return _opened(on_map)
+        return cache.opened_mapped(on_map)
     images, labels, classes = found.decode(split)
     if mapped or (mapped is None and images.numel() > cache.map_above_bytes()):
         cache.store_mapped(on_map, name, split, where, labels, classes, tuple(images.shape[1:]),
                            lambda start, stop: images[start:stop])
-        return _opened(on_map)
+        return cache.opened_mapped(on_map)
     dataset = ImageDataset(name=name, split=split, images=images, labels=labels, classes=classes, source=where)
     cache.store(path, dataset)
     return dataset
 
-
-def _opened(path: Path) -> ImageDataset:
-    dataset = cache.load_mapped(path)
-    if dataset is None:
-        raise DataError(f"the memory-mapped dataset {path} just written cannot be read; delete it and load again")
-    return dataset

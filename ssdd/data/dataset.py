@@ -103,11 +103,16 @@ class ImageDataset:
         return replace(self, images=self.batch(idx), labels=self.labels[idx], fingerprint="")
 
     def converted(self, channels: int | None = None, size: int | None = None) -> ImageDataset:
-        """The same images with ``channels`` channels and ``size`` x ``size`` pixels (no-op when they match)."""
+        """The same images with ``channels`` channels and ``size`` x ``size`` pixels (no-op when they match); a
+        memory-mapped dataset's converted into another memory-mapped file, once."""
         channels = channels or self.image_shape[0]
         size = size or self.image_shape[1]
         if (channels, size, size) == self.image_shape:
             return self
+        if self.mapped:  # converted a part at a time into a memory-mapped file beside this one
+            from ssdd.data.cache import converted_mapped
+
+            return converted_mapped(self, channels, size)
         images = convert_images(self.images, channels=channels, size=size)
         fp = fingerprint_tensors(self.fingerprint, f"converted:c{channels}:s{size}")
         return replace(self, images=images, fingerprint=fp)

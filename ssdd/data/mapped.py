@@ -40,6 +40,7 @@ class _Mapping:
     """A file open for reading, and one private (copy-on-write, never written) memory map of it."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # writable: torch.from_numpy takes it silently
         self.base = np.frombuffer(self.map, np.uint8, 1).ctypes.data  # the address of the file's first byte
@@ -59,6 +60,12 @@ def _mapping(tensor: torch.Tensor) -> _Mapping | None:
 def is_mapped(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` (or the tensor it is a view of) was opened by :func:`map_tensors`."""
     return _mapping(tensor) is not None
+
+
+def mapped_file(tensor: torch.Tensor) -> Path | None:
+    """The file ``tensor`` was opened from by :func:`map_tensors` (None for an in-memory tensor)."""
+    mapping = _mapping(tensor)
+    return None if mapping is None else mapping.path
 
 
 def read_rows(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
