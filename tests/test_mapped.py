@@ -333,3 +333,12 @@ def test_a_mapped_dataset_is_converted_into_another_mapped_file(tmp_path):
     assert len(list(cache.cache_dir().glob("*-c1-s6.mapped.safetensors"))) == 1
     again = load_dataset(f"imagefolder:{folder}", "train", mapped=True, image_size=6, channels=1)
     assert again.fingerprint == small.fingerprint and torch.equal(again.images, small.images)
+
+
+def test_loading_a_mapped_dataset_again_opens_nothing_more(tmp_path):
+    folder, _ = image_folder(tmp_path)
+    first = load_dataset(f"imagefolder:{folder}", "train", mapped=True)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    again = [load_dataset(f"imagefolder:{folder}", "train", mapped=True) for _ in range(20)]
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert all(torch.equal(d.batch(torch.tensor([3])), first.batch(torch.tensor([3]))) for d in again)

@@ -51,6 +51,7 @@ class _Mapping:
 
 
 _MAPPINGS: dict[int, _Mapping] = {}  # storage address of each mapped tensor -> its mapping (kept for the process)
+_OPEN: dict[tuple, _Mapping] = {}  # (path, inode, size, mtime) -> its mapping: a file opened again is not mapped again
 
 
 def _mapping(tensor: torch.Tensor) -> _Mapping | None:
@@ -132,7 +133,9 @@ def map_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     ssdd metadata."""
     path = Path(path)
     entries, meta, begin = layout(path)
-    mapping = _Mapping(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    mapping = _OPEN.get(key) or _OPEN.setdefault(key, _Mapping(path))
     tensors = {}
     for name, (code, shape, (start, _)) in entries.items():
         array = np.frombuffer(mapping.map, dtype=DTYPES[code][1], count=math.prod(shape), offset=begin + start)
