@@ -53,6 +53,11 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         print(f"{row['name']:<14} {mark:<10} {row['description']}")
         if row["available"]:
             print(f"{'':<14} from {row['source']}")
+            if "disk_bytes" in row:
+                splits = ", ".join(
+                    f"{split} {_size(info['decoded_bytes']) if info['decoded_bytes'] else 'not decoded yet'}"
+                    + (" (memory-mapped)" if info["mapped"] else "") for split, info in row["splits"].items())
+                print(f"{'':<14} source files {_size(row['disk_bytes'])}; decoded: {splits}")
         else:
             for place in row["looked_in"]:
                 print(f"{'':<14} looked for {place}")
@@ -61,6 +66,14 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     print("imagefolder:PATH  your own images: PATH/{train,test}/<class>/<images>, or PATH/<class>/<images>, "
           "or an archive")
     return 0
+
+
+def _size(count: int) -> str:
+    """Bytes in the largest binary unit that keeps at least one whole unit (``1.5 GiB``)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{count} B"
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

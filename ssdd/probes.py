@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssdd.data.dataset import ImageDataset
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import device_batches
 
@@ -26,6 +27,29 @@ def extract_features(
     out = []
     for batch in device_batches(images, batch_size, device):
         out.append(encoder(pixel_space.normalize(batch)).float().flatten(1).cpu())
+        if bar is not None:
+            bar.update(batch.shape[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def dataset_features(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    dataset: ImageDataset,
+    pixel_space: PixelSpace,
+    indices: torch.Tensor | None = None,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    bar: Any = None,
+) -> torch.Tensor:
+    """:func:`extract_features` of ``dataset``'s images at ``indices`` (default: all), a memory-mapped dataset's
+    read batch by batch through :meth:`ImageDataset.batches`."""
+    if not dataset.mapped:
+        images = dataset.images if indices is None else dataset.images[indices]
+        return extract_features(encoder, images, pixel_space, batch_size, device, bar)
+    out = []
+    for batch in dataset.batches(batch_size, indices):
+        out.append(encoder(pixel_space.normalize(batch.to(device))).float().flatten(1).cpu())
         if bar is not None:
             bar.update(batch.shape[0])
     return torch.cat(out)

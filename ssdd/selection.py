@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ssdd.data.dataset import ImageDataset
-from ssdd.device import device_batches, make_generator
+from ssdd.data.dataset import ImageDataset, NormalizedImages
+from ssdd.data.mapped import is_mapped, read_range, read_rows
+from ssdd.device import make_generator
 from ssdd.errors import ConfigError
 from ssdd.teachers.artefact import Teacher
 from ssdd.teachers.features import derived_cache_path, read_cached, write_cached
-from ssdd.training import TrainSettings, build_student, train_network
+from ssdd.training import TrainSettings, build_student, image_batches, train_network
 
 
 def _check(n: int, available: int) -> None:
@@ -35,38 +36,68 @@ def select_random(n: int, available: int, seed: int) -> torch.Tensor:
     return torch.randperm(available, generator=make_generator(seed))[:n]
 
 
+CHUNK_ROWS = 8192  # feature rows a selection pass reads at a time (a memory-mapped matrix stays on disk)
+
+
+def _chunks(features: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, features.shape[0], CHUNK_ROWS):
+        yield start, read_range(features, start, start + CHUNK_ROWS)
+
+
+def feature_mean(features: torch.Tensor) -> torch.Tensor:
+    """The float64 mean row of ``features``, read a chunk at a time."""
+    if features.shape[0] <= CHUNK_ROWS or not is_mapped(features):
+        return features.double().mean(0)
+    return sum(chunk.double().sum(0) for _, chunk in _chunks(features)) / features.shape[0]
+
+
 @torch.no_grad()
 def select_herding(features: torch.Tensor, n: int) -> torch.Tensor:
-    """Herding (Welling, 2009): greedily add the point that brings the selection's mean closest to the data mean."""
+    """Herding (Welling, 2009): greedily add the point that brings the selection's mean closest to the data mean.
+
+    Each of the ``n`` steps reads the rows a chunk at a time, so memory holds O(chunk + N) values, never N x N or
+    all of a memory-mapped ``features``."""
     _check(n, features.shape[0])
-    x = features.double()
-    target = x.mean(0)
+    target = feature_mean(features)
     chosen: list[int] = []
     running = torch.zeros_like(target)
-    available = torch.ones(x.shape[0], dtype=torch.bool)
+    available = torch.ones(features.shape[0], dtype=torch.bool)
     for k in range(1, n + 1):
         # mean after adding x_i: (running + x_i) / k; pick argmin of its distance to the target mean
-        distance = ((running + x) / k - target).pow(2).sum(1)
-        distance[~available] = float("inf")
-        i = int(distance.argmin())
+        best, i = float("inf"), -1
+        for start, chunk in _chunks(features):
+            distance = ((running + chunk.double()) / k - target).pow(2).sum(1)
+            distance[~available[start : start + chunk.shape[0]]] = float("inf")
+            at = int(distance.argmin())
+            if float(distance[at]) < best:
+                best, i = float(distance[at]), start + at
         chosen.append(i)
         available[i] = False
-        running += x[i]
+        running += read_rows(features, torch.tensor([i]))[0].double()
     return torch.tensor(chosen, dtype=torch.long)
 
 
 @torch.no_grad()
 def select_kcenter(features: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Greedy k-center (farthest-first traversal) from a seeded random first center, Euclidean distance."""
+    """Greedy k-center (farthest-first traversal) from a seeded random first center, Euclidean distance; the
+    rows are read a chunk at a time (memory: the N nearest distances and a chunk)."""
     _check(n, features.shape[0])
-    x = features.float()
-    first = int(torch.randint(x.shape[0], (1,), generator=make_generator(seed)))
+    first = int(torch.randint(features.shape[0], (1,), generator=make_generator(seed)))
     chosen = [first]
-    nearest = (x - x[first]).pow(2).sum(1)
+    nearest = torch.empty(features.shape[0])
+
+    def distances(i: int) -> Iterator[tuple[int, torch.Tensor]]:
+        center = read_rows(features, torch.tensor([i]))[0].float()
+        for start, chunk in _chunks(features):
+            yield start, (chunk.float() - center).pow(2).sum(1)
+
+    for start, d in distances(first):
+        nearest[start : start + d.shape[0]] = d
     for _ in range(n - 1):
         i = int(nearest.argmax())
         chosen.append(i)
-        nearest = torch.minimum(nearest, (x - x[i]).pow(2).sum(1))
+        for start, d in distances(i):
+            torch.minimum(nearest[start : start + d.shape[0]], d, out=nearest[start : start + d.shape[0]])
     return torch.tensor(chosen, dtype=torch.long)
 
 
@@ -103,12 +134,12 @@ def select_top_loss(per_image_loss: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def per_image_mse(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, device: torch.device | str,
-                  batch_size: int = 1024) -> torch.Tensor:
+def per_image_mse(model: torch.nn.Module, images: torch.Tensor | NormalizedImages, targets: torch.Tensor,
+                  device: torch.device | str, batch_size: int = 1024) -> torch.Tensor:
     """MSE of ``model``'s outputs against ``targets`` for each image (averaged over the target dimension)."""
     model.eval()
     out = []
-    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+    for start, batch in image_batches(images, batch_size, device):
         pred = model(batch).float().cpu()
         out.append(F.mse_loss(pred, targets[start : start + batch_size], reduction="none").mean(1))
     return torch.cat(out)
@@ -151,7 +182,7 @@ def high_loss_cache_path(teacher: Teacher, source: ImageDataset, settings: HighL
 
 def _train_and_score(source: ImageDataset, features: torch.Tensor, teacher: Teacher, settings: HighLossSettings,
                      seed: int, device: torch.device) -> torch.Tensor:
-    images = teacher.pixel_space.normalize(source.images)
+    images = NormalizedImages(source, teacher.pixel_space, device)  # a memory-mapped source is read batch by batch
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, cosine=False)
     scores = torch.zeros(len(source))
     for k in range(settings.num_experts):

@@ -4,7 +4,7 @@ and ``top1``.  Below both ``methods/`` (experts, squeeze models, monitors) and `
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.data.augment import DSAConfig, apply_dsa, random_crop_flip, sample_dsa_params
+from ssdd.data.dataset import NormalizedImages
 from ssdd.device import autocast, device_batches, make_generator, seeded
 from ssdd.errors import ConfigError, check_finite
 from ssdd.models import Backbone, create_model
@@ -104,7 +105,7 @@ def build_student(arch: str, arch_args: dict, num_outputs: int, image_shape: tup
 
 def train_network(
     model: Backbone,
-    images: torch.Tensor,
+    images: torch.Tensor | NormalizedImages,
     targets: torch.Tensor,
     settings: TrainSettings,
     loss: str,
@@ -115,7 +116,8 @@ def train_network(
     progress: bool = False,
     labeller: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Backbone:
-    """Train ``model`` on normalised ``images`` with ``loss`` (see :func:`batch_loss`).
+    """Train ``model`` on normalised ``images`` (a tensor, or :class:`NormalizedImages`: a dataset's, read batch by
+    batch) with ``loss`` (see :func:`batch_loss`).
 
     With ``labeller`` (``kl`` only), every batch's soft-label logits are ``labeller(x)`` of the batch as the
     student sees it, after augmentation and mixing (relabelling on the fly), and ``targets`` are not used.
@@ -131,14 +133,16 @@ def train_network(
     model.to(device).train()
     optimizer = make_optimizer(settings.optimizer, model, settings.lr, settings.weight_decay, settings.momentum,
                                decay_1d=settings.decay_1d)
-    n = images.shape[0]
+    n = len(images)
     batch = min(settings.batch_size, n)
     steps_per_epoch = -(-n // batch)  # every image once per epoch; the last batch may be smaller...
     if n % batch == 1 and n > 1:
         steps_per_epoch -= 1  # ...but never a single image, which BatchNorm cannot train on
     total = settings.steps or steps_per_epoch * settings.epochs
     forward = torch.compile(model) if settings.compile else model
-    images, targets = images.to(device), targets.to(device)  # a distilled set is small: keep it on the device
+    if isinstance(images, torch.Tensor):  # a distilled set is small: keep it on the device
+        images = images.to(device)
+    targets = targets.to(device)
     gen = make_generator(seed)
     mix_rng = np.random.default_rng(seed)
     step = 0
@@ -194,12 +198,24 @@ def mix_batch(x: torch.Tensor, settings: TrainSettings, gen: torch.Generator,
     return x, (1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3]), perm)
 
 
+def image_batches(images: torch.Tensor | NormalizedImages, batch_size: int,
+                  device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, batch) of consecutive batches of normalised ``images`` on ``device`` (a tensor's through
+    :func:`ssdd.device.device_batches`)."""
+    starts = range(0, len(images), batch_size)
+    if isinstance(images, torch.Tensor):
+        yield from zip(starts, device_batches(images, batch_size, device))
+    else:
+        for start in starts:
+            yield start, images[torch.arange(start, min(start + batch_size, len(images)))]
+
+
 @torch.no_grad()
-def top1(model: Backbone, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu",
-         batch_size: int = 1024) -> float:
+def top1(model: Backbone, images: torch.Tensor | NormalizedImages, labels: torch.Tensor,
+         device: torch.device | str = "cpu", batch_size: int = 1024) -> float:
     """Top-1 accuracy (%) of ``model``'s head on normalised images."""
     model.eval()
     correct = 0
-    for start, batch in zip(range(0, images.shape[0], batch_size), device_batches(images, batch_size, device)):
+    for start, batch in image_batches(images, batch_size, device):
         correct += (model(batch).argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
-    return 100.0 * correct / images.shape[0]
+    return 100.0 * correct / len(images)

@@ -189,13 +189,13 @@ def test_linear_readout_encodes_only_the_labelled_images(monkeypatch: pytest.Mon
                                                          real20: DistilledSet) -> None:
     probes: dict[tuple[float, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     encoded: list[int] = []
-    extract = protocols.extract_features
+    extract = protocols.dataset_features
 
-    def counting_extract(encoder, images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        encoded.append(images.shape[0])
-        return extract(encoder, images, *args, **kwargs)
+    def counting_extract(encoder, dataset, space, indices=None, **kwargs):  # noqa: ANN001, ANN003
+        encoded.append(len(dataset) if indices is None else indices.shape[0])
+        return extract(encoder, dataset, space, indices, **kwargs)
 
-    monkeypatch.setattr(protocols, "extract_features", counting_extract)
+    monkeypatch.setattr(protocols, "dataset_features", counting_extract)
     monkeypatch.setattr(students, "train_network", lambda model, *a, **k: model.eval())
     for fractions in ((0.1, 0.25), (0.1, 0.25, 1.0)):
         calls = probes.setdefault(fractions, [])
@@ -657,20 +657,20 @@ def test_knn_readout_normalises_target_data_once_with_the_sets_pixel_space(monke
     distilled = DistilledSet({"images": images, "targets": randn(idx.numel(), 8, seed=2)}, space,
                              "representation", "px")
     seen = []
-    real_extract = protocols.extract_features
+    real_extract = protocols.dataset_features
 
-    def spy(encoder, batch, pixel_space, batch_size=512, device="cpu"):  # noqa: ANN001, ANN202
+    def spy(encoder, dataset, pixel_space, indices=None, batch_size=512, device="cpu"):  # noqa: ANN001, ANN202
         inputs = []
 
         def recording(x: torch.Tensor) -> torch.Tensor:
             inputs.append(x.detach().cpu().clone())
             return encoder(x)
 
-        feats = real_extract(recording, batch, pixel_space, batch_size=batch_size, device=device)
+        feats = real_extract(recording, dataset, pixel_space, indices, batch_size=batch_size, device=device)
         seen.append((torch.cat(inputs), feats, encoder))
         return feats
 
-    monkeypatch.setattr(protocols, "extract_features", spy)
+    monkeypatch.setattr(protocols, "dataset_features", spy)
     evaluate([distilled], tiny(protocol="knn", seeds=[0]), progress=False)
     assert len(seen) == 2  # train and test features
     (train_x, train_feats, encoder), (test_x, _, _) = seen
@@ -690,7 +690,7 @@ def test_supervised_readout_normalises_target_data_once(monkeypatch: pytest.Monk
     real_top1 = protocols.top1
 
     def spy(model, images, labels, device="cpu", batch_size=1024):  # noqa: ANN001, ANN202
-        seen.append((images.clone(), labels.clone()))
+        seen.append((images[torch.arange(len(images))].clone(), labels.clone()))  # NormalizedImages, read whole
         return real_top1(model, images, labels, device, batch_size)
 
     monkeypatch.setattr(protocols, "top1", spy)
@@ -710,11 +710,11 @@ def test_finetune_readout_normalises_target_data_once(monkeypatch: pytest.Monkey
     seen = {}
 
     def fake_train(model, images, labels, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen["train"] = (images.clone(), labels.clone(), model.head.out_features)
+        seen["train"] = (images[torch.arange(len(images))].clone(), labels.clone(), model.head.out_features)
         return model.eval()
 
     def fake_top1(model, images, labels, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen["test"] = (images.clone(), labels.clone())
+        seen["test"] = (images[torch.arange(len(images))].clone(), labels.clone())
         return 12.5
 
     monkeypatch.setattr(protocols, "train_network", fake_train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class Source:
     decode: Callable[[str], readers.Decoded]
     present: Callable[[], bool] | None = None  # defaults to "path exists"
     key_paths: list[Path] | None = None  # files/folders whose state identifies the content (default: path)
+    listing: Callable[[str], readers.FolderListing] | None = None  # a split's images listed, decoded as streamed
 
     def exists(self) -> bool:
         return self.present() if self.present is not None else self.path.exists()
@@ -84,7 +86,7 @@ def _image_folder_sources(root: Path, name: str) -> list[Source]:
     return [
         Source(archive, "image-folder archive", lambda split: readers.read_image_folder_archive(archive, split)),
         Source(folder / "train", "image folder", lambda split: readers.read_image_folder(folder / split),
-               key_paths=[folder]),
+               key_paths=[folder], listing=lambda split: readers.FolderListing(folder / split)),
     ]
 
 
@@ -171,27 +173,30 @@ DATASETS.add("synthetic", DatasetSpec("synthetic", "seeded class-structured nois
                                       lambda root: []))
 
 
-def _split_folder(path: Path, split: str) -> readers.Decoded:
+def _split_folder(path: Path, split: str) -> Path:
     if not (path / split).is_dir():
         raise DataError(f"imagefolder:{path} has train/ but no {split}/ folder; add {path}/{split}/<class>/<images> "
                         "(held-out images of the same classes)")
-    return readers.read_image_folder(path / split)
+    return path / split
 
 
 def _imagefolder_sources(path: Path) -> list[Source]:
     if path.is_file():
         return [Source(path, "image-folder archive", lambda split: readers.read_image_folder_archive(path, split))]
     if (path / "train").is_dir():
-        return [Source(path / "train", "image folder", lambda split: _split_folder(path, split), key_paths=[path])]
+        return [Source(path / "train", "image folder",
+                       lambda split: readers.read_image_folder(_split_folder(path, split)), key_paths=[path],
+                       listing=lambda split: readers.FolderListing(_split_folder(path, split)))]
 
-    def decode(split: str) -> readers.Decoded:
+    def folder(split: str) -> Path:
         if split != "train":
             raise DataError(f"imagefolder:{path} has no {split}/ folder: a folder of class folders is one 'train' "
                             f"split (all its images); to evaluate on it, split it into "
                             f"{path}/train/<class>/<images> and {path}/test/<class>/<images> (held-out images)")
-        return readers.read_image_folder(path)
+        return path
 
-    return [Source(path, "image folder (all images as train)", decode)]
+    return [Source(path, "image folder (all images as train)", lambda split: readers.read_image_folder(folder(split)),
+                   listing=lambda split: readers.FolderListing(folder(split)))]
 
 
 def dataset_sources(name: str, root: str | Path | None = None) -> list[Source]:
@@ -211,20 +216,30 @@ def list_datasets() -> list[str]:
 
 
 def dataset_status(root: str | Path | None = None) -> list[dict]:
-    """For each registered dataset: description, where it is looked for, and the source that would be used."""
+    """For each registered dataset: description, where it is looked for, the source that would be used, its size on
+    disk, and per split the decoded size (None until it is decoded) and whether its memory-mapped form exists."""
     rows = []
     for name in DATASETS.names():
         spec = DATASETS.get(name)
         sources = spec.sources(data_root(root))
         found = next((s for s in sources if s.exists()), None)
-        rows.append({
+        row = {
             "name": name,
             "description": spec.description,
             "available": name == "synthetic" or found is not None,
             "source": "generated" if name == "synthetic" else (f"{found.kind}: {found.path}" if found else None),
             "looked_in": [f"{s.kind}: {s.path}" for s in sources],
             "downloadable": bool(spec.downloads),
-        })
+        }
+        if found is not None:
+            key, row["disk_bytes"] = cache.source_key(found.key_paths or [found.path])
+            row["splits"] = {}
+            for split in SPLITS:
+                path = cache.cache_path(name, split, key)
+                on_map = cache.mapped_path(path)
+                row["splits"][split] = {"decoded_bytes": cache.decoded_bytes(on_map) or cache.decoded_bytes(path),
+                                        "mapped": on_map.is_file()}
+        rows.append(row)
     return rows
 
 
@@ -235,20 +250,23 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     channels: int | None = None,
+    mapped: bool | None = None,
 ) -> ImageDataset:
     """Load a dataset split as uint8 images (N, C, H, W), int64 labels and class names.
 
     The first load decodes the source and caches the result (see :func:`ssdd.data.cache.cache_dir`); later loads
     read the cache.  ``image_size`` / ``channels`` convert the images (e.g. MNIST to 32 px RGB to evaluate a
     CIFAR-trained network).  ``download=True`` fetches the official files into the data root when no local copy
-    exists; nothing is downloaded otherwise.
+    exists; nothing is downloaded otherwise.  ``mapped`` reads the images from a memory-mapped file built in a
+    streaming pass (True), holds them in memory (False), or (None) maps those whose decoded size is over
+    :func:`ssdd.data.cache.map_above_bytes`.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if name == "synthetic":
         dataset = make_synthetic(split)
     else:
-        dataset = _load_from_sources(name, split, root, download)
+        dataset = _load_from_sources(name, split, root, download, mapped)
     _, height, width = dataset.image_shape
     if height != width and image_size is None:  # converted() would squash them to height x height
         raise DataError(f"dataset {name!r} has images of {width}x{height} pixels; ssdd's models take square images: "
@@ -256,7 +274,8 @@ def load_dataset(
     return dataset.converted(channels=channels, size=image_size)
 
 
-def _load_from_sources(name: str, split: str, root: str | Path | None, download: bool) -> ImageDataset:
+def _load_from_sources(name: str, split: str, root: str | Path | None, download: bool,
+                       mapped: bool | None) -> ImageDataset:
     sources = dataset_sources(name, root)
     found = next((s for s in sources if s.exists()), None)
     if found is None and download and not name.startswith("imagefolder:"):
@@ -272,13 +291,32 @@ def _load_from_sources(name: str, split: str, root: str | Path | None, download:
             hint = "put a copy there or set SSDD_DATA_ROOT / --data-root" + (
                 f", or fetch it with `ssdd datasets --download {name}`" if DATASETS.get(name).downloads else "")
         raise DataError(f"dataset {name!r} not found (looked for {looked}); {hint}")
-    key = cache.source_key(found.key_paths or [found.path])
+    key, _ = cache.source_key(found.key_paths or [found.path])
     path = cache.cache_path(name, split, key)
-    cached = cache.load_cached(path)
-    if cached is not None:
-        return cached
+    on_map = cache.mapped_path(path)
+    if mapped is None:
+        size = cache.decoded_bytes(path) or cache.decoded_bytes(on_map)
+        if size is None and found.listing is not None:
+            listing = found.listing(split)
+            size = len(listing.files) * math.prod(listing.image_shape)
+        mapped = None if size is None else size > cache.map_above_bytes()
+    loaded = cache.load_mapped(on_map) if mapped else cache.load_cached(path)
+    if loaded is not None:
+        return loaded
+    where = f"{found.kind}: {found.path}"
+    if mapped:
+        on_map.unlink(missing_ok=True)  # absent, or damaged: rebuilt
+    if mapped and found.listing is not None:
+        listing = found.listing(split)
+        cache.store_mapped(on_map, name, split, where, listing.labels, listing.classes, listing.image_shape,
+                           listing.read)
+        return cache.opened_mapped(on_map)
     images, labels, classes = found.decode(split)
-    dataset = ImageDataset(name=name, split=split, images=images, labels=labels, classes=classes,
-                           source=f"{found.kind}: {found.path}")
+    if mapped or (mapped is None and images.numel() > cache.map_above_bytes()):
+        cache.store_mapped(on_map, name, split, where, labels, classes, tuple(images.shape[1:]),
+                           lambda start, stop: images[start:stop])
+        return cache.opened_mapped(on_map)
+    dataset = ImageDataset(name=name, split=split, images=images, labels=labels, classes=classes, source=where)
     cache.store(path, dataset)
     return dataset
+

@@ -142,9 +142,8 @@ def _from_members(members: Iterable[tuple[str, str, bytes]], what: str) -> Decod
     return _stack(arrays, names, what), labels, classes
 
 
-def read_image_folder(split_dir: str | Path) -> Decoded:
-    """Read ``split_dir/<class>/<image files>`` (class index = position of the folder in sorted order)."""
-    split_dir = Path(split_dir)
+def _class_files(split_dir: Path) -> dict[Path, list[Path]]:
+    """The image files of each class folder of ``split_dir`` (folders sorted; none empty)."""
     if not split_dir.is_dir():
         raise DataError(f"image folder {split_dir} does not exist")
     class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
@@ -154,8 +153,54 @@ def read_image_folder(split_dir: str | Path) -> Decoded:
     empty = [printable(d.name) for d, found in files.items() if not found]
     if empty:
         raise DataError(f"image folder {split_dir}: class folder(s) {', '.join(empty)} contain no images")
-    members = [(d.name, f.name, f.read_bytes()) for d, found in files.items() for f in found]
+    return files
+
+
+def read_image_folder(split_dir: str | Path) -> Decoded:
+    """Read ``split_dir/<class>/<image files>`` (class index = position of the folder in sorted order)."""
+    split_dir = Path(split_dir)
+    members = [(d.name, f.name, f.read_bytes()) for d, found in _class_files(split_dir).items() for f in found]
     return _from_members(members, str(split_dir))
+
+
+class FolderListing:
+    """The images of ``split_dir/<class>/<image files>`` listed, not decoded: labels and class names as
+    :func:`read_image_folder` gives them, the first image's shape, and :meth:`read` to decode a range of them."""
+
+    def __init__(self, split_dir: str | Path):
+        self.where = str(split_dir)
+        found = _class_files(Path(split_dir))
+        self.classes = [d.name for d in found]
+        for cls in self.classes:
+            if printable(cls) != cls:
+                raise DataError(f"{self.where}: class folder name '{printable(cls)}' is not valid UTF-8; rename the "
+                                "folder")
+        self.files = [f for files in found.values() for f in files]
+        self.labels = torch.tensor([k for k, files in enumerate(found.values()) for _ in files], dtype=torch.int64)
+        first = self._decode(0)
+        self.image_shape = (first.shape[2], first.shape[0], first.shape[1])
+
+    def _decode(self, index: int) -> np.ndarray:
+        file = self.files[index]
+        return _decode(file.read_bytes(), f"{file.parent.name}/{printable(file.name)} in {self.where}")
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """The decoded images ``start:stop`` (uint8 (n, C, H, W)); every one must have the first image's size, and
+        its channels unless it is grayscale among colour images (repeated to RGB, as :func:`read_image_folder`)."""
+        channels, height, width = self.image_shape
+        out = np.empty((stop - start, height, width, channels), dtype=np.uint8)
+        for row, index in enumerate(range(start, stop)):
+            image = self._decode(index)
+            if image.shape[2] == 1 and channels == 3:
+                image = np.repeat(image, 3, axis=2)
+            if image.shape != out.shape[1:]:
+                name = f"{self.files[index].parent.name}/{printable(self.files[index].name)}"
+                raise DataError(f"{self.where}: {name} is {image.shape[1]}x{image.shape[0]} with {image.shape[2]} "
+                                f"channel(s), but the first image is {width}x{height} with {channels}; the "
+                                "memory-mapped form needs images of one size and one channel count: resize them "
+                                "(and convert gray ones to RGB) first")
+            out[row] = image
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ssdd.data.mapped import read_range
 from ssdd.errors import ShapeError
 
 LUMA = (0.299, 0.587, 0.114)
@@ -27,7 +28,7 @@ def convert_images(images: torch.Tensor, channels: int, size: int, chunk: int = 
     out = torch.empty((images.shape[0], channels, size, size), dtype=torch.uint8)
     weights = torch.tensor(LUMA).view(1, 3, 1, 1)
     for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].float()
+        x = read_range(images, start, start + chunk).float()
         if c == 1 and channels == 3:
             x = x.repeat(1, 3, 1, 1)
         elif c == 3 and channels == 1:
@@ -90,13 +91,14 @@ class PixelSpace:
 
     @classmethod
     def of(cls, images: torch.Tensor) -> PixelSpace:
-        """The per-channel mean/std of uint8 images (computed in float64, chunked)."""
+        """The per-channel mean/std of uint8 images (computed in float64, 256 images at a time: 6 MB of 32 px images;
+        the sums of 8192 at a time gave the same six rounded decimals on CIFAR-10, MNIST and the synthetic set)."""
         total = torch.zeros(images.shape[1], dtype=torch.float64)
         total_sq = torch.zeros_like(total)
-        for start in range(0, images.shape[0], 8192):
-            x = images[start : start + 8192].double().div_(255.0)
+        for start in range(0, images.shape[0], 256):
+            x = read_range(images, start, start + 256).double().div_(255.0)
             total += x.sum(dim=(0, 2, 3))
-            total_sq += x.pow(2).sum(dim=(0, 2, 3))
+            total_sq += x.pow_(2).sum(dim=(0, 2, 3))
         count = images.shape[0] * images.shape[2] * images.shape[3]
         mean = total / count
         std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()

@@ -18,6 +18,7 @@ import torch
 
 from ssdd.budget import images_for_budget, labelled_images_per_class
 from ssdd.data.dataset import ImageDataset
+from ssdd.data.mapped import read_rows
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.selection import HighLossSettings, high_loss_scores, select, select_per_class, select_top_loss
@@ -31,9 +32,9 @@ SETLESS = ("none", "teacher")  # baselines that are a network, not a set built f
 def real_set(source: ImageDataset, indices: torch.Tensor, features: torch.Tensor, teacher: Teacher,
              method: str, extra: dict | None = None) -> DistilledSet:
     """A set of real source images (float32, teacher pixel space) with teacher-feature targets."""
-    images = teacher.pixel_space.normalize(source.images[indices])
+    images = teacher.pixel_space.normalize(source.batch(indices))
     return DistilledSet(
-        {"images": images.float().contiguous(), "targets": features[indices].float().contiguous()},
+        {"images": images.float().contiguous(), "targets": read_rows(features, indices).float().contiguous()},
         teacher.pixel_space, "representation", method,
         {"source": {"dataset": source.name, "fingerprint": source.fingerprint, "images": len(source)},
          "teacher": {"fingerprint": teacher.fingerprint, "feature_dim": teacher.feature_dim},
@@ -79,8 +80,9 @@ def make_labelled_baseline(name: str, source: ImageDataset, teacher: Teacher, fe
     if ipc < 1:
         raise ConfigError(f"a budget of {budget_bytes} bytes holds fewer than one image per class ({classes} classes)")
     idx = select_per_class(source.labels, classes, ipc,
-                           lambda members, k: select(name, features[members], ipc, seed * 1000 + k), source.name)
-    images = teacher.pixel_space.normalize(source.images[idx]).float().contiguous()
+                           lambda members, k: select(name, read_rows(features, members), ipc, seed * 1000 + k),
+                           source.name)
+    images = teacher.pixel_space.normalize(source.batch(idx)).float().contiguous()
     return DistilledSet({"images": images, "labels": source.labels[idx].clone()}, teacher.pixel_space, "hard-label",
                         name, {"num_classes": classes, "ipc": ipc, "selected_indices": idx.tolist(),
                                "budget_bytes": budget_bytes})

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ssdd.data.dataset import ImageDataset
+from ssdd.data.dataset import ImageDataset, NormalizedImages
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import seeded
 from ssdd.errors import ConfigError
 from ssdd.evaluation.baselines import BASELINES, LABELLED_BASELINES
 from ssdd.evaluation.students import StudentJob, label_trained_student, pretrained_student
 from ssdd.models import Backbone
-from ssdd.probes import extract_features, knn_accuracy, label_fraction, linear_probe_accuracy
+from ssdd.probes import dataset_features, knn_accuracy, label_fraction, linear_probe_accuracy
 from ssdd.registry import Registry
 from ssdd.training import TrainSettings, top1, train_network
 
@@ -96,9 +96,8 @@ def _frozen_features(ctx: ReadoutContext, train_rows: torch.Tensor | None = None
     """Frozen features of the target's training images (all, or ``train_rows``) and of its test split."""
     ctx.student.eval()
     encode = ctx.student.features
-    train = ctx.target.train.images if train_rows is None else ctx.target.train.images[train_rows]
-    return (extract_features(encode, train, ctx.pixel_space, device=ctx.device),
-            extract_features(encode, ctx.target.test.images, ctx.pixel_space, device=ctx.device))
+    return (dataset_features(encode, ctx.target.train, ctx.pixel_space, train_rows, device=ctx.device),
+            dataset_features(encode, ctx.target.test, ctx.pixel_space, device=ctx.device))
 
 
 def linear_readout(ctx: ReadoutContext) -> dict[float, float]:
@@ -128,8 +127,8 @@ def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
     model = copy.deepcopy(ctx.student)  # the pre-trained student is shared by every target
     with seeded(ctx.seed):
         model.reset_head(ctx.target.train.num_classes)
-    train = ctx.pixel_space.normalize(ctx.target.train.images)
-    test = ctx.pixel_space.normalize(ctx.target.test.images)
+    train = NormalizedImages(ctx.target.train, ctx.pixel_space, ctx.device)  # batch by batch when memory-mapped
+    test = NormalizedImages(ctx.target.test, ctx.pixel_space, ctx.device)
     model = train_network(model, train, ctx.target.train.labels, ctx.settings.finetune, "ce", ctx.seed,
                           ctx.device, desc=f"fine-tune on {ctx.target.name}")
     return {1.0: top1(model, test, ctx.target.test.labels, ctx.device)}
@@ -138,7 +137,7 @@ def finetune_readout(ctx: ReadoutContext) -> dict[float, float]:
 def supervised_readout(ctx: ReadoutContext) -> dict[float, float]:
     """For labelled sets: the student was trained from scratch on the set's labels; top-1 of its own head on
     the target's test split (the target must be the source, or share its classes)."""
-    test = ctx.pixel_space.normalize(ctx.target.test.images)
+    test = NormalizedImages(ctx.target.test, ctx.pixel_space, ctx.device)
     return {1.0: top1(ctx.student, test, ctx.target.test.labels, ctx.device)}
 
 

@@ -10,16 +10,18 @@ in the selection space (what herding minimises greedily).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ssdd.budget import Budget
+from ssdd.data.mapped import read_rows
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, Method
-from ssdd.selection import SELECTIONS, select, select_per_class
+from ssdd.selection import SELECTIONS, feature_mean, select, select_per_class
 from ssdd.teachers.features import teacher_features
 
 
@@ -56,9 +58,10 @@ class Coreset(Method):
                               "without one use space: pixel and targets: labels")
         if (settings.per_class or settings.targets == "labels") and source.num_classes < 2:
             raise ConfigError(f"per-class selection and label targets need labels; {source.name} has none")
-        self.images = context.normalized_source()
+        c, h, _ = context.image_shape
+        self.converted = source.converted(channels=c, size=h)
         self.features = teacher_features(teacher, source, device=context.device).float().cpu() if teacher else None
-        values = self.images[0].numel()
+        values = math.prod(self.converted.image_shape)
         if settings.targets == "teacher":
             item_bytes = budget.value_bytes(values + teacher.feature_dim)
         else:
@@ -73,10 +76,15 @@ class Coreset(Method):
         self.indices: torch.Tensor | None = None
 
     def space_rows(self) -> torch.Tensor:
-        """Every source image as a row of the selection space."""
+        """Every source image as a row of the selection space (teacher features: memory-mapped with the source)."""
         if self.settings.space == "teacher":
             return self.features
-        return self.images.flatten(1)
+        return self.normalized(None).flatten(1)
+
+    def normalized(self, indices: torch.Tensor | None) -> torch.Tensor:
+        """The source images at ``indices`` (None: all, in memory) in the set's pixel space."""
+        images = self.converted.images if indices is None else self.converted.batch(indices)
+        return self.context.pixel_space.normalize(images.float() / 255)
 
     def total_steps(self) -> int:
         return 1
@@ -85,12 +93,12 @@ class Coreset(Method):
         rows, source, seed, how = self.space_rows(), self.context.source, self.context.seed, self.settings.selection
         if self.settings.per_class:
             k = self.count // source.num_classes
-            self.indices = select_per_class(source.labels, source.num_classes, k,
-                                            lambda members, c: select(how, rows[members], k, seed * 1000 + c),
-                                            source.name)
+            self.indices = select_per_class(
+                source.labels, source.num_classes, k,
+                lambda members, c: select(how, read_rows(rows, members), k, seed * 1000 + c), source.name)
         else:
             self.indices = select(how, rows, self.count, seed)
-        gap = (rows[self.indices].double().mean(0) - rows.double().mean(0)).norm()
+        gap = (read_rows(rows, self.indices).double().mean(0) - feature_mean(rows)).norm()
         return {"loss": float(gap), "selected": float(self.indices.numel())}
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,10 +111,10 @@ class Coreset(Method):
         if self.indices is None:
             raise ConfigError("the coreset has not been selected yet (the run has not taken its step)")
         s, source = self.settings, self.context.source
-        tensors = {"images": self.images[self.indices]}
+        tensors = {"images": self.normalized(self.indices)}
         meta = {"selection": s.selection, "per_class": s.per_class, "space": s.space,
                 "selected_indices": self.indices.tolist()}
         if s.targets == "teacher":
-            return self.make_set({**tensors, "targets": self.features[self.indices]}, "representation", meta)
+            return self.make_set({**tensors, "targets": read_rows(self.features, self.indices)}, "representation", meta)
         return self.make_set({**tensors, "labels": source.labels[self.indices].clone()}, "hard-label",
                              {**meta, "num_classes": source.num_classes})

@@ -267,7 +267,7 @@ class Distillation:
         order = torch.randperm(len(data), generator=make_generator(MONITOR_SPLIT_SEED))
         memory = order[: m.memory_images]
         queries = order[m.memory_images : m.memory_images + m.query_images]
-        feats = extract_features(student.features, data.images[torch.cat([memory, queries])], distilled.pixel_space,
+        feats = extract_features(student.features, data.batch(torch.cat([memory, queries])), distilled.pixel_space,
                                  device=self.device)
         return knn_accuracy(feats[: len(memory)], data.labels[memory], feats[len(memory):], data.labels[queries], k=m.k)
 

@@ -42,7 +42,7 @@ def feature_statistics(features: torch.Tensor) -> dict[str, Any]:
 def _subset(dataset: ImageDataset, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset's images and labels (splits are sorted by class: never ``[:count]``)."""
     chosen = torch.randperm(len(dataset), generator=make_generator(seed))[: min(count, len(dataset))]
-    return dataset.images[chosen], dataset.labels[chosen]
+    return dataset.batch(chosen), dataset.labels[chosen]
 
 
 def _knn(teacher: Teacher, memory: tuple[torch.Tensor, torch.Tensor],

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ssdd.data.augment import SSLViews, apply_crop_flip, apply_view, crop_flip_params
-from ssdd.data.cache import cache_dir
+from ssdd.data.cache import PART_BYTES, cache_dir
 from ssdd.data.dataset import ImageDataset
+from ssdd.data.mapped import map_tensors, read_range, write_streamed
 from ssdd.device import make_generator
 from ssdd.errors import ArtefactError
 from ssdd.io import load_tensors, save_tensors, writable
@@ -116,11 +117,16 @@ def teacher_features(
 
     The teacher runs in its own precision and memory format (``SSDD_TEACHER_PRECISION``, see
     :func:`ssdd.teachers.artefact.teacher_precision`), which the cache key records; the features are float32.
-    A pass that computes them shows a progress bar in images/s when ``teacher.progress`` is set.
+    A pass that computes them shows a progress bar in images/s when ``teacher.progress`` is set.  The features of a
+    memory-mapped dataset of the teacher's input shape (all but ``augmented`` views) are streamed to their cache file
+    and returned memory-mapped (see :func:`mapped_features`).
     """
     device = device or next(teacher.backbone.parameters()).device
     encoding = teacher.encoding(device)
     path = feature_cache_path(teacher, dataset, views, augmented, seed, crop_flip, encoding) if use_cache else None
+    if dataset.mapped and path is not None and not augmented and dataset.image_shape == teacher.input_shape:
+        return mapped_features(teacher, dataset, path, list(views or ()), crop_flip, seed, batch_size, device,
+                               encoding)
     cached = read_cached(path, "features", teacher, dataset)
     if cached is not None:
         return cached
@@ -164,3 +170,43 @@ def teacher_features(
                  {"kind": "teacher-features", "views": list(views or []), "augmented": augmented, "seed": seed,
                   "crop_flip": crop_flip, "encoding": _encoding_name(*encoding)})
     return features
+
+
+def mapped_features(teacher: Teacher, dataset: ImageDataset, path: Path, views: list[str], crop_flip: int, seed: int,
+                    batch_size: int, device: torch.device | str, encoding: tuple[bool, bool]) -> torch.Tensor:
+    """:func:`teacher_features` of ``dataset`` (plain, or its ``views`` then its ``crop_flip`` copies, stacked) in the
+    cache file ``path``, read through a memory map; computed first when absent, a part of rows at a time written as
+    computed (a killed pass continues at its first unwritten part), in the same batches as in memory, so memory never
+    holds them all and the values are the in-memory pass's."""
+    meta = {"kind": "teacher-features", "views": views, "augmented": 0, "seed": seed, "crop_flip": crop_flip,
+            "encoding": _encoding_name(*encoding), "teacher": teacher.fingerprint, "dataset": dataset.fingerprint}
+    count, dim = len(dataset), teacher.feature_dim
+    copies = crop_flip_copies(count, crop_flip, seed)
+    blocks = [lambda x, part, view=view: apply_view(x, view) for view in views] + [
+        lambda x, part, shifts=shifts, flips=flips: apply_crop_flip(x.float().div(255.0), shifts[part], flips[part])
+        for shifts, flips in copies] or [lambda x, part: x]
+    stacked = (len(blocks), count, dim) if views or crop_flip else (count, dim)
+    if path.exists():
+        try:
+            tensors, stored = map_tensors(path)
+            if stored.get("teacher") == teacher.fingerprint and stored.get("dataset") == dataset.fingerprint:
+                return tensors["features"].view(stacked)
+        except (ArtefactError, KeyError, RuntimeError):
+            pass
+        log.warning("cache %s is unreadable or of another teacher; recomputing", path)
+        path.unlink()
+    rows = max(batch_size, PART_BYTES // (4 * dim) // batch_size * batch_size)
+    with teacher.encoder(device) as encode:
+        def produce(start: int, stop: int) -> torch.Tensor:
+            block, first = divmod(start, count)
+            out = []
+            for at in range(first, first + stop - start, batch_size):  # the in-memory pass's batches
+                part = slice(at, min(at + batch_size, first + stop - start))
+                x = blocks[block](read_range(dataset.images, part.start, part.stop), part)
+                out.append(extract_features(encode, x, teacher.pixel_space, batch_size, device))
+            return torch.cat(out)
+
+        write_streamed(path, {}, "features", (len(blocks) * count, dim), torch.float32, rows, produce, meta,
+                       lambda digests: meta, f"teacher features ({_encoding_name(*encoding)})", teacher.progress,
+                       block_rows=count)
+    return map_tensors(path)[0]["features"].view(stacked)

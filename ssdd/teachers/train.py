@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ssdd.config import to_dict
-from ssdd.data import PixelSpace, load_dataset
+from ssdd.data import ImageDataset, PixelSpace, load_dataset
 from ssdd.data.augment import SSLViews
 from ssdd.device import autocast, make_generator, precision, resolve_device, seeded
 from ssdd.distributed import World, world
@@ -21,7 +21,7 @@ from ssdd.environment import environment
 from ssdd.errors import ConfigError
 from ssdd.models import create_model
 from ssdd.optim import make_optimizer, set_lr, warmup_cosine
-from ssdd.probes import extract_features, knn_accuracy, linear_probe_accuracy
+from ssdd.probes import dataset_features, knn_accuracy, linear_probe_accuracy
 from ssdd.progress import LongRun
 from ssdd.runs import RunDir, on_main
 from ssdd.teachers.artefact import TEACHER_FILE, save_teacher
@@ -159,7 +159,8 @@ class _TeacherTraining:
         self.aug_gen = self.augmentation_generator(0)
         self.step = 0
         self.last_knn: float | None = None  # the latest kNN monitor, checkpointed so a run resumed at its end has it
-        self.images = train.images.to(self.device)  # uint8; a CIFAR-size set fits any device
+        # uint8 on the device (a CIFAR-size set fits any); a memory-mapped source is read a batch at a time
+        self.images = None if train.mapped else train.images.to(self.device)
         monitor = min(config.monitor_train_images, len(train))  # a seeded random subset: splits are sorted by class
         self.monitor_idx = torch.randperm(len(train), generator=make_generator(config.seed + 2))[:monitor]
         self.log(f"{config.ssl} {config.arch}: {config.epochs} epochs of {self.steps_per_epoch} steps on {len(train)} "
@@ -212,7 +213,8 @@ class _TeacherTraining:
         set_lr(self.optimizer, lr)
         share = batch_idx.shape[0] // self.world.size  # this process's contiguous share of the global batch
         batch_idx = batch_idx[self.world.rank * share : (self.world.rank + 1) * share]
-        x = self.images[batch_idx.to(self.device)].float().div_(255.0)
+        x = (self.train_set.batch(batch_idx).to(self.device) if self.images is None
+             else self.images[batch_idx.to(self.device)]).float().div_(255.0)
         v1, v2 = self.augment.two_views(x, self.aug_gen)
         views = self.pixel_space.normalize(torch.cat([v1, v2]))
         if cfg.channels_last:
@@ -227,16 +229,16 @@ class _TeacherTraining:
         self.step += 1
         return loss.item()
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, dataset: ImageDataset, indices: torch.Tensor | None = None) -> torch.Tensor:
         self.backbone.eval()
         try:
-            return extract_features(self.backbone.features, images, self.pixel_space, device=self.device)
+            return dataset_features(self.backbone.features, dataset, self.pixel_space, indices, device=self.device)
         finally:
             self.backbone.train()
 
     def knn(self) -> float:
-        train_feats = self.features(self.train_set.images[self.monitor_idx])
-        test_feats = self.features(self.test_set.images)
+        train_feats = self.features(self.train_set, self.monitor_idx)
+        test_feats = self.features(self.test_set)
         return knn_accuracy(train_feats, self.train_set.labels[self.monitor_idx], test_feats, self.test_set.labels,
                             k=self.config.knn_k)
 
@@ -302,8 +304,8 @@ class _TeacherTraining:
         probe = None
         if cfg.probe:
             self.log("final linear probe")
-            train_feats = self.features(self.train_set.images)
-            test_feats = self.features(self.test_set.images)
+            train_feats = self.features(self.train_set)
+            test_feats = self.features(self.test_set)
             probe = linear_probe_accuracy(train_feats, self.train_set.labels, test_feats, self.test_set.labels)
             self.run_dir.log(f"linear probe top-1 {probe:.2f}%")
         info = {

@@ -21,12 +21,12 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
+from ssdd.data.dataset import NormalizedImages
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext, ImageLearningMethod
 from ssdd.methods.feature_matching.labelled import ClassBalancedImages
-from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_random
 from ssdd.training import build_student
 
@@ -108,13 +108,13 @@ class DMSSL(ImageLearningMethod):
         teacher, source = context.teacher, context.source
         self.pixel_space = context.pixel_space
         c, h, w = self.image_shape = context.image_shape
-        self.real = on_device_if_it_fits(context.normalized_source(), context.device)
+        self.real = NormalizedImages(source, self.pixel_space, context.device, self.image_shape)
         self.plan = budget.plan(budget.value_bytes(c * h * w + teacher.feature_dim))
         count = self.plan.count
         if count > len(source):
             raise ConfigError(f"the budget asks for {count} images but {source.name} has {len(source)}")
         self.initial_indices = select_random(count, len(source), context.seed)
-        self.images = self.real[self.initial_indices].clone().to(context.device).requires_grad_(True)
+        self.images = self.real[self.initial_indices].clone().requires_grad_(True)
         self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
         self.generator = make_generator(context.seed + 2)
 
@@ -125,7 +125,7 @@ class DMSSL(ImageLearningMethod):
         s, device = self.settings, self.context.device
         network = build_student(s.arch, s.arch_args, 0, self.image_shape, draw_seed(self.generator))
         network = network.to(device).train().requires_grad_(False)
-        real = self.real[torch.randint(0, len(self.real), (s.real_batch,), generator=self.generator)].to(device)
+        real = self.real[torch.randint(0, len(self.real), (s.real_batch,), generator=self.generator)]
         synthetic = self.images
         if s.syn_batch is not None and s.syn_batch < len(self.images):
             synthetic = self.images[torch.randperm(len(self.images), generator=self.generator)[: s.syn_batch]]

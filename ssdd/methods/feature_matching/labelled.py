@@ -9,11 +9,11 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import siamese_dsa
+from ssdd.data.dataset import NormalizedImages
 from ssdd.device import draw_seed, make_generator
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import DistillContext, ImageLearningMethod
-from ssdd.resources import on_device_if_it_fits
 from ssdd.selection import select_per_class
 
 
@@ -33,9 +33,9 @@ class ClassBalancedImages(ImageLearningMethod):
             raise ConfigError(f"{self.name} learns class-conditional images; {source.name} has no labels")
         self.classes = source.num_classes
         self.pixel_space = context.pixel_space
-        self.real = on_device_if_it_fits(context.normalized_source(), context.device)
-        self.members = [(source.labels == c).nonzero().flatten() for c in range(self.classes)]
         c, h, w = self.image_shape = context.image_shape
+        self.real = NormalizedImages(source, self.pixel_space, context.device, self.image_shape)
+        self.members = source.class_indices()
         self.plan = budget.plan_per_class(budget.value_bytes(c * h * w, labels=1), self.classes, self.name)
         self.ipc = self.plan.per_class
         gen = make_generator(context.seed)
@@ -43,7 +43,7 @@ class ClassBalancedImages(ImageLearningMethod):
                                   lambda members, _: torch.randperm(members.numel(), generator=gen)[: self.ipc],
                                   source.name)
         self.initial_indices = chosen
-        self.images = self.real[chosen].clone().to(context.device).requires_grad_(True)
+        self.images = self.real[chosen].clone().requires_grad_(True)
         self.image_labels = source.labels[chosen].clone()
         self.optimizer = torch.optim.SGD([self.images], lr=settings.lr_images, momentum=settings.momentum)
         self.generator = make_generator(context.seed + 2)
@@ -52,7 +52,7 @@ class ClassBalancedImages(ImageLearningMethod):
         """``size`` real images of class ``c`` drawn with replacement, on the run's device."""
         rows = self.members[c]
         picks = rows[torch.randint(0, rows.numel(), (size,), generator=self.generator)]
-        return self.real[picks].to(self.context.device)
+        return self.real[picks]
 
     def synthetic(self, c: int) -> torch.Tensor:
         """The learned images of class ``c`` (a view of the learned tensor)."""

@@ -24,6 +24,7 @@ import torch
 
 from ssdd.budget import Budget
 from ssdd.data.augment import apply_crop_flip, apply_view, random_crop_flip
+from ssdd.data.mapped import is_mapped, read_rows
 from ssdd.data.transforms import PixelSpace
 from ssdd.device import autocast, make_generator, runs_bf16
 from ssdd.distilled import DistilledSet
@@ -86,7 +87,8 @@ class RealBatches:
         self.views = list(views)
         teacher, source, device = context.teacher, context.source, context.device
         c, h, _ = teacher.input_shape
-        self.images = source.converted(channels=c, size=h).images.to(device)
+        self.source = source.converted(channels=c, size=h)
+        self.images = None if self.source.mapped else self.source.images.to(device)  # a mapped source stays on disk
         self.features: torch.Tensor | None = None  # (variants, N, d) when cached
         if self.mode == "none":
             self.features = teacher_features(teacher, source, device=device).unsqueeze(0)
@@ -98,31 +100,43 @@ class RealBatches:
             copies = crop_flip_copies(len(source), settings.teacher_copies, context.seed)
             self.shifts = torch.stack([shifts for shifts, _ in copies])  # (copies, N, 2)
             self.flips = torch.stack([flips for _, flips in copies])  # (copies, N)
-        if self.features is not None:
+        if self.features is not None and not is_mapped(self.features):  # a memory-mapped cache is read by rows
             self.features = self.features.to(device)
+
+    def images_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 source images at ``idx``, on the device (a memory-mapped source's read from its file)."""
+        if self.images is None:
+            return self.source.batch(idx).to(self.context.device)
+        return self.images[idx.to(self.images.device)]
+
+    def feature_rows(self, variant: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``features[variant, idx]`` on the device (read from the cache file when it is memory-mapped)."""
+        count = self.features.shape[1]
+        rows = (variant * count + idx).to(self.features.device)
+        return read_rows(self.features.flatten(0, 1), rows).to(self.context.device)
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised images, teacher features) of ``real_batch`` augmented source images."""
-        n = self.images.shape[0]
+        n = len(self.source)
         idx = torch.randint(0, n, (min(self.settings.real_batch, n),), generator=generator)
-        x = self.images[idx.to(self.images.device)].float().div_(255.0)
+        x = self.images_at(idx).float().div_(255.0)
         space = self.context.teacher.pixel_space
         if self.mode == "none":
-            return space.normalize(x), self.features[0, idx]
+            return space.normalize(x), self.feature_rows(torch.zeros_like(idx), idx)
         if self.mode == "views":
             variant = torch.randint(0, len(self.views), (idx.shape[0],), generator=generator)
             for j, view in enumerate(self.views):
                 chosen = (variant == j).to(x.device)
                 if view != "identity" and bool(chosen.any()):
                     x[chosen] = apply_view(x[chosen], view)
-            return space.normalize(x), self.features[variant, idx]
+            return space.normalize(x), self.feature_rows(variant, idx)
         if self.features is None:
             x = random_crop_flip(x, generator)
             with torch.no_grad():
                 return space.normalize(x), self.context.teacher(space.normalize(x))
         variant = torch.randint(0, self.settings.teacher_copies, (idx.shape[0],), generator=generator)
         x = apply_crop_flip(x, self.shifts[variant, idx], self.flips[variant, idx])
-        return space.normalize(x), self.features[variant, idx]
+        return space.normalize(x), self.feature_rows(variant, idx)
 
 
 class KernelRidgeMethod(Method):

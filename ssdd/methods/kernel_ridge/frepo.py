@@ -50,14 +50,21 @@ class LabelledBatches:
                  shape: tuple[int, int, int]):
         self.settings = settings
         self.pixel_space = pixel_space
-        source = context.source
-        self.images = source.converted(channels=shape[0], size=shape[1]).images.to(context.device)
-        self.targets = F.one_hot(source.labels, source.num_classes).float().to(context.device)
+        self.device = context.device
+        self.source = context.source.converted(channels=shape[0], size=shape[1])
+        self.images = None if self.source.mapped else self.source.images.to(context.device)  # mapped: stays on disk
+        self.targets = F.one_hot(self.source.labels, self.source.num_classes).float().to(context.device)
+
+    def images_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 source images at ``idx``, on the device (a memory-mapped source's read from its file)."""
+        if self.images is None:
+            return self.source.batch(idx).to(self.device)
+        return self.images[idx.to(self.images.device)]
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.images.shape[0]
+        n = len(self.source)
         idx = torch.randint(0, n, (min(self.settings.real_batch, n),), generator=generator)
-        x = self.images[idx.to(self.images.device)].float().div_(255.0)
+        x = self.images_at(idx).float().div_(255.0)
         if self.settings.real_augment == "crop-flip":
             x = random_crop_flip(x, generator)
         return self.pixel_space.normalize(x), self.targets[idx.to(self.targets.device)]
@@ -85,7 +92,7 @@ class FRePo(KernelRidgeMethod):
         if too_few:
             raise ConfigError(f"class {too_few[0]} has fewer than the {self.ipc} images per class asked")
         chosen = torch.cat([rows[torch.randperm(rows.numel(), generator=gen)[: self.ipc]] for rows in members])
-        images = self.real.images[chosen.to(self.real.images.device)].float().div(255.0)
+        images = self.real.images_at(chosen).float().div(255.0)
         self.initial_indices = chosen
         self.learn(settings.lr_images, images=self.pixel_space.normalize(images))
         labels = F.one_hot(source.labels[chosen], classes).float()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ssdd.budget import Budget
+from ssdd.data.mapped import read_rows
 from ssdd.distilled import DistilledSet
 from ssdd.errors import ConfigError
 from ssdd.methods.base import METHODS, DistillContext
@@ -43,8 +44,8 @@ class KRRST(KernelRidgeMethod):
         if self.num_images > len(source):
             raise ConfigError(f"the budget asks for {self.num_images} images but {source.name} has {len(source)}")
         chosen = self.initial_selection(self.num_images)
-        images = self.real.images[chosen.to(self.real.images.device)].float().div(255.0)
-        targets = teacher_features(teacher, source, device=context.device)[chosen].float()
+        images = self.real.images_at(chosen).float().div(255.0)
+        targets = read_rows(teacher_features(teacher, source, device=context.device), chosen).float()
         self.learn(settings.lr_images, images=teacher.pixel_space.normalize(images))
         self.learn(settings.lr_targets, targets=targets)
         self.initial_indices = chosen

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ssdd.budget import Budget, Plan
 from ssdd.data.augment import PREDEFINED_VIEWS, apply_view
+from ssdd.data.mapped import read_rows
 from ssdd.device import make_generator, seeded
 from ssdd.distilled import APPROX_PARAMS, DistilledSet, approximate_shift, combine_bases
 from ssdd.errors import ConfigError
@@ -167,12 +168,12 @@ class PAA(KernelRidgeMethod):
         m = self.num_images = self.spending["images"]
         chosen = self.initial_selection(m)
         self.initial_indices = chosen
-        real = teacher.pixel_space.normalize(self.real.images[chosen.to(self.real.images.device)].float().div(255.0))
+        real = teacher.pixel_space.normalize(self.real.images_at(chosen).float().div(255.0))
         if self.real.mode == "views":
             view_features = self.real.features
         else:
             view_features = teacher_features(teacher, source, views=self.views, device=device)
-        chosen_features = view_features[:, chosen].float()  # (views, M, d)
+        chosen_features = torch.stack([read_rows(v, chosen) for v in view_features]).float()  # (views, M, d)
         self.basis_generator = make_generator(context.seed + 3)  # random bases: the image bases, then the targets'
         self.init_images(real)
         if s.target_init == "projected":
@@ -256,7 +257,7 @@ class PAA(KernelRidgeMethod):
         if s.parameterization == "pca":
             sample = self.pca_sample()
             real = self.context.teacher.pixel_space.normalize(
-                self.real.images[sample.to(self.real.images.device)].float().div(255.0))
+                self.real.images_at(sample).float().div(255.0))
             image_bases = principal_directions(self.downsample(real).flatten(1), s.image_bases)
         else:
             image_bases = random_directions(small[0].numel(), s.image_bases, self.basis_generator)
@@ -271,7 +272,7 @@ class PAA(KernelRidgeMethod):
             return
         if s.parameterization == "pca":
             feats = teacher_features(self.context.teacher, self.context.source, device=self.context.device)
-            target_bases = principal_directions(feats[self.pca_sample()].float(), s.target_bases)
+            target_bases = principal_directions(read_rows(feats, self.pca_sample()).float(), s.target_bases)
         else:
             target_bases = random_directions(self.feature_dim, s.target_bases, self.basis_generator)
         self.learn(s.lr_targets, s.relative_lr, target_coefficients=targets @ target_bases.T, target_bases=target_bases)
