@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # tests/fixtures.py (the on-disk fixture writers) is imported as ``fixtures`` by the test modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Teacher-feature caches as the float32 teacher gives them, on every CPU (module fixtures and subprocesses too): tests
+# compare them with the teacher's own forward pass; the tests of the precision setting set it themselves.
+os.environ["SSDD_TEACHER_PRECISION"] = "float32"
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +62,15 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         config = resolve_config(TeacherConfig, "teacher", "tiny",
                                 overrides={"device": "cpu", "epochs": 1, "probe": False, "monitor_every": 0})
         return train_teacher(config, out, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def release_held_locks() -> Iterator[None]:
+    """Close the lock files a test left held (a test that stops a command half way, or starts a run folder it never
+    closes), as the process's exit would, so none stays open into the next test."""
+    from ssdd import io
+
+    yield
+    for fh, _ in io._held_locks.values():
+        fh.close()
+    io._held_locks.clear()

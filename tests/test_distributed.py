@@ -116,13 +116,15 @@ def _bench_cells(folder: Path) -> dict[tuple[str, float], list[float]]:
     return {(c["entry"], c["fraction"]): c["accuracies"] for c in record["evaluations"]["linear"]}
 
 
-def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path) -> None:
+def test_torchrun_bench_deals_sets_and_gives_the_serial_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two processes: the PAA set made by both (its real batches shared), the two other sets dealt one to each
     process (bit-identical to the serial run's), every evaluation cell as serial, one report."""
     import subprocess
     import sys
 
     from ssdd.bench import run_suite
+
+    monkeypatch.setenv("SSDD_PRECISION", "float32")  # both runs: bf16 (where native) would swamp the comparison
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(BENCH_SUITE)

@@ -258,8 +258,7 @@ def test_zero_steps_give_the_set_a_zero_lr_run_ends_with(tiny_teacher: Path) -> 
 
 @pytest.mark.parametrize(("augment", "copies"), [("crop-flip", 2), ("crop-flip", 0), ("none", 2)])
 def test_real_batches_carry_the_teachers_features_of_exactly_those_views(
-        tiny_teacher: Path, teacher: Teacher, augment: str, copies: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SSDD_TEACHER_PRECISION", "float32")  # the cached copies as the float32 teacher gives them
+        tiny_teacher: Path, teacher: Teacher, augment: str, copies: int) -> None:
     config = tiny_config(tiny_teacher, settings={"real_augment": augment, "teacher_copies": copies})
     method = Distillation(config, None, progress=False).method
     images, features = method.real.sample(torch.Generator().manual_seed(3))
@@ -680,7 +679,8 @@ def test_cli_unknown_method(tiny_teacher: Path, tmp_path: Path, capsys: pytest.C
     line = user_error(capsys, ["distill", "--method", "nope", "--teacher", str(tiny_teacher), "--images", "2",
                                "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
     assert "unknown method 'nope'" in line
-    assert "Known: coreset, dc, dm, dm-ssl, dsa, frepo, krr-st, mkdt, mtt, mtt-ssl, paa, scdd, sre2l." in line
+    assert f"Known: {', '.join(list_methods())}." in line  # the registry's names (a plug-in test adds its own)
+    assert {"coreset", "krr-st", "mkdt", "paa", "scdd"} <= set(list_methods())
 
 
 def test_cli_resume_with_other_settings_fails_clearly(tiny_teacher: Path, tmp_path: Path,
