@@ -22,7 +22,7 @@ from helpers import interrupt_then_resume, one_line, run_with_frozen_pool, user_
 import ssdd
 from ssdd.budget import Budget
 from ssdd.cli import main
-from ssdd.config import deep_update, resolve_config
+from ssdd.config import deep_update, preset_dict, resolve_config
 from ssdd.data import PixelSpace, make_synthetic
 from ssdd.distilled import DISTILLED_FILE, DistilledSet, load_distilled
 from ssdd.errors import ArtefactError, BudgetError, ConfigError, NumericalError, SsddError
@@ -757,3 +757,35 @@ def test_any_registered_model_can_be_the_pool(tiny_teacher: Path, arch: str, arc
     distilled = run(tiny_config(tiny_teacher, settings={"steps": 2, "pool": {"arch": arch, "arch_args": arch_args}}))
     assert distilled.metadata["config"]["settings"]["pool"]["arch"] == arch
     assert torch.isfinite(distilled.tensors["images"]).all()
+
+
+def test_the_python_api_resolves_a_preset_as_the_command_line_does(tiny_teacher: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ssdd.distill(method, preset=..., config=...)`` and ``ssdd distill --method --preset --set settings.*``
+    give the same run configuration (one resolution: preset < overrides), the preset's monitor included."""
+    from ssdd import cli
+    from ssdd.methods import engine
+
+    seen: list[DistillConfig] = []
+
+    class Capture:
+        def __init__(self, config: DistillConfig, *args: Any, **kwargs: Any) -> None:
+            seen.append(config)
+
+        def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(engine, "Distillation", Capture)
+    ssdd.distill("paa", teacher=tiny_teacher, preset="tiny", config={"steps": 3, "pool": {"size": 1}}, device="cpu",
+                 seed=2)
+    args = cli.build_parser().parse_args(["distill", "--method", "paa", "--preset", "tiny", "--teacher",
+                                          str(tiny_teacher), "--set", "settings.steps=3", "--set",
+                                          "settings.pool.size=1", "--device", "cpu", "--seed", "2",
+                                          "--out", str(tmp_path)])
+    command = cli._distill_config(args, {"images": args.images, "bytes": args.bytes,
+                                         "storage_dtype": args.storage_dtype})
+    api = seen.pop()
+    assert engine.resolved_config(api) == engine.resolved_config(command)
+    assert api.images == 20 and api.monitor.every == 0 and api.settings["steps"] == 3  # from paa/tiny, and ours
+    ssdd.distill("dm", preset="tiny", device="cpu")  # every key of the preset applies, its dataset too
+    assert seen.pop().dataset == "synthetic" == preset_dict("distill", "dm/tiny")["dataset"]

@@ -21,7 +21,7 @@ import torch
 
 from ssdd.budget import BUDGET_KEYS, Budget, refuse_overspent
 from ssdd.checks import SET_CHECKS
-from ssdd.config import deep_update, from_dict, list_presets, preset_dict, to_dict
+from ssdd.config import from_dict, list_presets, preset_dict, resolve_config, to_dict
 from ssdd.data import load_dataset
 from ssdd.data.dataset import ImageDataset
 from ssdd.device import make_generator, precision, resolve_device
@@ -400,30 +400,29 @@ def distill(
     """Distil ``source`` with ``method`` at ``budget`` (a number of images or a :class:`Budget`); returns the set.
 
     ``config`` is the method's settings (its dataclass, or a dict merged over the settings of ``preset``, e.g.
-    ``"cifar10-cpu"``, whose budget and monitor are used when not given here).  With ``out`` the run is checkpointed
+    ``"cifar10-cpu"``); the preset is resolved as ``ssdd distill --preset`` resolves it (every key applies, and the
+    arguments given here override it: :func:`ssdd.config.resolve_config`), without a preset or its monitor the run
+    has no monitor.  With ``out`` the run is checkpointed
     there, resumable with ``resume=True``, and the set is written to ``out/distilled.safetensors``; an ``out`` that
     holds a run needs ``resume=True`` (a finished one is returned as it is) or ``overwrite=True`` (it starts afresh).
     """
-    preset_values = preset_dict("distill", distill_preset(preset, method)) if preset else {}
-    if isinstance(config, dict) or config is None:
-        settings = dict(preset_values.get("settings", {}))
-        deep_update(settings, config or {})
-        config = settings
-    if budget is None and (preset_values.get("images") or preset_values.get("bytes")):
-        budget = Budget(preset_values.get("images"), preset_values.get("bytes"))
-    if budget is None:
+    name = distill_preset(preset, method) if preset else None
+    preset_values = preset_dict("distill", name) if name else {}
+    if budget is None and not (preset_values.get("images") or preset_values.get("bytes")):
         raise ConfigError("give a budget: a number of images or ssdd.Budget(bytes=...)")
-    budget = budget if isinstance(budget, Budget) else Budget(images=int(budget))
-    if monitor is None and "monitor" in preset_values:
-        monitor = from_dict(MonitorSettings, preset_values["monitor"], where=f"preset {preset} monitor")
+    budget = budget if budget is None or isinstance(budget, Budget) else Budget(images=int(budget))
+    settings = config if isinstance(config, dict) or config is None else to_dict(method_settings(method, config))
+    overrides: dict[str, Any] = {
+        "method": method, "dataset": source if isinstance(source, str) else None,
+        "teacher": str(teacher) if isinstance(teacher, (str, Path)) else None, "seed": seed, "device": device,
+        "settings": settings,
+        "monitor": (to_dict(monitor) if monitor is not None
+                    else None if "monitor" in preset_values else to_dict(MonitorSettings(every=-1))),
+    }
+    if budget is not None:
+        overrides.update(images=budget.images, bytes=budget.bytes, storage_dtype=budget.dtype)
+    cfg = resolve_config(DistillConfig, "distill", name, None, overrides)  # the command line's resolution
+    method_settings(method, cfg.settings)  # unknown or wrong settings fail now, as on the command line
     loaded_teacher = teacher if isinstance(teacher, Teacher) else None
-    cfg = DistillConfig(
-        method=method,
-        dataset=source if isinstance(source, str) else None,
-        teacher=str(teacher) if isinstance(teacher, (str, Path)) else None,
-        images=budget.images, bytes=budget.bytes, storage_dtype=budget.dtype, seed=seed, device=device,
-        monitor=monitor or MonitorSettings(every=-1),
-        settings=to_dict(method_settings(method, config)),
-    )
     dataset = source if isinstance(source, ImageDataset) else None
     return Distillation(cfg, out, resume, progress, teacher=loaded_teacher, source=dataset, overwrite=overwrite).run()
