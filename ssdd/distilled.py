@@ -23,6 +23,7 @@ registered in ``ENCODINGS``: the tensors it owns, their check and the plain tens
 
 from __future__ import annotations
 
+import abc
 import datetime
 import math
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def combine_bases(coefficients: torch.Tensor, bases: torch.Tensor,
 Fail = Callable[[str], ArtefactError]  # the error factory of DistilledSet.validate (its message prefixed with the set)
 
 
-class Encoding:
+class Encoding(abc.ABC):
     """One way a set stores one of its parts: ``images``, ``targets`` (representations) or ``view`` (one predefined
     view's targets).  ``owns(view)`` names its tensors; ``check`` validates them (returning the images' shape, the
     targets' dimension, or None) and ``make`` gives the plain tensor: images, targets or the view's targets."""
@@ -90,14 +91,17 @@ class Encoding:
     part: str
     summary: str  # the encoding in words, for messages ("{view}" stands for the view)
 
+    @abc.abstractmethod
     def owns(self, view: str = "") -> tuple[str, ...]:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abc.abstractmethod
     def check(self, distilled: DistilledSet, fail: Fail, m: int, dim: int, view: str) -> Any:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abc.abstractmethod
     def make(self, distilled: DistilledSet, identity: torch.Tensor | None, view: str) -> torch.Tensor:
-        raise NotImplementedError
+        """See the class docstring."""
 
 
 ENCODINGS: Registry[Encoding] = Registry("set encoding")
